@@ -1,0 +1,33 @@
+// Operator schemas of the lsa_ext library and the Python module stub.
+//
+// The device kernels live beside this file: cpu/relative_error_kernel.cpp registers the CPU
+// implementations, cuda/relative_error_kernel.cu the CUDA ones. Autograd and fake (meta)
+// implementations are registered from Python (lsa_ext/ops.py).
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing lsa_ext._C loads this shared library, whose static initialisers register the ops.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", "lsa_ext compiled operators", -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(lsa_ext, m) {
+  // Per-sample squared sums for a clean/perturbed pair of one shape [B, ...]:
+  //   diff[i] = sum_j (clean[i, j] - perturbed[i, j])^2,  norm[i] = sum_j clean[i, j]^2
+  // Outputs are [B], float64 for float64 input, float32 otherwise.
+  m.def("sq_sums(Tensor clean, Tensor perturbed) -> (Tensor, Tensor)");
+  // grad_clean = 2 (clean - perturbed) grad_diff[i] + 2 clean grad_norm[i]
+  // grad_perturbed = -2 (clean - perturbed) grad_diff[i]
+  m.def(
+      "sq_sums_backward(Tensor grad_diff, Tensor grad_norm, Tensor clean, Tensor perturbed)"
+      " -> (Tensor, Tensor)");
+  // L layers (any shapes, one batch size B) in one call: outputs are [L, B].
+  m.def("sq_sums_multi(Tensor[] cleans, Tensor[] perturbeds) -> (Tensor, Tensor)");
+  m.def(
+      "sq_sums_multi_backward(Tensor grad_diff, Tensor grad_norm, Tensor[] cleans,"
+      " Tensor[] perturbeds) -> (Tensor[], Tensor[])");
+}

@@ -1,0 +1,25 @@
+"""lsa_ext: Layer Sustainability Analysis and layer-wise regularized adversarial training.
+
+Fused ops (C++/CUDA, registered as ``torch.ops.lsa_ext.*``) under a thin Python layer.
+"""
+
+from __future__ import annotations
+
+from lsa_ext.ops import (
+    backend,
+    relative_error,
+    relative_error_multi,
+    sq_sums,
+    sq_sums_multi,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "backend",
+    "relative_error",
+    "relative_error_multi",
+    "sq_sums",
+    "sq_sums_multi",
+]

@@ -1,0 +1,54 @@
+"""The ``lsa`` command line. Each subcommand lives in its own module with ``register(sub)``.
+
+User errors (:class:`lsa_ext.errors.LsaUserError`, :class:`lsa_ext.errors.LsaTypeError`) are
+printed as one line and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from lsa_ext.errors import LsaTypeError, LsaUserError
+
+SUBCOMMANDS = ("analyze", "train", "evaluate", "reproduce", "demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Builds the ``lsa`` parser with every subcommand module's parser."""
+    import importlib
+
+    parser = argparse.ArgumentParser(
+        prog="lsa", description="Layer Sustainability Analysis and AT-LR training."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        importlib.import_module(f"lsa_ext.cli.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``lsa``; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (LsaUserError, LsaTypeError) as exc:
+        print(f"lsa {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lsa: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""Fused relative-error ops: argument validation, fake and autograd registrations, dispatch.
+
+The measure (PAPER.md): ``CM(a, b) = ||a - b||_F / ||a||_F`` per sample, where ``a`` is a layer's
+clean representation and ``b`` its perturbed twin. The compiled kernels (``torch.ops.lsa_ext``)
+compute the per-sample squared sums ``D_i = sum (a_i - b_i)^2`` and ``N_i = sum a_i^2`` in one
+read of each input; the ratio and the reduction over samples are tiny ``[B]`` operations done here.
+
+Zero-norm guard: the result is ``sqrt(D) / max(sqrt(N), eps)``, so a clean sample of zero norm
+gives a finite value (``sqrt(D) / eps``, or 0 when ``D == 0`` too) and finite gradients; the
+gradient of ``sqrt`` at 0 is taken as 0. NaN in a sample's inputs gives NaN in that sample only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from lsa_ext import _extension, reference
+from lsa_ext.reference import acc_dtype
+
+REDUCTIONS = ("none", "mean", "sum", "batch")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# --------------------------------------------------------------------------- validation
+def _check_tensor(t: object, what: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{what} must be a floating point tensor (float16, bfloat16, float32, float64), "
+            f"got {t.dtype}"
+        )
+    if t.dim() == 0:
+        raise ValueError(f"{what} must have a batch dimension [B, ...], got a 0-dim tensor")
+    return t
+
+
+def _check_pair(a: object, b: object, prefix: str = "") -> None:
+    a = _check_tensor(a, f"{prefix}clean")
+    b = _check_tensor(b, f"{prefix}perturbed")
+    if a.dtype != b.dtype:
+        raise TypeError(
+            f"{prefix}clean and perturbed must have the same dtype, got {a.dtype} and {b.dtype}"
+        )
+    if a.device != b.device:
+        raise ValueError(
+            f"{prefix}clean and perturbed must be on the same device, got {a.device} and {b.device}"
+        )
+    if a.shape != b.shape:
+        raise ValueError(
+            f"{prefix}clean and perturbed must have the same shape, got "
+            f"{tuple(a.shape)} and {tuple(b.shape)}"
+        )
+
+
+def _check_options(reduction: object, eps: object) -> None:
+    if reduction not in REDUCTIONS:
+        choices = ", ".join(REDUCTIONS)
+        raise ValueError(f"unknown reduction {reduction!r}; expected one of {choices}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+
+
+def _check_lists(cleans: object, perturbeds: object) -> tuple[list, list]:
+    for what, seq in (("cleans", cleans), ("perturbeds", perturbeds)):
+        if isinstance(seq, torch.Tensor) or not isinstance(seq, Sequence):
+            raise TypeError(f"{what} must be a list or tuple of tensors, got {type(seq).__name__}")
+    cleans, perturbeds = list(cleans), list(perturbeds)
+    if not cleans:
+        raise ValueError("expected at least one layer, got an empty list")
+    if len(cleans) != len(perturbeds):
+        raise ValueError(
+            f"cleans and perturbeds must have the same length, got {len(cleans)} and "
+            f"{len(perturbeds)}"
+        )
+    for i, (a, b) in enumerate(zip(cleans, perturbeds, strict=True)):
+        _check_pair(a, b, f"layer {i}: ")
+    first = cleans[0]
+    for i, a in enumerate(cleans[1:], start=1):
+        if a.shape[0] != first.shape[0]:
+            raise ValueError(
+                f"all layers must have the same batch size, layer 0 has {first.shape[0]} and "
+                f"layer {i} has {a.shape[0]}"
+            )
+        if a.dtype != first.dtype:
+            raise TypeError(
+                f"all layers must have the same dtype, layer 0 is {first.dtype} and layer {i} "
+                f"is {a.dtype}"
+            )
+        if a.device != first.device:
+            raise ValueError(
+                f"all layers must be on the same device, layer 0 is on {first.device} and "
+                f"layer {i} on {a.device}"
+            )
+    return cleans, perturbeds
+
+
+# --------------------------------------------------------------------------- registrations
+if _extension.LOADED:
+
+    @torch.library.register_fake("lsa_ext::sq_sums")
+    def _sq_sums_fake(clean, perturbed):
+        torch._check(clean.shape == perturbed.shape, lambda: "shape mismatch")
+        acc = acc_dtype(clean.dtype)
+        shape = (clean.shape[0],)
+        return clean.new_empty(shape, dtype=acc), clean.new_empty(shape, dtype=acc)
+
+    @torch.library.register_fake("lsa_ext::sq_sums_backward")
+    def _sq_sums_backward_fake(grad_diff, grad_norm, clean, perturbed):
+        return torch.empty_like(clean), torch.empty_like(clean)
+
+    @torch.library.register_fake("lsa_ext::sq_sums_multi")
+    def _sq_sums_multi_fake(cleans, perturbeds):
+        acc = acc_dtype(cleans[0].dtype)
+        shape = (len(cleans), cleans[0].shape[0])
+        first = cleans[0]
+        return first.new_empty(shape, dtype=acc), first.new_empty(shape, dtype=acc)
+
+    @torch.library.register_fake("lsa_ext::sq_sums_multi_backward")
+    def _sq_sums_multi_backward_fake(grad_diff, grad_norm, cleans, perturbeds):
+        return [torch.empty_like(a) for a in cleans], [torch.empty_like(a) for a in cleans]
+
+    def _sq_sums_setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def _sq_sums_backward(ctx, grad_diff, grad_norm):
+        clean, perturbed = ctx.saved_tensors
+        return torch.ops.lsa_ext.sq_sums_backward(grad_diff, grad_norm, clean, perturbed)
+
+    def _sq_sums_multi_setup(ctx, inputs, output):
+        cleans, perturbeds = inputs
+        ctx.num_layers = len(cleans)
+        ctx.save_for_backward(*cleans, *perturbeds)
+
+    def _sq_sums_multi_backward(ctx, grad_diff, grad_norm):
+        saved = ctx.saved_tensors
+        n = ctx.num_layers
+        grads_a, grads_b = torch.ops.lsa_ext.sq_sums_multi_backward(
+            grad_diff, grad_norm, list(saved[:n]), list(saved[n:])
+        )
+        return list(grads_a), list(grads_b)
+
+    torch.library.register_autograd(
+        "lsa_ext::sq_sums", _sq_sums_backward, setup_context=_sq_sums_setup
+    )
+    torch.library.register_autograd(
+        "lsa_ext::sq_sums_multi", _sq_sums_multi_backward, setup_context=_sq_sums_multi_setup
+    )
+
+
+# --------------------------------------------------------------------------- public API
+def sq_sums(clean: torch.Tensor, perturbed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample squared sums of a clean/perturbed pair, fused.
+
+    Args:
+        clean, perturbed: ``[B, ...]`` tensors of one shape, dtype (float16, bfloat16, float32,
+            float64) and device; contiguous or channels_last are read without a copy.
+
+    Returns:
+        ``(diff, norm)``, each ``[B]``: ``diff[i] = sum (clean[i] - perturbed[i])^2`` and
+        ``norm[i] = sum clean[i]^2``; float64 for float64 input, float32 otherwise.
+        Differentiable in both inputs.
+    """
+    _check_pair(clean, perturbed)
+    if _extension.has_kernel(clean.device.type):
+        return torch.ops.lsa_ext.sq_sums(clean, perturbed)
+    return reference.sq_sums(clean, perturbed)
+
+
+def sq_sums_multi(
+    cleans: Sequence[torch.Tensor], perturbeds: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sq_sums` for L layers (any shapes, one batch size B) in one fused call.
+
+    Returns:
+        ``(diff, norm)``, each ``[L, B]``.
+    """
+    cleans, perturbeds = _check_lists(cleans, perturbeds)
+    if _extension.has_kernel(cleans[0].device.type):
+        return torch.ops.lsa_ext.sq_sums_multi(cleans, perturbeds)
+    return reference.sq_sums_multi(cleans, perturbeds)
+
+
+def relative_error(
+    clean: torch.Tensor,
+    perturbed: torch.Tensor,
+    reduction: str = "none",
+    eps: float = 1e-12,
+) -> torch.Tensor:
+    """Relative error ``||clean_i - perturbed_i||_F / ||clean_i||_F`` of a layer's representation.
+
+    Args:
+        clean: ``[B, ...]`` clean representation (float16, bfloat16, float32 or float64).
+        perturbed: its perturbed twin, same shape, dtype and device.
+        reduction: ``"none"`` → ``[B]`` per sample (default); ``"mean"`` / ``"sum"`` over samples
+            → scalar; ``"batch"`` → ``||A - B||_F / ||A||_F`` over the whole batch (the published
+            LSA code's form) → scalar.
+        eps: lower bound on the denominator ``||clean_i||_F`` (default 1e-12), so a zero-norm
+            sample gives a finite value and finite gradients.
+
+    Returns:
+        float64 for float64 input, float32 otherwise. Differentiable in both arguments.
+    """
+    _check_options(reduction, eps)
+    d, n = sq_sums(clean, perturbed)
+    return reference.reduce(d, n, reduction, float(eps))
+
+
+def relative_error_multi(
+    cleans: Sequence[torch.Tensor],
+    perturbeds: Sequence[torch.Tensor],
+    reduction: str = "none",
+    eps: float = 1e-12,
+) -> torch.Tensor:
+    """:func:`relative_error` for L layers in one fused call.
+
+    Args:
+        cleans, perturbeds: sequences of L tensors; pair ``l`` has one shape, all share the batch
+            size B, dtype and device.
+        reduction, eps: as in :func:`relative_error`.
+
+    Returns:
+        ``[L, B]`` for ``"none"``, ``[L]`` for ``"mean"``, ``"sum"`` and ``"batch"``.
+    """
+    _check_options(reduction, eps)
+    d, n = sq_sums_multi(cleans, perturbeds)
+    return reference.reduce(d, n, reduction, float(eps))
+
+
+def backend() -> dict[str, str]:
+    """Which implementation serves each device type.
+
+    Returns:
+        ``{"cpu": ..., "cuda": ...}`` with values ``"compiled-cpu"``, ``"compiled-cuda"``,
+        ``"reference"`` (pure PyTorch fallback) or ``"unavailable"`` (no such device).
+        When the extension failed to load, ``"load_error"`` holds the reason.
+    """
+    out = {"cpu": "compiled-cpu" if _extension.has_kernel("cpu") else "reference"}
+    if _extension.has_kernel("cuda"):
+        out["cuda"] = "compiled-cuda"
+    else:
+        out["cuda"] = "reference" if torch.cuda.is_available() else "unavailable"
+    if _extension.LOAD_ERROR:
+        out["load_error"] = _extension.LOAD_ERROR
+    return out

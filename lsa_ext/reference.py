@@ -1,0 +1,76 @@
+"""Pure-PyTorch reference of the fused ops: the tests' oracle and the fallback backend.
+
+Semantics are identical to :mod:`lsa_ext.ops`; the difference is cost (temporaries of the
+input's size, several passes over memory).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation/output dtype: float64 for float64 input, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def sq_sums(clean: torch.Tensor, perturbed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample ``(sum (clean - perturbed)^2, sum clean^2)``, each ``[B]``, in ``acc_dtype``."""
+    acc = acc_dtype(clean.dtype)
+    a = clean.reshape(clean.shape[0], -1).to(acc)
+    b = perturbed.reshape(perturbed.shape[0], -1).to(acc)
+    return (a - b).square().sum(dim=1), a.square().sum(dim=1)
+
+
+def sq_sums_multi(
+    cleans: Sequence[torch.Tensor], perturbeds: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sq_sums` for L layers of one batch size: two ``[L, B]`` tensors."""
+    pairs = [sq_sums(a, b) for a, b in zip(cleans, perturbeds, strict=True)]
+    return torch.stack([d for d, _ in pairs]), torch.stack([n for _, n in pairs])
+
+
+def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
+    """``sqrt(x)`` whose gradient at ``x == 0`` is 0 instead of inf (NaN still propagates)."""
+    zero = x == 0
+    return torch.where(zero, torch.zeros_like(x), torch.where(zero, torch.ones_like(x), x).sqrt())
+
+
+def ratio(diff: torch.Tensor, norm: torch.Tensor, eps: float) -> torch.Tensor:
+    """``sqrt(diff) / max(sqrt(norm), eps)``, elementwise, with finite gradients everywhere."""
+    return safe_sqrt(diff) / safe_sqrt(norm).clamp_min(eps)
+
+
+def reduce(diff: torch.Tensor, norm: torch.Tensor, reduction: str, eps: float) -> torch.Tensor:
+    """Applies ``reduction`` along the last (sample) dimension of ``diff``/``norm``."""
+    if reduction == "batch":
+        return ratio(diff.sum(dim=-1), norm.sum(dim=-1), eps)
+    r = ratio(diff, norm, eps)
+    if reduction == "none":
+        return r
+    if reduction == "mean":
+        return r.mean(dim=-1)
+    if reduction == "sum":
+        return r.sum(dim=-1)
+    raise ValueError(f"unknown reduction {reduction!r}")
+
+
+def relative_error(
+    clean: torch.Tensor, perturbed: torch.Tensor, reduction: str = "none", eps: float = 1e-12
+) -> torch.Tensor:
+    """Reference of :func:`lsa_ext.relative_error` (no argument validation)."""
+    d, n = sq_sums(clean, perturbed)
+    return reduce(d, n, reduction, eps)
+
+
+def relative_error_multi(
+    cleans: Sequence[torch.Tensor],
+    perturbeds: Sequence[torch.Tensor],
+    reduction: str = "none",
+    eps: float = 1e-12,
+) -> torch.Tensor:
+    """Reference of :func:`lsa_ext.relative_error_multi` (no argument validation)."""
+    d, n = sq_sums_multi(cleans, perturbeds)
+    return reduce(d, n, reduction, eps)
