@@ -74,6 +74,14 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("none", "cosine", "step")
 ATTACK_MODES = ("eval", "train")
 _EPOCH_SEED_STRIDE = 1_000_003
+# Attack settings used for *training* unless given in ``attack_kwargs``: Madry et al.'s PGD
+# returns its last iterate; APGD runs 10 iterations (torchattacks' default, far cheaper than the
+# 100 of the evaluation setting). Everything else is the attack's own default.
+TRAIN_ATTACK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "pgd": {"steps": 10, "return_best": False},
+    "apgd": {"steps": 10},
+    "trades": {"steps": 10},
+}
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 AttackFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -331,7 +339,8 @@ class TrainConfig:
         if self.lr_layers and self.at == "none":
             raise LsaUserError("an LR term needs adversarial examples: choose an --at method "
                                "other than 'none' or drop the LR layers")
-        for name, v, lo in (("epochs", self.epochs, 1), ("batch_size", self.batch_size, 1)):
+        for name, v, lo in (("epochs", self.epochs, 1), ("batch_size", self.batch_size, 1),
+                            ("seed", self.seed, 0)):
             if not isinstance(v, int) or v < lo:
                 raise LsaUserError(f"{name} must be an integer ≥ {lo}, got {v!r}")
         for name, v in (("eps", self.eps), ("lr", self.lr), ("weight_decay", self.weight_decay),
@@ -352,10 +361,22 @@ class TrainConfig:
     @property
     def run_name(self) -> str:
         """The paper's naming: ``Normal``, ``AT-PGD``, ``AT-PGD-LR-<layers>``."""
-        if self.at == "none":
-            return "Normal"
-        base = f"AT-{self.at.upper()}"
-        return f"{base}-LR-{'+'.join(self.lr_layers)}" if self.lr_layers else base
+        return run_name(self.at, self.lr_layers)
+
+
+def run_name(at: str, layers: Sequence[str], model: nn.Module | None = None) -> str:
+    """``Normal``, ``AT-PGD``, ``AT-PGD-LR-L2`` (learnable layers of ``model`` as ``L<k>``,
+    other layers by name, several joined with ``+``)."""
+    if at == "none":
+        return "Normal"
+    base = f"AT-{at.upper()}"
+    if not layers:
+        return base
+    labels = list(layers)
+    if model is not None:
+        learnable = select_layers(unwrap(model), "learnable")
+        labels = [f"L{learnable.index(n)}" if n in learnable else n for n in layers]
+    return f"{base}-LR-{'+'.join(labels)}"
 
 
 def build_optimizer(params: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -439,6 +460,7 @@ class Trainer:
         self.epoch = 0
         self.history: list[dict[str, Any]] = []
         self._fresh = True
+        self.run_name = run_name(config.at, self.layers, self.module)
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -493,7 +515,7 @@ class Trainer:
             clip=None if cfg.clip is None else tuple(cfg.clip),
             mode=cfg.attack_mode,
             seed=cfg.seed + _EPOCH_SEED_STRIDE * (epoch + 1),
-            **cfg.attack_kwargs,
+            **{**TRAIN_ATTACK_DEFAULTS.get(cfg.at, {}), **cfg.attack_kwargs},
         )
 
     def loss(self, x: torch.Tensor, y: torch.Tensor,
@@ -541,7 +563,7 @@ class Trainer:
             if not isinstance(self.train_data, torch.utils.data.DataLoader) \
             else len(self.train_data)
         batches = iterate_batches(self.train_data, cfg.batch_size, self.loader_generator)
-        desc = f"{cfg.run_name} epoch {epoch + 1}/{cfg.epochs}"
+        desc = f"{self.run_name} epoch {epoch + 1}/{cfg.epochs}"
         for b, (x, y) in enumerate(progress_bar(batches, desc=desc, total=nb,
                                                 enabled=self.progress)):
             x = x.to(self.device, non_blocking=True)
@@ -581,7 +603,7 @@ class Trainer:
         while self.epoch < self.config.epochs:
             record = self.train_epoch()
             self.save()
-            log.info("%s epoch %d/%d: %s", self.config.run_name, record["epoch"],
+            log.debug("%s epoch %d/%d: %s", self.run_name, record["epoch"],
                      self.config.epochs,
                      ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
             if self.on_epoch is not None:
@@ -660,3 +682,57 @@ def fit(
     """
     return train(model, train_data, at="none", epochs=epochs, batch_size=batch_size, lr=lr,
                  optimizer=optimizer, seed=seed, device=device, progress=progress)
+
+
+# --------------------------------------------------------------------------- MVL (Algorithm 1/2)
+def mvl_from_report(path: str | os.PathLike, eta: float) -> list[str]:
+    """The most vulnerable layers for cut-off ``eta`` from an ``lsa analyze`` report.json."""
+    from lsa_ext import analysis
+
+    return list(analysis.load_result(path).mvl(eta))
+
+
+def mvl_on_the_fly(
+    model: nn.Module,
+    train_data: Any,
+    *,
+    at: str,
+    eps: float,
+    clip: tuple[float, float] | None,
+    eta: float,
+    epochs: int,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    optimizer: str = "adam",
+    seed: int = 0,
+    device: str = "cpu",
+    samples: int = 512,
+    progress: bool | None = None,
+) -> list[str]:
+    """Algorithm 2 on the fly: trains a copy of ``model`` normally (``epochs``), attacks a
+    seeded subset of ``samples`` training points with ``at`` (ε = ``eps``) and returns the
+    most vulnerable learnable layers for cut-off ``eta`` (``model`` itself is not changed).
+    """
+    import copy
+
+    from lsa_ext import analysis
+
+    probe = copy.deepcopy(unwrap(model))
+    fit(probe, train_data, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
+        seed=seed, device=device, progress=progress)
+    x, y = _subset(train_data, samples, seed)
+    result = analysis.analyze(probe, (x, y), perturbations=[at], eps=eps, clip=clip,
+                              layers="learnable", seed=seed, device=device)
+    return list(result.mvl(eta))
+
+
+def _subset(data: Any, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    t = _as_tensors(data)
+    if t is None:
+        xs, ys = zip(*(data[i] for i in range(len(data))), strict=True)
+        t = (torch.stack(list(xs)), torch.as_tensor(ys))
+    x, y = t
+    if x.shape[0] <= n:
+        return x, y
+    idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:n]
+    return x[idx], y[idx]
