@@ -14,6 +14,15 @@ from lsa_ext import training
 from lsa_ext.errors import LsaUserError
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread is fastest (and fair on a shared machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _trainer(out, epochs=1, seed=0):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(2, 8), nn.ELU(), nn.Linear(8, 1))

@@ -1,0 +1,60 @@
+"""`lsa train` / `lsa evaluate` end to end on tiny settings (in-process, exit codes, files)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lsa_ext import checkpoint as ckpt
+from lsa_ext.cli import main
+
+TINY = ["--dataset", "moons", "--limit-train", "200", "--limit-test", "100", "--batch-size",
+        "50", "--seed", "1"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread is fastest (and fair on a shared machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_train_writes_checkpoint_config_history_and_weights(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["train", *TINY, "--at", "fgsm", "--eps", "0.2", "--lr-layers", "L1,fc3",
+               "--gamma", "0.5,2", "--epochs", "2", "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "AT-FGSM-LR-L1+L2" in text and "clean test acc" in text
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["config"]["lr_layers"] == ["fc2", "fc3"]
+    assert cfg["config"]["gamma"] == [0.5, 2.0]
+    assert cfg["meta"]["dataset"] == "moons" and cfg["meta"]["model"] == "model_a"
+    hist = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in hist] == [1, 2] and all(h["lr"] > 0 for h in hist)
+    state = ckpt.load_checkpoint(out / "last.pt")
+    weights = torch.load(out / "model.pt", weights_only=True)
+    assert state["epoch"] == 2
+    for k, v in weights.items():
+        assert torch.equal(state["model"][k], v)
+    assert ckpt.load_checkpoint(out / "prev.pt")["epoch"] == 1
+
+
+def test_train_user_errors_exit_2_without_traceback(tmp_path, capsys):
+    cases = [
+        (["--at", "pgd", "--lr-layers", "L9"], "4 learnable layers"),
+        (["--at", "pgd", "--lr-layers", "nope"], "no layer named 'nope'"),
+        (["--lr-layers", "L0"], "needs adversarial examples"),
+        (["--at", "pgd", "--lr-layers", "L0", "--gamma", "1,2"], "gamma has 2 values"),
+        (["--at", "pgd", "--gamma", "x", "--lr-layers", "L0"], "--gamma must be a number"),
+        (["--optimizer", "sgd", "--lr", "1e12", "--epochs", "3"], "training diverged"),
+    ]
+    for extra, msg in cases:
+        rc = main(["train", *TINY, "--epochs", "1", "--out", str(tmp_path / "e"), *extra])
+        err = capsys.readouterr().err
+        assert rc == 2, (extra, err)
+        assert msg in err and "Traceback" not in err, (extra, err)
