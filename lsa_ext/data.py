@@ -293,16 +293,24 @@ def _load_mnist(root: Path):
             f"{', '.join(_EXPECTED['mnist'])}"
         )
     searched = [root / s if s else root for s in _MNIST_SUBDIRS]
+    searched = [f for f in searched if f.is_dir()]
+    best: tuple[int, Path, list[str]] | None = None
     for folder in searched:
         found = {k: _find_mnist_file(folder, v) for k, v in _MNIST_FILES.items()}
         if all(found.values()):
             break
+        missing = [_MNIST_FILES[k] for k, v in found.items() if v is None]
+        if best is None or len(missing) < len(best[2]):
+            best = (len(missing), folder, missing)
     else:
-        folders = ", ".join(repr(str(f)) for f in searched if f.is_dir())
+        folders = ", ".join(repr(str(f)) for f in searched)
+        hint = ""
+        if best is not None and len(best[2]) < len(_MNIST_FILES):
+            hint = f"; {str(best[1])!r} lacks {', '.join(best[2])}"
         raise LsaUserError(
             f"MNIST files not found in {folders}: expected "
             f"{', '.join(_EXPECTED['mnist'])} (plain or gzip, from "
-            "http://yann.lecun.com/exdb/mnist/ or torchvision's MNIST/raw folder)"
+            f"http://yann.lecun.com/exdb/mnist/ or torchvision's MNIST/raw folder){hint}"
         )
     x_tr = read_idx(found["x_train"])
     y_tr = read_idx(found["y_train"])

@@ -204,6 +204,7 @@ def test_mnist_missing_files_lists_expected_and_folder(tmp_path):
     for name in MNIST_NAMES.values():
         assert name in msg
     assert str(tmp_path) in msg
+    assert msg.endswith(f"{str(tmp_path)!r} lacks {MNIST_NAMES['y_test']}")
     with pytest.raises(LsaUserError, match="does not exist"):
         load_dataset("mnist", tmp_path / "nowhere")
 
