@@ -55,16 +55,38 @@ def write_mnist(folder: Path, rng: np.random.Generator, n_train=7, n_test=5, gz=
     return arrays
 
 
-def write_cifar(folder: Path, rng: np.random.Generator, per_batch=(3, 2, 4, 1, 2), n_test=3):
+def _py2_str(b: bytes) -> bytes:
+    return b"T" + struct.pack("<i", len(b)) + b  # BINSTRING: a Python 2 str
+
+
+def py2_batch_bytes(data: np.ndarray, labels: list[int], name: str) -> bytes:
+    """A CIFAR batch pickled the way the official files are (Python 2 cPickle, protocol 2,
+    numpy.core.multiarray._reconstruct, str keys), written opcode by opcode."""
+    shape = b"".join(b"J" + struct.pack("<i", d) for d in data.shape)
+    array = (
+        b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85" + _py2_str(b"b")
+        + b"\x87R(K\x01(" + shape + b"tcnumpy\ndtype\n" + _py2_str(b"u1") + b"K\x00K\x01\x87R"
+        + b"(K\x03" + _py2_str(b"|") + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb\x89"
+        + _py2_str(data.tobytes()) + b"tb"
+    )
+    labs = b"](" + b"".join(b"K" + bytes([v]) for v in labels) + b"e"
+    return (b"\x80\x02}(" + _py2_str(b"batch_label") + _py2_str(name.encode())
+            + _py2_str(b"data") + array + _py2_str(b"labels") + labs + b"u.")
+
+
+def write_cifar(folder: Path, rng: np.random.Generator, per_batch=(3, 2, 4, 1, 2), n_test=3,
+                py2=False):
     folder.mkdir(parents=True, exist_ok=True)
     batches = []
     for name, n in zip(CIFAR_NAMES, [*per_batch, n_test], strict=True):
         data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
         labels = [int(v) for v in rng.integers(0, 10, n)]
-        # Same layout as the official files: bytes keys, list of int labels.
-        with open(folder / name, "wb") as fh:
-            pickle.dump({b"batch_label": name.encode(), b"data": data, b"labels": labels,
-                         b"filenames": [b"img.png"] * n}, fh, protocol=2)
+        if py2:
+            (folder / name).write_bytes(py2_batch_bytes(data, labels, name))
+        else:  # a Python 3 pickle with the same layout: bytes keys, list of int labels
+            with open(folder / name, "wb") as fh:
+                pickle.dump({b"batch_label": name.encode(), b"data": data, b"labels": labels,
+                             b"filenames": [b"img.png"] * n}, fh, protocol=2)
         batches.append((data, labels))
     return batches
 
@@ -233,10 +255,10 @@ def test_mnist_label_count_mismatch(tmp_path):
 # ----------------------------------------------------------------------------- CIFAR-10
 
 
-@pytest.mark.parametrize("parent", [False, True])
-def test_cifar_round_trip(tmp_path, parent):
+@pytest.mark.parametrize(("parent", "py2"), [(False, False), (True, True), (False, True)])
+def test_cifar_round_trip(tmp_path, parent, py2):
     folder = tmp_path / "cifar-10-batches-py"
-    batches = write_cifar(folder, np.random.default_rng(3))
+    batches = write_cifar(folder, np.random.default_rng(3), py2=py2)
     d = load_dataset("cifar10", tmp_path if parent else folder)
     assert d.info == DatasetInfo("cifar10", (3, 32, 32), 10, (0.0, 1.0))
     x, y = d.train.tensors
