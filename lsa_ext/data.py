@@ -202,7 +202,11 @@ def _limit(x: np.ndarray, y: np.ndarray, limit: Any, what: str, rng: np.random.G
 
 
 def _to_dataset(x: np.ndarray, y: np.ndarray, info: DatasetInfo) -> TensorDataset:
-    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    """uint8 pixels become ``x / 255`` in float32 (one allocation); floats are kept."""
+    if x.dtype == np.uint8:
+        xt = torch.from_numpy(np.ascontiguousarray(x)).to(torch.float32).div_(255.0)
+    else:
+        xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     yt = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
     xt = xt.reshape(len(yt), *info.input_shape)
     return TensorDataset(xt, yt)
@@ -217,11 +221,6 @@ def _take_options(options: dict[str, Any], defaults: dict[str, Any], dataset: st
             f"(accepted: {accepted})"
         )
     return {**defaults, **options}
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    """uint8 pixels → float32 in [0, 1] (``x / 255`` in float32)."""
-    return x.astype(np.float32) / np.float32(255.0)
 
 
 # --------------------------------------------------------------------------- embedded sets
@@ -317,6 +316,8 @@ def _load_mnist(root: Path):
     x_te = read_idx(found["x_test"])
     y_te = read_idx(found["y_test"])
     for xs, ys, part in ((x_tr, y_tr, "train"), (x_te, y_te, "t10k")):
+        if xs.dtype != np.uint8:
+            raise LsaUserError(f"MNIST {part} images must be unsigned bytes, got {xs.dtype}")
         if xs.ndim != 3 or xs.shape[1:] != (28, 28):
             raise LsaUserError(f"MNIST {part} images must be [N, 28, 28], got {list(xs.shape)}")
         if ys.ndim != 1 or len(ys) != len(xs):
@@ -325,7 +326,7 @@ def _load_mnist(root: Path):
             )
         if ys.size and int(ys.max()) > 9:
             raise LsaUserError(f"MNIST {part} labels must be 0..9, found {int(ys.max())}")
-    return _unit(x_tr), y_tr, _unit(x_te), y_te
+    return x_tr, y_tr, x_te, y_te  # uint8; scaled to [0, 1] by _to_dataset
 
 
 _IDX_DTYPES = {0x08: np.dtype(np.uint8), 0x09: np.dtype(np.int8), 0x0B: np.dtype(">i2"),
@@ -437,7 +438,7 @@ def _load_cifar10(root: Path):
     x_tr = np.concatenate([p[0] for p in parts[:5]])
     y_tr = np.concatenate([p[1] for p in parts[:5]])
     x_te, y_te = parts[5]
-    return _unit(x_tr), y_tr, _unit(x_te), y_te
+    return x_tr, y_tr, x_te, y_te  # uint8; scaled to [0, 1] by _to_dataset
 
 
 def class_counts(labels: torch.Tensor | Sequence[int], num_classes: int) -> list[int]:
