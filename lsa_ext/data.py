@@ -30,7 +30,6 @@ import gzip
 import logging
 import os
 import pickle
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -440,7 +439,3 @@ def _load_cifar10(root: Path):
     x_te, y_te = parts[5]
     return x_tr, y_tr, x_te, y_te  # uint8; scaled to [0, 1] by _to_dataset
 
-
-def class_counts(labels: torch.Tensor | Sequence[int], num_classes: int) -> list[int]:
-    """Number of samples per class (``labels`` int64 ``[N]``)."""
-    return torch.bincount(torch.as_tensor(labels), minlength=num_classes).tolist()

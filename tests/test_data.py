@@ -323,3 +323,37 @@ def test_make_loader_is_deterministic_and_complete():
     assert len(list(make_loader(d.train, 8, shuffle=False, drop_last=True))) == 6
     with pytest.raises(LsaUserError, match="batch_size"):
         make_loader(d.train, 0, shuffle=False)
+
+
+def test_read_idx_other_dtypes_and_float_mnist_rejected(tmp_path):
+    # A big-endian int32 IDX file (type 0x0C) round-trips exactly.
+    arr = np.array([[1, -2, 70000], [3, 4, -5]], dtype=">i4")
+    header = bytes([0, 0, 0x0C, 2]) + struct.pack(">II", 2, 3)
+    (tmp_path / "ints").write_bytes(header + arr.tobytes())
+    got = read_idx(tmp_path / "ints")
+    assert got.tolist() == [[1, -2, 70000], [3, 4, -5]] and got.dtype.isnative
+    # MNIST images stored as float IDX are refused rather than mis-scaled.
+    write_mnist(tmp_path, np.random.default_rng(0))
+    floats = np.zeros((7, 28, 28), dtype=">f4")
+    header = bytes([0, 0, 0x0D, 3]) + struct.pack(">III", 7, 28, 28)
+    (tmp_path / MNIST_NAMES["x_train"]).write_bytes(header + floats.tobytes())
+    with pytest.raises(LsaUserError, match="unsigned bytes"):
+        load_dataset("mnist", tmp_path)
+
+
+def test_dataset_info_and_aliases():
+    from lsa_ext.data import dataset_info
+
+    assert dataset_info("CIFAR-10") == DatasetInfo("cifar10", (3, 32, 32), 10, (0.0, 1.0))
+    assert dataset_info("two_moons").name == "moons"
+    assert load_dataset("Two-Moons", n_train=4, n_test=4).info.name == "moons"
+    with pytest.raises(LsaUserError, match="choose one of"):
+        dataset_info("svhn")
+
+
+def test_make_loader_sampler_and_shuffle_conflict():
+    d = load_dataset("moons", n_train=10, n_test=4)
+    sampler = torch.utils.data.SequentialSampler(d.train)
+    assert len(list(make_loader(d.train, 4, shuffle=False, sampler=sampler))) == 3
+    with pytest.raises(LsaUserError, match="not both"):
+        make_loader(d.train, 4, shuffle=True, sampler=sampler)
