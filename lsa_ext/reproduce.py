@@ -9,10 +9,10 @@ Settings (:data:`PROTOCOLS`; the paper does not state them, so they are our choi
 
 * ``moons``: Model A, 2000 train / 1000 test points (noise 0.2), Adam lr 1e-3, batch 128,
   50 epochs, training ε = 0.3, γ = 1 on one layer, methods FGSM, PGD-10, TRADES (β = 6,
-  10 steps), FAST; LR on L0…L3.
+  10 steps), FAST; LR on L0…L2 (the hidden learnable layers, as the paper's rows).
 * ``digits`` (scikit-learn 8×8 digits, the offline stand-in for MNIST): Model B ("same"
   padding), 1437 train / 360 test, Adam lr 1e-3, batch 128, 20 epochs, training ε = 0.2,
-  γ = 1, methods APGD-CE (10 iterations) as in Table 3; LR on L0…L4.
+  γ = 1, methods APGD-CE (10 iterations) as in Table 3; LR on L0…L3.
 
 Every run is cached under ``out/runs/<name>-s<seed>.{pt,json}``: a rerun with the same
 settings skips finished runs (so a killed reproduction continues where it stopped).
@@ -196,21 +196,25 @@ def fgsm_accuracies(model: torch.nn.Module, test: Any, eps_grid: Sequence[float]
     """FGSM accuracy (%) at each ε of ``eps_grid`` (ε = 0: clean), via lsa_ext.evaluation."""
     from lsa_ext import evaluation
 
-    return [float(a) for a in evaluation.fgsm_accuracy_grid(
-        model, test, eps_grid, clip=clip, device=device, progress=False)]
+    grid = evaluation.fgsm_accuracy_grid(model, test, eps_grid, clip=clip, device=device)
+    return [float(a) for a in grid.values()]
 
 
 # --------------------------------------------------------------------------- protocol
 def plan(protocol: Protocol, model: torch.nn.Module,
          methods: Sequence[str] | None = None,
          layers: Sequence[str] | None = None) -> list[tuple[str, str, str | None]]:
-    """``[(name, method, lr_layer)]``: Normal, each method, each method × each LR layer."""
+    """``[(name, method, lr_layer)]``: Normal, each method, each method × each LR layer.
+
+    Default LR layers: every learnable layer except the output layer (the paper's rows for
+    Model A are L0–L2; the CM of a one-logit output is unbounded near the decision boundary).
+    """
     from lsa_ext.probes import select_layers
 
     methods = list(methods or protocol.methods)
     if layers is None:
-        layers = protocol.lr_layers or [f"L{k}" for k in
-                                        range(len(select_layers(model, "learnable")))]
+        n = len(select_layers(model, "learnable"))
+        layers = protocol.lr_layers or [f"L{k}" for k in range(max(1, n - 1))]
     out: list[tuple[str, str, str | None]] = [("Normal", "none", None)]
     for m in methods:
         out.append((f"AT-{m.upper()}", m, None))

@@ -58,3 +58,48 @@ def test_train_user_errors_exit_2_without_traceback(tmp_path, capsys):
         err = capsys.readouterr().err
         assert rc == 2, (extra, err)
         assert msg in err and "Traceback" not in err, (extra, err)
+
+
+def _fgsm_accuracy(model, x, y, eps):
+    """Independent FGSM (float64 model copy, plain autograd) accuracy in %."""
+    import copy
+
+    from lsa_ext.losses import cross_entropy, predict
+
+    m = copy.deepcopy(model).double().eval()
+    xd = x.double().requires_grad_()
+    (g,) = torch.autograd.grad(cross_entropy(m(xd), y, reduction="sum"), xd)
+    with torch.no_grad():
+        return 100.0 * float((predict(m(x.double() + eps * g.sign())) == y).double().mean())
+
+
+def test_evaluate_checkpoint_prints_table_and_writes_json_csv(tmp_path, capsys):
+    from lsa_ext.data import load_dataset
+    from lsa_ext.models import build_model
+
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "2", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(out / "last.pt"), "--limit-test", "100",
+                 "--out", str(tmp_path / "ev")]) == 0
+    text = capsys.readouterr().out
+    assert "R&G" in text and "FGSM" in text
+    rep = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
+    accs = [r["accuracy"] for r in rep["fgsm"]]
+    assert [r["eps"] for r in rep["fgsm"]] == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
+    assert abs(rep["rg_score"] - sum(accs)) < 1e-9
+    data = load_dataset("moons", limit_test=100)
+    model = build_model("model_a", data.info)
+    model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
+    x, y = data.test.tensors
+    for eps, acc in zip([0.0, 0.3], [accs[0], accs[3]], strict=True):
+        assert abs(_fgsm_accuracy(model, x, y, eps) - acc) <= 1.0  # ≤ 1 sample in 100
+    assert (tmp_path / "ev" / "evaluation.csv").read_text().startswith("metric,eps")
+
+
+def test_evaluate_errors(tmp_path, capsys):
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "none.pt")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    torch.save({"w": torch.zeros(1)}, tmp_path / "plain.pt")
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "plain.pt")]) == 2
+    assert "--dataset" in capsys.readouterr().err
