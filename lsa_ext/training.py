@@ -252,13 +252,15 @@ def _num_samples(data: Any) -> int:
 
 
 def iterate_batches(
-    data: Any, batch_size: int, generator: torch.Generator, shuffle: bool = True
+    data: Any, batch_size: int, generator: torch.Generator, shuffle: bool = True,
+    epoch: int | None = None,
 ) -> Iterator[Batch]:
     """Minibatches ``(x, y)`` of ``data`` in an order drawn from ``generator``.
 
     ``data``: an ``(x, y)`` pair of tensors, a ``TensorDataset``, any map-style ``Dataset``
     (collated with a ``DataLoader``), or a ``DataLoader`` (used as is; its own sampler decides
-    the order). The last batch may be smaller.
+    the order, and a sampler with ``set_epoch`` — ``DistributedSampler`` — gets ``epoch``).
+    The last batch may be smaller.
     """
     t = _as_tensors(data)
     if t is not None:
@@ -271,6 +273,8 @@ def iterate_batches(
         return
     if isinstance(data, torch.utils.data.DataLoader):
         loader = data
+        if hasattr(loader.sampler, "set_epoch") and epoch is not None:
+            loader.sampler.set_epoch(epoch)  # DistributedSampler: a new order per epoch
     else:
         loader = torch.utils.data.DataLoader(
             data, batch_size=batch_size, shuffle=shuffle, generator=generator
@@ -562,7 +566,8 @@ class Trainer:
         nb = math.ceil(self.num_samples / cfg.batch_size) \
             if not isinstance(self.train_data, torch.utils.data.DataLoader) \
             else len(self.train_data)
-        batches = iterate_batches(self.train_data, cfg.batch_size, self.loader_generator)
+        batches = iterate_batches(self.train_data, cfg.batch_size, self.loader_generator,
+                                  epoch=epoch)
         desc = f"{self.run_name} epoch {epoch + 1}/{cfg.epochs}"
         for b, (x, y) in enumerate(progress_bar(batches, desc=desc, total=nb,
                                                 enabled=self.progress)):

@@ -226,3 +226,24 @@ def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path):
     for k, v in good.items():
         assert torch.equal(kept["model"][k], v)
     assert all(math.isfinite(float(v.abs().sum())) for v in kept["model"].values())
+
+
+def test_at_lr_under_distributed_data_parallel_matches_plain_model(tmp_path):
+    """World size 1 (gloo): a DDP-wrapped model trains to the same weights as the bare one."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed not built")
+    x, y = _blobs(64, seed=3)
+    kw = dict(at="pgd", eps=0.3, lr_layers=["module.2", "L0"], gamma=[1.0, 0.5], epochs=2,
+              batch_size=16, seed=0, attack=_shift_attack(0.3), progress=False)
+    plain = training.train(_mlp(6, out=2), (x, y), **kw)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
+                            world_size=1)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(_mlp(6, out=2))
+        training.train(ddp, (x, y), **kw)
+    finally:
+        dist.destroy_process_group()
+    for p, q in zip(plain.parameters(), ddp.module.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
