@@ -690,11 +690,45 @@ def fit(
 
 
 # --------------------------------------------------------------------------- MVL (Algorithm 1/2)
-def mvl_from_report(path: str | os.PathLike, eta: float) -> list[str]:
-    """The most vulnerable layers for cut-off ``eta`` from an ``lsa analyze`` report.json."""
-    from lsa_ext import analysis
+def mvl_from_report(path: str | os.PathLike, eta: float, perturbation: str | None = None
+                    ) -> list[str]:
+    """The most vulnerable layers (Algorithm 1, cut-off ``eta``) from an ``lsa analyze``
+    report.json, recomputed from its per-layer mean/std/count.
 
-    return list(analysis.load_result(path).mvl(eta))
+    ``perturbation``: which of the report's perturbations to use; default: the only one, or the
+    only adversarial one (name starting with an attack name).
+    """
+    import json
+
+    from lsa_ext import mvl as mvl_mod
+
+    try:
+        rep = json.loads(Path(path).read_text(encoding="utf-8"))
+        layers = list(rep["layers"])
+        perts = dict(rep["perturbations"])
+    except FileNotFoundError:
+        raise LsaUserError(f"MVL report {path} does not exist") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise LsaUserError(f"{path} is not an 'lsa analyze' report.json ({exc})") from None
+    if perturbation is None:
+        adversarial = [p for p in perts if p.split(":")[0].lower() in AT_METHODS[1:]]
+        choice = adversarial if len(adversarial) == 1 else list(perts)
+        if len(choice) != 1:
+            raise LsaUserError(f"{path} has several perturbations ({', '.join(perts)}); "
+                               "name the one to take the MVL from")
+        perturbation = choice[0]
+    if perturbation not in perts:
+        raise LsaUserError(f"{path} has no perturbation {perturbation!r} "
+                           f"(have {', '.join(perts)})")
+    p = perts[perturbation]
+    mean = np.asarray(p["mean"], dtype=np.float64)
+    std = np.asarray(p["std"], dtype=np.float64)
+    count = np.asarray(p["count"], dtype=np.float64)
+    table = {"count": count, "sum": mean * count, "sumsq": (std**2 + mean**2) * count}
+    idx = mvl_mod.most_vulnerable_layers(table, eta)
+    if not idx:
+        raise LsaUserError(f"no layer passes the MVL cut-off η={eta} in {path}; lower --eta")
+    return [layers[i].split("#")[0] for i in idx]
 
 
 def mvl_on_the_fly(
@@ -721,14 +755,20 @@ def mvl_on_the_fly(
     import copy
 
     from lsa_ext import analysis
+    from lsa_ext.attacks import build_attack
 
     probe = copy.deepcopy(unwrap(model))
     fit(probe, train_data, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
         seed=seed, device=device, progress=progress)
     x, y = _subset(train_data, samples, seed)
-    result = analysis.analyze(probe, (x, y), perturbations=[at], eps=eps, clip=clip,
-                              layers="learnable", seed=seed, device=device)
-    return list(result.mvl(eta))
+    attack = build_attack(at, probe, eps, clip=clip, seed=seed,
+                          **TRAIN_ATTACK_DEFAULTS.get(at, {}))
+    result = analysis.analyze(probe, (x, y), {at: attack}, layers="learnable", seed=seed,
+                              device=device, progress=progress)
+    names = list(result.mvl(eta)[at])
+    if not names:
+        raise LsaUserError(f"no layer passes the MVL cut-off η={eta}; lower --eta")
+    return [n.split("#")[0] for n in names]
 
 
 def _subset(data: Any, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

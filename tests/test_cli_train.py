@@ -103,3 +103,34 @@ def test_evaluate_errors(tmp_path, capsys):
     torch.save({"w": torch.zeros(1)}, tmp_path / "plain.pt")
     assert main(["evaluate", "--checkpoint", str(tmp_path / "plain.pt")]) == 2
     assert "--dataset" in capsys.readouterr().err
+
+
+def test_lr_layers_from_an_analyze_report(tmp_path, capsys):
+    """Algorithm 1 on a hand-made report: means [.1, .1, .9, .1], std 0 → μ = .3,
+    σ = √(.21 − .09) ≈ .346; only fc3 exceeds μ + 1·σ."""
+    report = {"schema": "lsa_ext.analysis/1", "layers": ["fc1", "fc2", "fc3", "fc4"],
+              "perturbations": {"gaussian:std=0.1": {"mean": [0.01] * 4, "std": [0.0] * 4,
+                                                     "count": [10] * 4},
+                                "pgd:eps=0.3": {"mean": [0.1, 0.1, 0.9, 0.1],
+                                                "std": [0.0] * 4, "count": [10] * 4}}}
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(report))
+    out = tmp_path / "run"
+    rc = main(["train", *TINY, "--at", "pgd", "--lr-layers", "mvl", "--mvl-report", str(path),
+               "--eta", "1.0", "--epochs", "1", "--out", str(out)])
+    assert rc == 0
+    assert json.loads((out / "config.json").read_text())["config"]["lr_layers"] == ["fc3"]
+    assert "AT-PGD-LR-L2" in capsys.readouterr().out
+    rc = main(["train", *TINY, "--at", "pgd", "--lr-layers", "mvl", "--mvl-report", str(path),
+               "--eta", "5", "--epochs", "1", "--out", str(out)])
+    assert rc == 2 and "lower --eta" in capsys.readouterr().err
+
+
+def test_lr_layers_mvl_on_the_fly(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["train", *TINY, "--at", "fgsm", "--lr-layers", "mvl", "--eta", "0",
+               "--epochs", "1", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    layers = json.loads((out / "config.json").read_text())["config"]["lr_layers"]
+    assert layers and set(layers) <= {"fc1", "fc2", "fc3", "fc4"}
+    assert "most vulnerable layers" in capsys.readouterr().err
