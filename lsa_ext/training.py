@@ -551,7 +551,7 @@ class Trainer:
         parts = {"loss": loss.detach(), "base": base.detach(),
                  "correct": (predict(logits_adv) == y).sum()}
         if lr_loss is not None:
-            parts["lr"] = lr_loss.detach()
+            parts["lr_loss"] = lr_loss.detach()
         return loss, parts
 
     def train_epoch(self) -> dict[str, Any]:
@@ -590,9 +590,10 @@ class Trainer:
             seen += n
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + (float(v) if k == "correct" else float(v) * n)
+        record = {k: v / max(seen, 1) for k, v in sums.items() if k != "correct"}
+        record["learning_rate"] = float(self.optimizer.param_groups[0]["lr"])
         if self.scheduler is not None:
             self.scheduler.step()
-        record = {k: v / max(seen, 1) for k, v in sums.items() if k != "correct"}
         record["accuracy"] = 100.0 * sums.get("correct", 0.0) / max(seen, 1)
         record["epoch"] = epoch + 1
         record["seconds"] = time.perf_counter() - t0
@@ -607,6 +608,14 @@ class Trainer:
             self._fresh = False
         while self.epoch < self.config.epochs:
             record = self.train_epoch()
+            bad = [n for n, p in self.module.named_parameters() if not torch.isfinite(p).all()]
+            if bad:
+                kept = (f"; the last good checkpoint {self.out / ckpt.LAST} is kept"
+                        if self.out is not None and (self.out / ckpt.LAST).exists() else "")
+                raise TrainingDivergedError(
+                    f"training diverged: parameters {', '.join(bad[:3])} became NaN/Inf in "
+                    f"epoch {record['epoch']} (try a smaller learning rate than "
+                    f"{self.config.lr}){kept}")
             self.save()
             log.debug("%s epoch %d/%d: %s", self.run_name, record["epoch"],
                      self.config.epochs,

@@ -35,7 +35,7 @@ def test_train_writes_checkpoint_config_history_and_weights(tmp_path, capsys):
     assert cfg["config"]["gamma"] == [0.5, 2.0]
     assert cfg["meta"]["dataset"] == "moons" and cfg["meta"]["model"] == "model_a"
     hist = json.loads((out / "history.json").read_text())
-    assert [h["epoch"] for h in hist] == [1, 2] and all(h["lr"] > 0 for h in hist)
+    assert [h["epoch"] for h in hist] == [1, 2] and all(h["lr_loss"] > 0 for h in hist)
     state = ckpt.load_checkpoint(out / "last.pt")
     weights = torch.load(out / "model.pt", weights_only=True)
     assert state["epoch"] == 2

@@ -247,3 +247,26 @@ def test_at_lr_under_distributed_data_parallel_matches_plain_model(tmp_path):
         dist.destroy_process_group()
     for p, q in zip(plain.parameters(), ddp.module.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_nan_parameters_after_last_step_are_not_checkpointed(tmp_path):
+    """A step that leaves NaN weights at the end of an epoch (finite loss) stops training
+    before the checkpoint is written."""
+    x, y = _blobs(32)
+    trainer = training.Trainer(_mlp(), (x, y), training.TrainConfig(epochs=2, batch_size=32),
+                               out=tmp_path, progress=False)
+    real_step = trainer.optimizer.step
+
+    def poisoned_step(*a, **k):
+        out = real_step(*a, **k)
+        if trainer.epoch == 1:  # second epoch's only step
+            with torch.no_grad():
+                next(trainer.module.parameters()).fill_(float("nan"))
+        return out
+
+    trainer.optimizer.step = poisoned_step
+    with pytest.raises(training.TrainingDivergedError, match="became NaN/Inf in epoch 2"):
+        trainer.fit()
+    kept = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert kept["epoch"] == 1
+    assert all(bool(torch.isfinite(v).all()) for v in kept["model"].values())
