@@ -293,7 +293,8 @@ def reproduce(
         cfg = TrainConfig(
             at=method, eps=proto.eps, attack_kwargs=dict(proto.attack_kwargs.get(method, {})),
             clip=None if clip is None else list(clip),
-            lr_layers=[layer] if layer else [], gamma=proto.gamma, epochs=proto.epochs,
+            lr_layers=[layer] if layer else [], gamma=proto.gamma if layer else 1.0,
+            epochs=proto.epochs,
             batch_size=proto.batch_size, optimizer=proto.optimizer, lr=proto.lr, seed=seed,
             device=device,
         )
