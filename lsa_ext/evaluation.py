@@ -330,23 +330,35 @@ class EvaluationResult:
         atomic_write_text(path, buf.getvalue())
 
     def table(self) -> str:
-        """A text table in the paper's layout (ε columns, then R&G), plus PGD/APGD lines."""
+        """A text table in the paper's layout: ε columns, then R&G (FGSM row only).
+
+        One row per attack run (FGSM, then PGD-<steps> and APGD-CE-<steps> when evaluated);
+        ``-`` marks an ε at which an attack was not run.
+        """
         name = self.dataset or "data"
-        head = ["eps"] + [_fmt_eps(e) for e in self.fgsm] + ["R&G"]
-        vals = ["FGSM acc %"] + [f"{a:.2f}" for a in self.fgsm.values()] + [f"{self.rg:.2f}"]
-        widths = [max(len(h), len(v)) for h, v in zip(head, vals, strict=True)]
-        line = "  ".join(h.rjust(w) for h, w in zip(head, widths, strict=True))
-        row = "  ".join(v.rjust(w) for v, w in zip(vals, widths, strict=True))
-        lines = [f"FGSM accuracy on {name} ({self.n_samples} samples)", line, row]
+        eps_all = sorted(set(self.fgsm) | set(self.pgd) | set(self.apgd))
+        rows: list[tuple[str, dict[float, float], str]] = [
+            ("FGSM", self.fgsm, f"{self.rg:.2f}")
+        ]
+        if self.pgd:
+            rows.append((f"PGD-{self.config.get('pgd_steps', '?')}", self.pgd, ""))
+        if self.apgd:
+            rows.append((f"APGD-CE-{self.config.get('apgd_steps', '?')}", self.apgd, ""))
+        head = ["accuracy %"] + [_fmt_eps(e) for e in eps_all] + ["R&G"]
+        body = [
+            [label] + [f"{d[e]:.2f}" if e in d else "-" for e in eps_all] + [rg]
+            for label, d, rg in rows
+        ]
+        widths = [max(len(r[c]) for r in [head, *body]) for c in range(len(head))]
+
+        def fmt(r: list[str]) -> str:
+            first = r[0].ljust(widths[0])
+            rest = [v.rjust(w) for v, w in zip(r[1:], widths[1:], strict=True)]
+            return "  ".join([first, *rest]).rstrip()
+
         norm = self.config.get("norm", "Linf")
-        for label, d, steps in (
-            ("PGD", self.pgd, self.config.get("pgd_steps")),
-            ("APGD-CE", self.apgd, self.config.get("apgd_steps")),
-        ):
-            if d:
-                parts = ", ".join(f"eps {_fmt_eps(e)}: {a:.2f}%" for e, a in d.items())
-                lines.append(f"{label}-{steps} ({norm}) accuracy: {parts}")
-        return "\n".join(lines)
+        title = f"Accuracy (%) on {name}, {self.n_samples} samples, {norm} attacks; eps columns"
+        return "\n".join([title, fmt(head), *(fmt(r) for r in body)])
 
 
 # ----------------------------------------------------------------------------- evaluate

@@ -189,7 +189,12 @@ def test_result_files_and_table(moons, tmp_path):
     (pg,) = [r for r in rows if r["metric"] == "pgd_accuracy"]
     assert float(pg["value"]) == res.pgd[0.1] and pg["steps"] == "2"
     table = res.table()
-    assert "R&G" in table and f"{res.rg:.2f}" in table and "PGD-2" in table
+    lines = table.splitlines()
+    assert lines[1].split() == ["accuracy", "%", "0", "0.1", "0.2", "0.3", "0.4", "0.5", "R&G"]
+    assert lines[2].split() == ["FGSM"] + [f"{a:.2f}" for a in res.fgsm.values()] + [
+        f"{res.rg:.2f}"
+    ]
+    assert lines[3].split() == ["PGD-2", "-", f"{res.pgd[0.1]:.2f}", "-", "-", "-", "-"]
     assert not list(tmp_path.glob(".*tmp"))  # atomic writes leave no temporaries
 
 
