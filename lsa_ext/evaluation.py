@@ -302,6 +302,26 @@ class EvaluationResult:
             "config": dict(self.config),
         }
 
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any]) -> EvaluationResult:
+        """Inverse of :meth:`to_dict` (e.g. to read back a written ``eval.json``)."""
+        try:
+            def table(key: str) -> dict[float, float]:
+                return {float(r["eps"]): float(r["accuracy"]) for r in doc.get(key, [])}
+
+            return cls(
+                dataset=doc.get("dataset"),
+                n_samples=int(doc["n_samples"]),
+                fgsm=table("fgsm"),
+                rg=float(doc["rg_score"]),
+                clean=float(doc["clean_accuracy"]),
+                pgd=table("pgd"),
+                apgd=table("apgd"),
+                config=dict(doc.get("config", {})),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise LsaUserError(f"not an evaluation result: {exc!r}") from None
+
     def to_json(self, path: str) -> None:
         """Writes :meth:`to_dict` as JSON to ``path`` (atomically)."""
         atomic_write_json(path, self.to_dict())

@@ -180,6 +180,9 @@ def test_result_files_and_table(moons, tmp_path):
     assert doc["rg_score"] == pytest.approx(sum(r["accuracy"] for r in doc["fgsm"]))
     assert doc["pgd"] == [{"eps": 0.1, "accuracy": res.pgd[0.1]}]
     assert doc["config"]["clip"] is None and doc["config"]["versions"]["torch"]
+    assert EvaluationResult.from_dict(doc) == res
+    with pytest.raises(LsaUserError, match="not an evaluation result"):
+        EvaluationResult.from_dict({"fgsm": []})
     rows = list(csv.DictReader((tmp_path / "eval.csv").open()))
     fg = [r for r in rows if r["metric"] == "fgsm_accuracy"]
     assert [float(r["eps"]) for r in fg] == list(EPS_GRIDS["moons"])
