@@ -115,7 +115,10 @@ def digits_contenders(device: str = "cpu") -> tuple[dict[str, Callable[[], None]
     t1 = make_trainer("model_b", d.train, d.info, one, 0.2, 128, device)
     t4 = make_trainer("model_b", d.train, d.info, hidden, 0.2, 128, device)
     x = d.train.tensors[0][:128].to(device)
+    y = d.train.tensors[1][:128].to(device)
     fns = {"base": epoch_fn(base), "LR-L0": epoch_fn(t1), "LR-L0..L3": epoch_fn(t4),
+           "step base": step_fn(base, x, y), "step LR-L0": step_fn(t1, x, y),
+           "step LR-L0..L3": step_fn(t4, x, y),
            "op L0 fused": lr_op_fn(t1, x, "fused"), "op L0..L3 fused": lr_op_fn(t4, x, "fused"),
            "op L0..L3 reference": lr_op_fn(t4, x, "reference")}
     return fns, {"steps": len(range(0, len(d.train), 128))}
@@ -145,9 +148,9 @@ def vgg_contenders(batch: int = 32, device: str = "cpu"):
 
 
 def _table(title: str, res: dict[str, float], unit: str) -> str:
-    base = res["base"]
     lines = [f"\n{title}", "", f"| contender | median {unit} | × base |", "|---|---|---|"]
     for k, v in res.items():
+        base = res["step base"] if k.startswith("step") else res["base"]
         lines.append(f"| {k} | {v * (1e3 if unit == 'ms' else 1):.1f} | {v / base:.3f} |")
     return "\n".join(lines)
 
@@ -183,8 +186,9 @@ def main() -> None:
           f"repeats {args.repeats} (digits) / {args.vgg_repeats} (VGG), medians, interleaved")
     fns, info = digits_contenders(args.device)
     res = interleaved(fns, args.repeats)
-    print(_table(f"Model B, 8×8 digits, one AT-PGD-10 epoch ({info['steps']} steps of 128); "
-                 "op rows: CM fwd+bwd on one batch's captured outputs", res, "ms"))
+    print(_table(f"Model B, 8×8 digits: one AT-PGD-10 epoch ({info['steps']} steps of 128), "
+                 "one step on a fixed batch of 128 ('step' rows, × step base), and the CM "
+                 "fwd+bwd alone on that batch's captured outputs ('op' rows)", res, "ms"))
     if not args.skip_vgg:
         res = interleaved(vgg_contenders(args.vgg_batch, args.device), args.vgg_repeats)
         print(_table(f"VGG-19, one AT-PGD-10 training step, batch {args.vgg_batch}×3×32×32",
