@@ -51,7 +51,18 @@ def make_trainer(model_name: str, data_train, info, layers: list[str], eps: floa
 
 
 def epoch_fn(trainer: Trainer) -> Callable[[], None]:
+    """One epoch from the same starting weights/optimizer state every time (so contenders
+    never time differently trained models)."""
+    import copy
+
+    model0 = copy.deepcopy(trainer.module.state_dict())
+    opt0 = copy.deepcopy(trainer.optimizer.state_dict())
+    gen0 = trainer.loader_generator.get_state()
+
     def run() -> None:
+        trainer.module.load_state_dict(model0)
+        trainer.optimizer.load_state_dict(opt0)
+        trainer.loader_generator.set_state(gen0)
         trainer.epoch = 0
         trainer.config.epochs = 1
         trainer.train_epoch()
