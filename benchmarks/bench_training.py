@@ -103,8 +103,8 @@ def lr_op_fn(trainer: Trainer, x: torch.Tensor, impl: str) -> Callable[[], None]
 
 
 def interleaved(fns: dict[str, Callable[[], None]], repeats: int,
-                warmup: int = 1) -> dict[str, float]:
-    """Median seconds of each callable, timing them round-robin ``repeats`` times."""
+                warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds of each callable per repeat, timing them round-robin ``repeats`` times."""
     for f in fns.values():
         for _ in range(warmup):
             f()
@@ -114,7 +114,7 @@ def interleaved(fns: dict[str, Callable[[], None]], repeats: int,
             t0 = time.perf_counter()
             f()
             times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
 
 
 def digits_contenders(device: str = "cpu") -> tuple[dict[str, Callable[[], None]], dict]:
@@ -158,11 +158,17 @@ def vgg_contenders(batch: int = 32, device: str = "cpu"):
     return fns
 
 
-def _table(title: str, res: dict[str, float], unit: str) -> str:
-    lines = [f"\n{title}", "", f"| contender | median {unit} | × base |", "|---|---|---|"]
-    for k, v in res.items():
-        base = res["step base"] if k.startswith("step") else res["base"]
-        lines.append(f"| {k} | {v * (1e3 if unit == 'ms' else 1):.1f} | {v / base:.3f} |")
+def _table(title: str, res: dict[str, list[float]]) -> str:
+    """Median and minimum per contender (ms) and their ratios to the matching base."""
+    med = {k: statistics.median(v) for k, v in res.items()}
+    low = {k: min(v) for k, v in res.items()}
+    lines = [f"\n{title}", "",
+             "| contender | median ms | × base (median) | min ms | × base (min) |",
+             "|---|---|---|---|---|"]
+    for k in res:
+        b = "step base" if k.startswith("step") else "base"
+        lines.append(f"| {k} | {med[k] * 1e3:.1f} | {med[k] / med[b]:.3f} | "
+                     f"{low[k] * 1e3:.1f} | {low[k] / low[b]:.3f} |")
     return "\n".join(lines)
 
 
@@ -194,16 +200,17 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
-          f"repeats {args.repeats} (digits) / {args.vgg_repeats} (VGG), medians, interleaved")
+          f"repeats {args.repeats} (digits) / {args.vgg_repeats} (VGG), interleaved; × base "
+          "compares with the base row of the same kind (epoch/step)")
     fns, info = digits_contenders(args.device)
     res = interleaved(fns, args.repeats)
     print(_table(f"Model B, 8×8 digits: one AT-PGD-10 epoch ({info['steps']} steps of 128), "
                  "one step on a fixed batch of 128 ('step' rows, × step base), and the CM "
-                 "fwd+bwd alone on that batch's captured outputs ('op' rows)", res, "ms"))
+                 "fwd+bwd alone on that batch's captured outputs ('op' rows)", res))
     if not args.skip_vgg:
         res = interleaved(vgg_contenders(args.vgg_batch, args.device), args.vgg_repeats)
         print(_table(f"VGG-19, one AT-PGD-10 training step, batch {args.vgg_batch}×3×32×32",
-                     res, "ms"))
+                     res))
 
 
 if __name__ == "__main__":

@@ -496,7 +496,9 @@ class Trainer:
 
     def resume(self, path: str | os.PathLike) -> None:
         """Loads the checkpoint at ``path`` (see :func:`lsa_ext.checkpoint.load_checkpoint`)."""
-        self.load_state_dict(ckpt.load_checkpoint(path, map_location=self.device))
+        # loaded on the CPU: RNG states must stay CPU tensors; load_state_dict copies weights
+        # and optimizer state to the parameters' device
+        self.load_state_dict(ckpt.load_checkpoint(path, map_location="cpu"))
         log.info("resumed from %s after epoch %d", path, self.epoch)
 
     def save(self) -> Path | None:
