@@ -636,15 +636,26 @@ class AnalysisResult:
         """Algorithm 1 with μ, σ and the threshold, for one perturbation."""
         return _mvl.mvl_detail(self.stats.row(self._p(perturbation)), eta)
 
-    def mvl(self, eta: float = _mvl.DEFAULT_ETA) -> dict[str, list[str]]:
-        """MVL per perturbation: layers whose mean CM − μ > η·σ, in layer order."""
+    def mvl(
+        self, eta: float = _mvl.DEFAULT_ETA, perturbation: str | None = None
+    ) -> dict[str, list[str]] | list[str]:
+        """MVL (Algorithm 1): layers whose mean CM − μ > η·σ, in layer order.
+
+        Returns ``{perturbation: [layer, ...]}`` for all perturbations, or the list of one
+        ``perturbation`` when it is given.
+        """
+        if perturbation is not None:
+            return [self.layers[i] for i in self.mvl_detail(perturbation, eta).layers]
         return {
             name: [self.layers[i] for i in self.mvl_detail(name, eta).layers]
             for name in self.perturbations
         }
 
-    def ranking(self) -> dict[str, list[str]]:
-        """All layers per perturbation, by mean CM, most vulnerable first."""
+    def ranking(self, perturbation: str | None = None) -> dict[str, list[str]] | list[str]:
+        """All layers by mean CM, most vulnerable first: ``{perturbation: [...]}``, or the list
+        of one ``perturbation`` when it is given."""
+        if perturbation is not None:
+            return [self.layers[i] for i in _mvl.rank_layers(self.stats.row(self._p(perturbation)))]
         return {
             name: [self.layers[i] for i in _mvl.rank_layers(self.stats.row(p))]
             for p, name in enumerate(self.perturbations)
@@ -687,6 +698,42 @@ class AnalysisResult:
         from lsa_ext import report
 
         return report.format_analysis(self, eta)
+
+
+def load_result(path: str | os.PathLike) -> AnalysisResult:
+    """Reads a ``report.json`` written by :meth:`AnalysisResult.to_json` / ``lsa analyze``.
+
+    The statistics are rebuilt from the stored mean, std and count (``sum = mean·count``,
+    ``sumsq = (std² + mean²)·count``), so ``.mvl()`` and ``.ranking()`` give the report's answers.
+
+    Raises:
+        LsaUserError: missing file, invalid JSON or not an analysis report.
+    """
+    import json
+
+    from lsa_ext.report import SCHEMA
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            rep = json.load(fh)
+    except FileNotFoundError:
+        raise LsaUserError(f"report {str(path)!r} does not exist") from None
+    except (OSError, ValueError) as exc:
+        raise LsaUserError(f"report {str(path)!r} is not valid JSON: {exc}") from None
+    if not isinstance(rep, dict) or rep.get("schema") != SCHEMA:
+        raise LsaUserError(f"{str(path)!r} is not an LSA analysis report (schema {SCHEMA})")
+    try:
+        layers = list(rep["layers"])
+        names = list(rep["perturbations"])
+        cols = {k: torch.tensor([[float("nan") if v is None else v
+                                  for v in rep["perturbations"][n][k]] for n in names],
+                                dtype=torch.float64) for k in ("mean", "std", "count")}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise LsaUserError(f"report {str(path)!r} is malformed: {exc!r}") from None
+    m, sd, c = cols["mean"], cols["std"], cols["count"]
+    stats = CMStats(c, m * c, (sd * sd + m * m) * c)
+    return AnalysisResult.from_stats(layers, names, stats, rep.get("measure", "relative_error"),
+                                     rep.get("config", {}))
 
 
 # =========================================================================== entry point
