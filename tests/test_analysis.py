@@ -279,3 +279,38 @@ def test_nan_from_model_names_layer_and_perturbation():
     with pytest.raises(LsaUserError, match=r"layer 'log' under perturbation 'shift'"):
         lsa_ext.analyze(Blows(), (x, torch.zeros(6, dtype=torch.long)), {"shift": _shift},
                         progress=False)
+
+
+def test_spec_built_attacks_equal_explicit_objects():
+    from lsa_ext.attacks import FGSM, PGD
+
+    m = _net()
+    x, y = _data(24)
+    by_spec = lsa_ext.analyze(m, (x, y), "fgsm,pgd:steps=3", eps=0.05, clip=(0.0, 1.0),
+                              seed=2, progress=False)
+    explicit = lsa_ext.analyze(
+        m, (x, y), {"fgsm": FGSM(m, eps=0.05), "pgd": PGD(m, eps=0.05, steps=3, seed=3)},
+        seed=2, progress=False)
+    np.testing.assert_allclose(by_spec.mean, explicit.mean, rtol=1e-6)
+    assert by_spec.config["perturbations"]["pgd"].startswith("PGD(eps=0.05")
+    with pytest.raises(LsaUserError, match="eps"):
+        lsa_ext.analyze(m, (x, y), "fgsm:eps=-0.1", progress=False)
+
+
+def test_load_result_round_trip(tmp_path):
+    m = _net()
+    x, y = _data(30)
+    res = lsa_ext.analyze(m, (x, y), {"shift": _shift, "g": Gaussian(seed=0)}, progress=False)
+    res.to_json(tmp_path / "r.json")
+    back = lsa_ext.analysis.load_result(tmp_path / "r.json")
+    assert back.layers == res.layers and back.perturbations == res.perturbations
+    np.testing.assert_allclose(back.mean, res.mean, rtol=1e-12)
+    np.testing.assert_allclose(back.std, res.std, rtol=1e-6, atol=1e-12)
+    for eta in (-0.5, 0.0, 0.5, 1.0):
+        assert back.mvl(eta) == res.mvl(eta)
+    assert back.ranking() == res.ranking() and back.ranking("g") == res.ranking()["g"]
+    (tmp_path / "x.json").write_text("{}")
+    with pytest.raises(LsaUserError, match="not an LSA analysis report"):
+        lsa_ext.analysis.load_result(tmp_path / "x.json")
+    with pytest.raises(LsaUserError, match="does not exist"):
+        lsa_ext.analysis.load_result(tmp_path / "none.json")
