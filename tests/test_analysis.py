@@ -22,6 +22,14 @@ from lsa_ext.noise import Gaussian, Salt
 from lsa_ext.probes import Capture
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: extra threads only add overhead on a busy machine
+    yield
+    torch.set_num_threads(threads)
+
+
 def _net(seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(

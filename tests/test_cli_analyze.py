@@ -19,6 +19,10 @@ SMALL = ["--max-samples", "48", "--batch-size", "32"]
 def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LSA_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("LSA_PROGRESS", "0")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny convs: extra threads only add overhead on a busy machine
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +36,8 @@ def ckpt(tmp_path_factory):
 
 def test_default_pipeline_trains_caches_and_is_reproducible(tmp_path, capsys):
     pytest.importorskip("lsa_ext.training")
-    args = ["analyze", "--epochs", "1", *SMALL, "--perturbations",
+    args = ["analyze", "--epochs", "1", "--max-samples", "48", "--batch-size", "128",
+            "--perturbations",
             "gaussian,salt,pepper,speckle,fgsm,pgd:steps=2"]
     assert main([*args, "--out", str(tmp_path / "a")]) == 0
     out = capsys.readouterr()
@@ -42,6 +47,7 @@ def test_default_pipeline_trains_caches_and_is_reproducible(tmp_path, capsys):
     assert rep["layers"] == ["relu1", "relu2", "relu3", "relu4"]
     assert list(rep["perturbations"]) == ["gaussian", "salt", "pepper", "speckle", "fgsm", "pgd"]
     assert all(c == 48 for p in rep["perturbations"].values() for c in p["count"])
+    assert rep["config"]["batch_size"] == 128
     assert rep["mvl"]["eta"] == 1.0 and set(rep["mvl"]["layers"]) == set(rep["perturbations"])
     assert set(rep["ranking"]["fgsm"]) == set(rep["layers"])
     assert rep["config"]["dataset"] == "digits" and rep["config"]["model"] == "model_b"
