@@ -29,9 +29,9 @@ reported by qualified module name in the order they run in the forward (first ba
 called k times per forward gives the sites ``name``, ``name#2``, …, ``name#k``.
 
 Distributed use: :func:`accumulate` returns ``(sites, CMStats)`` for the batches it was given
-(e.g. one rank's shard from a ``DistributedSampler`` loader); sum ``stats.count``, ``stats.sum``
-and ``stats.sumsq`` over ranks (``torch.distributed.all_reduce``) and build the result with
-:meth:`AnalysisResult.from_stats`.
+(e.g. one rank's shard from a ``DistributedSampler`` loader); sum every tensor of
+``stats.tensors()`` (``count``, ``sum``, ``sumsq``, ``correct``) over ranks
+(``torch.distributed.all_reduce``) and build the result with :meth:`AnalysisResult.from_stats`.
 """
 
 from __future__ import annotations
@@ -68,19 +68,40 @@ class CMStats:
 
     Attributes:
         count, sum, sumsq: float64 tensors ``[P, L]`` (number of samples, Σ CM, Σ CM²), on the
-            device where they were accumulated. Merging shards is elementwise addition, so
-            ``torch.distributed.all_reduce(t, op=SUM)`` on each of the three tensors merges ranks.
+            device where they were accumulated.
+        correct: float64 ``[P+1]`` or None: correctly classified samples, clean (index 0) and
+            under each perturbation (index p+1); NaN when the model's output is not logits.
+
+    Merging shards is elementwise addition: ``torch.distributed.all_reduce(t, op=SUM)`` on each
+    tensor of :meth:`tensors` merges ranks.
     """
 
     count: torch.Tensor
     sum: torch.Tensor
     sumsq: torch.Tensor
+    correct: torch.Tensor | None = None
 
     @classmethod
     def zeros(cls, num_perturbations: int, num_layers: int, device=None) -> CMStats:
-        """All-zero statistics ``[P, L]`` (float64)."""
+        """All-zero statistics ``[P, L]`` (float64), ``correct`` ``[P+1]`` zeros."""
         z = torch.zeros(num_perturbations, num_layers, dtype=torch.float64, device=device)
-        return cls(z.clone(), z.clone(), z.clone())
+        c = torch.zeros(num_perturbations + 1, dtype=torch.float64, device=device)
+        return cls(z.clone(), z.clone(), z.clone(), c)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensors to sum across shards/ranks (in place), e.g. with ``all_reduce``."""
+        out = [self.count, self.sum, self.sumsq]
+        return out if self.correct is None else out + [self.correct]
+
+    def update_correct(self, preds: torch.Tensor | None, y: torch.Tensor) -> None:
+        """Adds correct predictions ``preds`` ``[P+1, B]`` vs labels ``y`` ``[B]`` (None: NaN)."""
+        if self.correct is None:
+            return
+        if preds is None:
+            self.correct.fill_(float("nan"))
+            return
+        hits = (preds == y.to(preds.device).unsqueeze(0)).sum(dim=1)
+        self.correct += hits.to(device=self.correct.device, dtype=torch.float64)
 
     def update(self, p: int, values: torch.Tensor) -> None:
         """Adds per-sample values ``[L, B]`` of perturbation ``p``."""
@@ -97,18 +118,31 @@ class CMStats:
                 f"{tuple(other.count.shape)}"
             )
         dev = self.count.device
+        correct = None
+        if self.correct is not None and other.correct is not None:
+            correct = self.correct + other.correct.to(dev)
         return CMStats(
             self.count + other.count.to(dev),
             self.sum + other.sum.to(dev),
             self.sumsq + other.sumsq.to(dev),
+            correct,
         )
 
     def to(self, device) -> CMStats:
-        return CMStats(self.count.to(device), self.sum.to(device), self.sumsq.to(device))
+        correct = None if self.correct is None else self.correct.to(device)
+        return CMStats(self.count.to(device), self.sum.to(device), self.sumsq.to(device), correct)
 
     def row(self, p: int) -> CMStats:
         """Statistics ``[L]`` of perturbation ``p`` (input form accepted by :mod:`lsa_ext.mvl`)."""
         return CMStats(self.count[p], self.sum[p], self.sumsq[p])
+
+    def accuracy(self) -> torch.Tensor | None:
+        """Accuracy ``[P+1]`` (clean first), or None when not recorded / not logits."""
+        if self.correct is None or self.count.numel() == 0:
+            return None
+        n = self.count[:, 0]
+        acc = self.correct / torch.cat([n[:1], n])
+        return None if bool(torch.isnan(acc).any()) else acc
 
     @property
     def mean(self) -> torch.Tensor:
@@ -365,7 +399,8 @@ def paired_measures(
     *,
     mode: str = "concat",
     forward_batch: int | None = None,
-) -> tuple[list[str], torch.Tensor]:
+    predictions: bool = False,
+) -> tuple[list[str], torch.Tensor] | tuple[list[str], torch.Tensor, torch.Tensor | None]:
     """Per-sample CM of every probed site for one clean batch and its perturbed twins.
 
     Args:
@@ -377,9 +412,13 @@ def paired_measures(
         forward_batch: most samples per forward (default: ``B·(P+1)`` for concat, i.e. one
             forward; ``B`` for two_pass).
 
+        predictions: also return the model's predicted classes ``[P+1, B]`` (int64; row 0
+            clean, row p+1 perturbed p; :func:`lsa_ext.losses.predict` on the output), or None
+            when the output is not a ``[N, K]``/``[N, 1]``/``[N]`` tensor.
+
     Returns:
         ``(sites, values)``: sites in execution order and values ``[P, S, B]`` (float32, or
-        float64 for float64 activations).
+        float64 for float64 activations); ``(sites, values, preds)`` with ``predictions``.
     """
     if mode not in MODES:
         raise LsaUserError(f"unknown mode {mode!r}; choices: {', '.join(MODES)}")
@@ -394,6 +433,7 @@ def paired_measures(
     chunk = max(1, forward_batch // (P + 1)) if mode == "concat" else forward_batch
     sites: list[str] | None = None
     parts: list[torch.Tensor] = []
+    preds: list[torch.Tensor] | None = [] if predictions else None
     for start in range(0, B, chunk):
         xs = x[start:start + chunk]
         c = xs.shape[0]
@@ -401,12 +441,16 @@ def paired_measures(
         with Capture(model, layer_names, on_output=col, detach=True) as cap:
             if mode == "concat":
                 cap.reset()
-                model(torch.cat([xs] + [xh[start:start + chunk] for xh in x_hats]))
+                outs = [model(torch.cat([xs] + [xh[start:start + chunk] for xh in x_hats]))]
             else:
+                outs = []
                 for k, xin in enumerate([xs] + [xh[start:start + chunk] for xh in x_hats]):
                     col.pass_index = k
                     cap.reset()
-                    model(xin)
+                    outs.append(model(xin))
+        if preds is not None:
+            p_chunk = _predictions(outs, P + 1, c)
+            preds = None if p_chunk is None else preds + [p_chunk]
         if not col.order:
             raise LsaUserError(
                 f"none of the probed layers ran in the forward: {', '.join(layer_names)}"
@@ -427,7 +471,22 @@ def paired_measures(
             part = torch.stack([torch.stack(col.values[s]) for s in sites], dim=1)
         parts.append(part)
     assert sites is not None
-    return sites, torch.cat(parts, dim=2)
+    values = torch.cat(parts, dim=2)
+    if predictions:
+        return sites, values, (torch.cat(preds, dim=1) if preds else None)
+    return sites, values
+
+
+def _predictions(outs: list, groups: int, c: int) -> torch.Tensor | None:
+    """Predicted classes ``[groups, c]`` from the forward outputs, or None if not logits."""
+    from lsa_ext.losses import predict
+
+    if not all(isinstance(o, torch.Tensor) and o.dim() in (1, 2) for o in outs):
+        return None
+    out = torch.cat(outs) if len(outs) > 1 else outs[0]
+    if out.shape[0] != groups * c:
+        return None
+    return predict(out.detach()).reshape(groups, c)
 
 
 # =========================================================================== data
@@ -528,8 +587,9 @@ def accumulate(
                     f"{tuple(x.shape)}"
                 )
             x_hats.append(xh.detach().to(device=x.device, dtype=x.dtype))
-        s, vals = paired_measures(
-            model, layer_names, x, x_hats, meas, mode=mode, forward_batch=forward_batch
+        s, vals, preds = paired_measures(
+            model, layer_names, x, x_hats, meas, mode=mode, forward_batch=forward_batch,
+            predictions=True,
         )
         if sites is None:
             sites = s
@@ -548,6 +608,7 @@ def accumulate(
         assert stats is not None
         for p in range(len(names)):
             stats.update(p, vals[p])
+        stats.update_correct(preds, y)
     if stats is None or sites is None:
         raise LsaUserError("the data is empty: no batch to analyze")
     return sites, stats
@@ -613,6 +674,15 @@ class AnalysisResult:
     def count(self) -> np.ndarray:
         """Number of samples ``[P, L]`` (int64)."""
         return self.stats.count.numpy().astype(np.int64)
+
+    @property
+    def accuracy(self) -> dict[str, float] | None:
+        """Classification accuracy ``{"clean": a, perturbation: a, ...}`` on the analysed
+        samples (labels as given), or None when the model's output is not logits."""
+        acc = self.stats.accuracy()
+        if acc is None:
+            return None
+        return dict(zip(["clean", *self.perturbations], (float(a) for a in acc), strict=True))
 
     def _p(self, perturbation: str) -> int:
         try:
@@ -732,6 +802,11 @@ def load_result(path: str | os.PathLike) -> AnalysisResult:
         raise LsaUserError(f"report {str(path)!r} is malformed: {exc!r}") from None
     m, sd, c = cols["mean"], cols["std"], cols["count"]
     stats = CMStats(c, m * c, (sd * sd + m * m) * c)
+    acc = rep.get("accuracy")
+    if isinstance(acc, dict) and c.numel() and all(k in acc for k in ["clean", *names]):
+        n = c[:, 0]
+        stats.correct = torch.tensor([acc[k] for k in ["clean", *names]],
+                                     dtype=torch.float64) * torch.cat([n[:1], n])
     return AnalysisResult.from_stats(layers, names, stats, rep.get("measure", "relative_error"),
                                      rep.get("config", {}))
 

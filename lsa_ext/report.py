@@ -65,6 +65,7 @@ def analysis_report(result: AnalysisResult, eta: float) -> dict[str, Any]:
         "perturbations": perts,
         "mvl": {"eta": float(eta), "layers": mvl_layers, "stats": mvl_stats},
         "ranking": ranking,
+        "accuracy": result.accuracy,
         "config": result.config,
         "versions": versions(),
     }
@@ -97,19 +98,27 @@ def format_analysis(result: AnalysisResult, eta: float) -> str:
     """Plain-text table: one row per layer, one column of mean CM per perturbation; MVL rows
     marked ``*`` per cell; followed by the MVL list per perturbation."""
     names = result.perturbations
-    layer_w = max(len("layer"), *(len(s) for s in result.layers))
+    acc = result.accuracy
+    layer_w = max(len("layer") if acc is None else len("accuracy %"),
+                  *(len(s) for s in result.layers))
     col_w = max(10, *(len(n) for n in names))
     mvl = result.mvl(eta)
     head = f"{'#':>3}  {'layer':<{layer_w}}  " + "  ".join(f"{n:>{col_w}}" for n in names)
-    lines = [f"mean {result.measure} per layer (* = in MVL, eta={eta:g}); "
-             f"{int(result.count.max()) if result.count.size else 0} samples", head,
-             "-" * len(head)]
+    title = (f"mean {result.measure} per layer (* = in MVL, eta={eta:g}); "
+             f"{int(result.count.max()) if result.count.size else 0} samples")
+    if acc is not None:
+        title += f"; clean accuracy {100 * acc['clean']:.2f}%"
+    lines = [title, head, "-" * len(head)]
     for i, layer in enumerate(result.layers):
         cells = []
         for p, n in enumerate(names):
             mark = "*" if layer in mvl[n] else " "
             cells.append(f"{_fmt(result.mean[p, i]):>{col_w - 1}}{mark}")
         lines.append(f"{i:>3}  {layer:<{layer_w}}  " + "  ".join(cells))
+    if acc is not None:
+        lines.append("-" * len(head))
+        lines.append(f"{'':>3}  {'accuracy %':<{layer_w}}  " + "  ".join(
+            f"{100 * acc[n]:>{col_w - 1}.2f} " for n in names))
     lines.append("")
     lines.append(f"Most vulnerable layers (mean CM - mu > eta*sigma, eta={eta:g}):")
     for n in names:

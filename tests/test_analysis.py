@@ -201,6 +201,8 @@ def test_stats_merge_equals_whole_and_from_stats():
     torch.testing.assert_close(merged.count, whole.count)
     torch.testing.assert_close(merged.sum, whole.sum, rtol=1e-6, atol=0)
     torch.testing.assert_close(merged.sumsq, whole.sumsq, rtol=1e-6, atol=0)
+    torch.testing.assert_close(merged.correct, whole.correct)
+    assert len(merged.tensors()) == 4
     r = AnalysisResult.from_stats(sites, ["shift"], merged)
     assert r.stats.count.dtype == torch.float64 and r.count.tolist() == [[40, 40, 40]]
     with pytest.raises(LsaUserError, match="do not match"):
@@ -317,8 +319,42 @@ def test_load_result_round_trip(tmp_path):
     for eta in (-0.5, 0.0, 0.5, 1.0):
         assert back.mvl(eta) == res.mvl(eta)
     assert back.ranking() == res.ranking() and back.ranking("g") == res.ranking()["g"]
+    assert back.accuracy == pytest.approx(res.accuracy)
     (tmp_path / "x.json").write_text("{}")
     with pytest.raises(LsaUserError, match="not an LSA analysis report"):
         lsa_ext.analysis.load_result(tmp_path / "x.json")
     with pytest.raises(LsaUserError, match="does not exist"):
         lsa_ext.analysis.load_result(tmp_path / "none.json")
+
+
+@pytest.mark.parametrize("mode", ["concat", "two_pass"])
+def test_accuracy_per_perturbation(mode):
+    from lsa_ext.losses import predict
+
+    m = _net()
+    x, y = _data(33)
+    y = predict(m(x)).detach()
+    y[::3] = (y[::3] + 1) % 3  # two thirds right on clean inputs
+    res = lsa_ext.analyze(m, (x, y), {"shift": _shift}, batch_size=10, mode=mode,
+                          forward_batch=7, progress=False)
+    want_clean = float((predict(m(x)) == y).double().mean())
+    want_shift = float((predict(m(_shift(x, y))) == y).double().mean())
+    assert res.accuracy == pytest.approx({"clean": want_clean, "shift": want_shift})
+    assert want_clean == pytest.approx(22 / 33)
+
+
+def test_accuracy_none_when_output_is_not_logits():
+    class TupleOut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+            self.act = nn.ReLU()
+
+        def forward(self, x):
+            h = self.act(self.fc(x))
+            return h, h.sum()
+
+    res = lsa_ext.analyze(TupleOut(), (torch.randn(8, 3), torch.zeros(8, dtype=torch.long)),
+                          {"s": lambda a, b: a + 1}, progress=False)
+    assert res.accuracy is None and res.to_dict()["accuracy"] is None
+    assert res.layers == ["act"]

@@ -48,6 +48,10 @@ def test_default_pipeline_trains_caches_and_is_reproducible(tmp_path, capsys):
     assert list(rep["perturbations"]) == ["gaussian", "salt", "pepper", "speckle", "fgsm", "pgd"]
     assert all(c == 48 for p in rep["perturbations"].values() for c in p["count"])
     assert rep["config"]["batch_size"] == 128
+    acc = rep["accuracy"]
+    assert list(acc) == ["clean", *rep["perturbations"]]
+    assert acc["clean"] > 0.3 and acc["pgd"] <= acc["clean"] and acc["fgsm"] <= acc["clean"]
+    assert "accuracy %" in out.out
     assert rep["mvl"]["eta"] == 1.0 and set(rep["mvl"]["layers"]) == set(rep["perturbations"])
     assert set(rep["ranking"]["fgsm"]) == set(rep["layers"])
     assert rep["config"]["dataset"] == "digits" and rep["config"]["model"] == "model_b"

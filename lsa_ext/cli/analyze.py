@@ -144,21 +144,6 @@ def _trained_model(args, splits, model_name: str, epochs: int, device):
     return model, "trained"
 
 
-def _accuracy(model, dataset, device, batch_size: int, limit: int | None) -> float:
-    import torch
-
-    from lsa_ext.losses import predict
-
-    model.eval()
-    n = len(dataset) if limit is None else min(limit, len(dataset))
-    correct = 0
-    with torch.no_grad():
-        for i in range(0, n, batch_size):
-            x, y = dataset[i:min(i + batch_size, n)]
-            correct += int((predict(model(x.to(device))).cpu() == y).sum())
-    return correct / max(n, 1)
-
-
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
     import lsa_ext
@@ -183,14 +168,13 @@ def run(args: argparse.Namespace) -> int:
             )
     model, source = _trained_model(args, splits, model_name, epochs, device)
     model.to(device)
-    acc = _accuracy(model, splits.test, device, args.batch_size, args.max_samples)
     perts = build_perturbations(args.perturbations, model=model, clip=info.data_range, eps=eps,
                                 seed=args.seed)
     n_test = len(splits.test) if args.max_samples is None else min(args.max_samples,
                                                                    len(splits.test))
     print(f"LSA: {model_name} on {info.name} ({source}"
           + (f", {epochs} epochs" if source != "checkpoint" else "")
-          + f"), clean test accuracy {100 * acc:.2f}% on {n_test} samples; device {device}",
+          + f"), {n_test} test samples; device {device}",
           file=sys.stderr)
     config = {
         "dataset": info.name,
@@ -198,7 +182,6 @@ def run(args: argparse.Namespace) -> int:
         "model": model_name,
         "checkpoint": args.checkpoint,
         "epochs": None if args.checkpoint else epochs,
-        "clean_accuracy": acc,
         "test_samples": n_test,
     }
     result = lsa_ext.analyze(
