@@ -490,21 +490,25 @@ def _predictions(outs: list, groups: int, c: int) -> torch.Tensor | None:
 
 
 # =========================================================================== data
-def _as_batches(data: Any, batch_size: int) -> tuple[Iterable, int | None]:
+def _as_batches(
+    data: Any, batch_size: int, sampler: Any = None
+) -> tuple[Iterable, int | None]:
     """An iterable of ``(x, y)`` batches and its length when known."""
-    if isinstance(data, DataLoader):
-        loader: Any = data
-    elif isinstance(data, Dataset):
-        loader = DataLoader(data, batch_size=batch_size, shuffle=False)
-    elif isinstance(data, torch.Tensor):
-        loader = DataLoader(TensorDataset(data), batch_size=batch_size, shuffle=False)
+    if isinstance(data, torch.Tensor):
+        data = TensorDataset(data)
     elif isinstance(data, (tuple, list)) and len(data) == 2 and all(
         isinstance(t, torch.Tensor) for t in data
     ):
         x, y = data
         if x.shape[0] != y.shape[0]:
             raise LsaUserError(f"x and y have different lengths: {x.shape[0]} and {y.shape[0]}")
-        loader = DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+        data = TensorDataset(x, y)
+    if sampler is not None and not isinstance(data, Dataset):
+        raise LsaUserError("sampler= needs data given as a Dataset, tensors or an (x, y) pair")
+    if isinstance(data, DataLoader):
+        loader: Any = data
+    elif isinstance(data, Dataset):
+        loader = DataLoader(data, batch_size=batch_size, shuffle=False, sampler=sampler)
     elif isinstance(data, Iterable):
         loader = data
     else:
@@ -827,6 +831,7 @@ def analyze(
     mode: str = "concat",
     forward_batch: int | None = None,
     max_samples: int | None = None,
+    sampler: Any = None,
     progress: bool | None = None,
     config: Mapping[str, Any] | None = None,
 ) -> AnalysisResult:
@@ -856,6 +861,9 @@ def analyze(
         mode: ``"concat"`` (default) or ``"two_pass"`` (module docstring).
         forward_batch: most samples per forward (default ``batch_size``); bounds peak memory.
         max_samples: stop after this many samples (default: all).
+        sampler: a ``torch.utils.data.Sampler`` (e.g. ``DistributedSampler``) used to batch
+            ``data`` when it is a Dataset or tensors; the result then covers this shard only
+            (see :func:`accumulate` for merging ranks).
         progress: show a progress bar (default: when stderr is a terminal; env LSA_PROGRESS).
         config: extra JSON-serialisable entries recorded in the result's ``config``.
 
@@ -880,7 +888,7 @@ def analyze(
     dev = _model_device(model) if device is None else torch.device(device)
     layer_names = select_layers(model, layers)
     perts = build_perturbations(perturbations, model=model, clip=clip, eps=eps, seed=seed)
-    loader, total = _as_batches(data, batch_size)
+    loader, total = _as_batches(data, batch_size, sampler)
     if forward_batch is None:
         forward_batch = getattr(loader, "batch_size", None) or batch_size
     was_training = model.training

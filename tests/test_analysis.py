@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import lsa_ext
 from lsa_ext.analysis import (
@@ -221,6 +221,13 @@ def test_data_forms_agree():
         np.testing.assert_allclose(got, ref, rtol=1e-5)
     got = lsa_ext.analyze(m, x, {"s": _shift}, progress=False)  # labels = predictions
     np.testing.assert_allclose(got.mean, ref, rtol=1e-5)
+    shards = [lsa_ext.analyze(m, (x, y), {"s": _shift}, batch_size=5, progress=False,
+                              sampler=DistributedSampler(TensorDataset(x, y), num_replicas=2,
+                                                         rank=r, shuffle=False)).stats
+              for r in range(2)]
+    merged = shards[0].merge(shards[1])
+    assert merged.count.max() == 24
+    np.testing.assert_allclose((merged.sum / merged.count).numpy(), ref, rtol=1e-5)
     part = lsa_ext.analyze(m, (x, y), {"s": _shift}, batch_size=7, max_samples=10,
                            progress=False)
     assert part.count.max() == 10
