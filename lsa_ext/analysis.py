@@ -411,7 +411,6 @@ def paired_measures(
         mode: ``"concat"`` or ``"two_pass"`` (module docstring).
         forward_batch: most samples per forward (default: ``B·(P+1)`` for concat, i.e. one
             forward; ``B`` for two_pass).
-
         predictions: also return the model's predicted classes ``[P+1, B]`` (int64; row 0
             clean, row p+1 perturbed p; :func:`lsa_ext.losses.predict` on the output), or None
             when the output is not a ``[N, K]``/``[N, 1]``/``[N]`` tensor.
