@@ -4,7 +4,7 @@
 // per-layer size, and each (layer, sample, chunk) is one *work item* handled by one warp. All
 // items of all layers form one flat, int64-indexed list, so a multi-layer call is ONE launch of a
 // 1-D grid (warps loop over items with a grid stride, so any count fits the grid limit). The chunk
-// size depends only on the sample size (at least 8 KiB per operand, at most 4096 chunks per
+// size depends only on the sample size (at least 8 KiB per operand, at most 8192 chunks per
 // sample), so one huge sample (B = 1) is spread over thousands of warps just like many samples.
 //
 // Forward, stage 1: a warp reads its slice of clean and perturbed once (128-bit loads when both
@@ -46,7 +46,7 @@ constexpr int kWarpsPerBlock = kThreads / kWarp;   // work items in flight per b
 constexpr int kUnroll = 4;                         // independent 16-byte loads per operand per lane
 constexpr int kVecBytes = 16;                      // 128-bit accesses
 constexpr int64_t kMinChunkBytes = 8192;           // smallest chunk, bytes per operand
-constexpr int64_t kMaxChunksPerSample = 4096;      // bounds stage 2's work per sample
+constexpr int64_t kMaxChunksPerSample = 8192;      // bounds stage 2's work per sample
 constexpr int64_t kBlockCombineFrom = 1024;        // stage 2 uses a block (not a warp) per sample
 constexpr int kInlineLayers = 32;                  // layer descriptors passed by value
 constexpr int64_t kMaxGrid = std::numeric_limits<int32_t>::max();  // gridDim.x limit
@@ -249,20 +249,23 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t chunks = kInline ? inl.layer[l].chunks : table[l].chunks;
     if (chunks == 1) continue;
     const int64_t base = (kInline ? inl.layer[l].first_item : table[l].first_item) + i * chunks;
-    double sd[2] = {0.0, 0.0}, sn[2] = {0.0, 0.0};
+    double sd[kUnroll], sn[kUnroll];  // independent loads in flight
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) sd[u] = sn[u] = 0.0;
     int64_t j = g;
-    for (; j + kGroup < chunks; j += 2 * kGroup) {
+    for (; j + (kUnroll - 1) * kGroup < chunks; j += kUnroll * kGroup) {
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        sd[u] += part_d[base + j + u * kGroup];
+        sn[u] += part_n[base + j + u * kGroup];
+      }
+    }
+    for (; j < chunks; j += kGroup) {
       sd[0] += part_d[base + j];
       sn[0] += part_n[base + j];
-      sd[1] += part_d[base + j + kGroup];
-      sn[1] += part_n[base + j + kGroup];
     }
-    if (j < chunks) {
-      sd[0] += part_d[base + j];
-      sn[0] += part_n[base + j];
-    }
-    double td = warp_sum(sd[0] + sd[1]);
-    double tn = warp_sum(sn[0] + sn[1]);
+    double td = warp_sum((sd[0] + sd[1]) + (sd[2] + sd[3]));
+    double tn = warp_sum((sn[0] + sn[1]) + (sn[2] + sn[3]));
     if constexpr (kGroup == kWarp) {
       if (lane == 0) {
         out_d[p] = static_cast<acc_t>(td);
