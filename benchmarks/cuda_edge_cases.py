@@ -1,13 +1,13 @@
 """Edge-case checks of the compiled kernels on one device (meant for CUDA; runs on CPU too).
 
 Every check compares the compiled op (``torch.ops.lsa_ext.*``) with an independent float64
-reference (``lsa_ext.reference`` / autograd of it) and, on CUDA, also with the CPU kernel.
-It covers what the CUDA kernels special-case: empty batches and samples, scalar tails, the
-vectorised and the scalar (misaligned data pointer or sample stride) paths, samples split into
-many chunks (two-stage reduction), channels_last and non-dense inputs, more layers than fit in
-the by-value layer table, bitwise reproducibility and batch independence, non-default streams,
-no host synchronisation (CUDA sync debug mode), gradcheck, and optionally (``--huge``) a tensor
-of more than 2**31 elements.
+reference (a straightforward ``flatten(1)`` sum, and autograd of it) and, on CUDA, also with the
+CPU kernel. It covers what the CUDA kernels special-case: empty batches and samples, scalar
+tails, the vectorised and the scalar (misaligned data pointer or sample stride) paths, samples
+split into many chunks (two-stage reduction), channels_last and non-dense inputs, more layers
+than fit in the by-value layer table, bitwise reproducibility and batch independence,
+non-default streams, CUDA graph capture, no host synchronisation (CUDA sync debug mode),
+gradcheck, and optionally (``--huge``) a tensor of more than 2**31 elements.
 
 Usage:
     python benchmarks/cuda_edge_cases.py                 # on cuda
@@ -254,6 +254,36 @@ def cuda_only(device):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize(device)
+    # CUDA graph capture of a 40-layer call (then one by-value launch per 32 layers), replayed on
+    # new data: equal to eager calls (which use the device-side layer table).
+    shapes = [(4, 3 + 5 * l) for l in range(38)] + [(4, 2, 70_001), (4, 0)]
+    static = [pair(s, torch.float32, device, seed=50 + l) for l, s in enumerate(shapes)]
+    sa = [x for x, _ in static]
+    sb = [y for _, y in static]
+    gd = torch.randn(len(shapes), 4, device=device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # warm-up outside the capture
+        torch.ops.lsa_ext.sq_sums_multi(sa, sb)
+        torch.ops.lsa_ext.sq_sums_multi_backward(gd, gd, sa, sb)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_d, out_n = torch.ops.lsa_ext.sq_sums_multi(sa, sb)
+        out_ga, out_gb = torch.ops.lsa_ext.sq_sums_multi_backward(gd, gd, sa, sb)
+    for trial in range(2):
+        for l, s in enumerate(shapes):
+            x, y = pair(s, torch.float32, device, seed=100 * (trial + 1) + l)
+            sa[l].copy_(x)
+            sb[l].copy_(y)
+        graph.replay()
+        wd, wn = torch.ops.lsa_ext.sq_sums_multi(sa, sb)
+        wga, wgb = torch.ops.lsa_ext.sq_sums_multi_backward(gd, gd, sa, sb)
+        check(torch.equal(out_d, wd) and torch.equal(out_n, wn), f"graph replay {trial}: fwd")
+        for l in range(len(shapes)):
+            check(
+                torch.equal(out_ga[l], wga[l]) and torch.equal(out_gb[l], wgb[l]),
+                f"graph replay {trial}: layer {l} grads",
+            )
     if torch.cuda.device_count() > 1:  # inputs on a device other than the current one
         other = torch.device("cuda", 1)
         x, y = pair((3, 1000), torch.float32, other)

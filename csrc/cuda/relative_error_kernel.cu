@@ -21,12 +21,14 @@
 //
 // Layer descriptors travel as a by-value kernel argument for up to kInlineLayers layers; beyond,
 // they are copied to the device from a pinned host buffer with a non-blocking copy on the current
-// stream. Nothing in these ops waits for the device.
+// stream (during CUDA graph capture: one by-value launch per kInlineLayers layers instead).
+// Nothing in these ops waits for the device.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -44,6 +46,7 @@ constexpr int kWarp = 32;
 constexpr int kThreads = 256;                      // threads per block
 constexpr int kWarpsPerBlock = kThreads / kWarp;   // work items in flight per block
 constexpr int kUnroll = 4;                         // independent 16-byte loads per operand per lane
+constexpr int kUnrollBwd = 2;                      // the same in the backward (no spills)
 constexpr int kVecBytes = 16;                      // 128-bit accesses
 constexpr int64_t kMinChunkBytes = 8192;           // smallest chunk, bytes per operand
 constexpr int64_t kMaxChunksPerSample = 8192;      // bounds stage 2's work per sample
@@ -308,15 +311,15 @@ __device__ __forceinline__ void backward_range(const scalar_t* __restrict__ a,
   P* __restrict__ pgb = reinterpret_cast<P*>(gb);
   const int64_t nvec = len / V;
   int64_t k = lane;
-  for (; k + (kUnroll - 1) * kWarp < nvec; k += kUnroll * kWarp) {
-    P xa[kUnroll], xb[kUnroll];
+  for (; k + (kUnrollBwd - 1) * kWarp < nvec; k += kUnrollBwd * kWarp) {
+    P xa[kUnrollBwd], xb[kUnrollBwd];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kUnrollBwd; ++u) {
       xa[u] = load_ro(pa + k + u * kWarp);
       xb[u] = load_ro(pb + k + u * kWarp);
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kUnrollBwd; ++u) {
       P oa, ob;
 #pragma unroll
       for (int e = 0; e < V; ++e) {
@@ -397,6 +400,7 @@ inline bool aligned(const void* p) {
 
 struct Plan {
   std::vector<LayerDesc> layers;
+  int64_t batch = 0;
   int64_t items = 0;       // work items over all layers
   int64_t max_chunks = 0;  // largest chunks-per-sample
 };
@@ -411,6 +415,7 @@ Plan make_plan(const std::vector<at::Tensor>& as, const std::vector<at::Tensor>&
   const int64_t tile = kWarp * width * kUnroll;
   const int64_t min_chunk = ceil_div(std::max<int64_t>(tile, kMinChunkBytes / elem), tile) * tile;
   Plan plan;
+  plan.batch = batch;
   plan.layers.resize(as.size());
   for (size_t l = 0; l < as.size(); ++l) {
     LayerDesc& d = plan.layers[l];
@@ -434,33 +439,65 @@ Plan make_plan(const std::vector<at::Tensor>& as, const std::vector<at::Tensor>&
   return plan;
 }
 
-// Layer descriptors as kernel arguments: inline when few, else a device copy made without
-// host synchronisation (pinned staging buffer, non-blocking copy on the current stream; the
-// caching host allocator keeps the staging buffer alive until the copy has run).
-struct TableArg {
+// One kernel launch over a run of layers [layer0, layer0 + num_layers) whose items are
+// [item0, item0 + items) of the plan; the kernels see layer and item indices relative to these.
+struct Launch {
   InlineTable inl;
-  at::Tensor device_copy;
-  const LayerDesc* table = nullptr;
+  const LayerDesc* table = nullptr;  // device copy of the descriptors, when not inline
   bool is_inline = true;
+  int num_layers = 0;
+  int64_t layer0 = 0;
+  int64_t item0 = 0;
+  int64_t items = 0;
+  int64_t max_chunks = 0;
 };
 
-TableArg layer_table(const Plan& plan, const at::Device& device) {
-  TableArg t;
-  std::memset(&t.inl, 0, sizeof(t.inl));
-  const size_t n = plan.layers.size();
-  const int64_t bytes = static_cast<int64_t>(n * sizeof(LayerDesc));
-  if (n <= static_cast<size_t>(kInlineLayers)) {
-    std::memcpy(t.inl.layer, plan.layers.data(), static_cast<size_t>(bytes));
-    return t;
+// Splits a plan into launches. Normally ONE launch: the descriptors travel by value when at most
+// kInlineLayers, else as a device copy made without host synchronisation (pinned staging buffer,
+// non-blocking copy on the current stream; the caching host allocator keeps the staging buffer
+// until the copy has run; `keep` holds the device copy until the launch is queued). While the
+// stream is being captured into a CUDA graph, a host-to-device copy would be replayed from a
+// staging buffer that may since have been reused, so many layers then take one by-value launch
+// per kInlineLayers layers instead.
+std::vector<Launch> make_launches(const Plan& plan, const at::Device& device, at::Tensor& keep) {
+  const int64_t n = static_cast<int64_t>(plan.layers.size());
+  std::vector<Launch> out;
+  const bool capturing =
+      n > kInlineLayers &&
+      c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
+  if (n > kInlineLayers && !capturing) {
+    const int64_t bytes = n * static_cast<int64_t>(sizeof(LayerDesc));
+    at::Tensor host =
+        at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+    std::memcpy(host.data_ptr(), plan.layers.data(), static_cast<size_t>(bytes));
+    keep = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).device(device));
+    keep.copy_(host, /*non_blocking=*/true);
+    Launch g;
+    std::memset(&g.inl, 0, sizeof(g.inl));
+    g.table = reinterpret_cast<const LayerDesc*>(keep.const_data_ptr());
+    g.is_inline = false;
+    g.num_layers = static_cast<int>(n);
+    g.items = plan.items;
+    g.max_chunks = plan.max_chunks;
+    out.push_back(g);
+    return out;
   }
-  at::Tensor host =
-      at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  std::memcpy(host.data_ptr(), plan.layers.data(), static_cast<size_t>(bytes));
-  t.device_copy = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).device(device));
-  t.device_copy.copy_(host, /*non_blocking=*/true);
-  t.table = reinterpret_cast<const LayerDesc*>(t.device_copy.const_data_ptr());
-  t.is_inline = false;
-  return t;
+  for (int64_t l0 = 0; l0 < n; l0 += kInlineLayers) {
+    Launch g;
+    std::memset(&g.inl, 0, sizeof(g.inl));
+    g.num_layers = static_cast<int>(std::min<int64_t>(kInlineLayers, n - l0));
+    g.layer0 = l0;
+    g.item0 = plan.layers[l0].first_item;
+    for (int k = 0; k < g.num_layers; ++k) {
+      LayerDesc d = plan.layers[l0 + k];
+      d.first_item -= g.item0;
+      g.items += d.chunks * plan.batch;
+      g.max_chunks = std::max(g.max_chunks, d.chunks);
+      g.inl.layer[k] = d;
+    }
+    out.push_back(g);
+  }
+  return out;
 }
 
 inline unsigned grid_for(int64_t units, int64_t per_block) {
@@ -486,45 +523,47 @@ std::tuple<at::Tensor, at::Tensor> sq_sums_impl(std::vector<at::Tensor> as,
   if (batch == 0) return {diff, norm};
 
   const Plan plan = make_plan(as, bs, nullptr, nullptr, batch);
-  const TableArg tab = layer_table(plan, as[0].device());
+  at::Tensor keep;
+  const std::vector<Launch> launches = make_launches(plan, as[0].device(), keep);
   at::Tensor partials;
   if (plan.max_chunks > 1) partials = at::empty({2, plan.items}, opts.dtype(at::kDouble));
-  double* part_d = plan.max_chunks > 1 ? partials.data_ptr<double>() : nullptr;
-  double* part_n = plan.max_chunks > 1 ? part_d + plan.items : nullptr;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "lsa_ext_sq_sums_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    acc_t* od = diff.data_ptr<acc_t>();
-    acc_t* on = norm.data_ptr<acc_t>();
-    const unsigned grid1 = grid_for(plan.items, kWarpsPerBlock);
-    if (tab.is_inline) {
-      sq_sums_items_kernel<scalar_t, true><<<grid1, kThreads, 0, stream>>>(
-          tab.inl, tab.table, L, batch, plan.items, od, on, part_d, part_n);
-    } else {
-      sq_sums_items_kernel<scalar_t, false><<<grid1, kThreads, 0, stream>>>(
-          tab.inl, tab.table, L, batch, plan.items, od, on, part_d, part_n);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (plan.max_chunks > 1) {
-      const int64_t pairs = static_cast<int64_t>(L) * batch;
-      if (plan.max_chunks >= kBlockCombineFrom) {
+    for (const Launch& g : launches) {
+      acc_t* od = diff.data_ptr<acc_t>() + g.layer0 * batch;
+      acc_t* on = norm.data_ptr<acc_t>() + g.layer0 * batch;
+      double* pd = g.max_chunks > 1 ? partials.data_ptr<double>() + g.item0 : nullptr;
+      double* pn = g.max_chunks > 1 ? partials.data_ptr<double>() + plan.items + g.item0 : nullptr;
+      const unsigned grid1 = grid_for(g.items, kWarpsPerBlock);
+      if (g.is_inline) {
+        sq_sums_items_kernel<scalar_t, true><<<grid1, kThreads, 0, stream>>>(
+            g.inl, g.table, g.num_layers, batch, g.items, od, on, pd, pn);
+      } else {
+        sq_sums_items_kernel<scalar_t, false><<<grid1, kThreads, 0, stream>>>(
+            g.inl, g.table, g.num_layers, batch, g.items, od, on, pd, pn);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (g.max_chunks <= 1) continue;
+      const int64_t pairs = static_cast<int64_t>(g.num_layers) * batch;
+      if (g.max_chunks >= kBlockCombineFrom) {
         const unsigned grid2 = grid_for(pairs, 1);
-        if (tab.is_inline) {
+        if (g.is_inline) {
           sq_sums_combine_kernel<acc_t, kThreads, true><<<grid2, kThreads, 0, stream>>>(
-              tab.inl, tab.table, L, batch, part_d, part_n, od, on);
+              g.inl, g.table, g.num_layers, batch, pd, pn, od, on);
         } else {
           sq_sums_combine_kernel<acc_t, kThreads, false><<<grid2, kThreads, 0, stream>>>(
-              tab.inl, tab.table, L, batch, part_d, part_n, od, on);
+              g.inl, g.table, g.num_layers, batch, pd, pn, od, on);
         }
       } else {
         const unsigned grid2 = grid_for(pairs, kWarpsPerBlock);
-        if (tab.is_inline) {
+        if (g.is_inline) {
           sq_sums_combine_kernel<acc_t, kWarp, true><<<grid2, kThreads, 0, stream>>>(
-              tab.inl, tab.table, L, batch, part_d, part_n, od, on);
+              g.inl, g.table, g.num_layers, batch, pd, pn, od, on);
         } else {
           sq_sums_combine_kernel<acc_t, kWarp, false><<<grid2, kThreads, 0, stream>>>(
-              tab.inl, tab.table, L, batch, part_d, part_n, od, on);
+              g.inl, g.table, g.num_layers, batch, pd, pn, od, on);
         }
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -565,22 +604,25 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sq_sums_backward_im
   if (numel == 0) return {gas, gbs};
 
   const Plan plan = make_plan(as, bs, &gas, &gbs, batch);
-  const TableArg tab = layer_table(plan, as[0].device());
+  at::Tensor keep;
+  const std::vector<Launch> launches = make_launches(plan, as[0].device(), keep);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "lsa_ext_sq_sums_bwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const acc_t* gdp = gd.const_data_ptr<acc_t>();
-    const acc_t* gnp = gn.const_data_ptr<acc_t>();
-    const unsigned grid = grid_for(plan.items, kWarpsPerBlock);
-    if (tab.is_inline) {
-      sq_sums_backward_kernel<scalar_t, true><<<grid, kThreads, 0, stream>>>(
-          tab.inl, tab.table, L, batch, plan.items, gdp, gnp);
-    } else {
-      sq_sums_backward_kernel<scalar_t, false><<<grid, kThreads, 0, stream>>>(
-          tab.inl, tab.table, L, batch, plan.items, gdp, gnp);
+    for (const Launch& g : launches) {
+      const acc_t* gdp = gd.const_data_ptr<acc_t>() + g.layer0 * batch;
+      const acc_t* gnp = gn.const_data_ptr<acc_t>() + g.layer0 * batch;
+      const unsigned grid = grid_for(g.items, kWarpsPerBlock);
+      if (g.is_inline) {
+        sq_sums_backward_kernel<scalar_t, true><<<grid, kThreads, 0, stream>>>(
+            g.inl, g.table, g.num_layers, batch, g.items, gdp, gnp);
+      } else {
+        sq_sums_backward_kernel<scalar_t, false><<<grid, kThreads, 0, stream>>>(
+            g.inl, g.table, g.num_layers, batch, g.items, gdp, gnp);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {gas, gbs};
 }
