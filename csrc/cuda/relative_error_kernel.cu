@@ -13,7 +13,8 @@
 // lanes in float64 with a fixed shuffle tree. A sample made of one chunk is written straight to
 // the output; otherwise the item writes a float64 partial. Stage 2 (only when some sample has
 // several chunks) combines each sample's partials in a fixed order, no atomics: results are
-// bitwise reproducible run to run and do not depend on the batch size or the other layers.
+// bitwise reproducible run to run, and a sample's result depends only on its values and on
+// whether the vector path applies (alignment), not on the batch size or the other layers.
 //
 // Backward (fused, one pass): grad_clean = 2 (a - b) gD[i] + 2 a gN[i], grad_perturbed =
 // -2 (a - b) gD[i], elementwise with the same item list and vector width; the outputs get the
