@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sklearn.datasets import make_moons
 from torch import nn
 
@@ -455,3 +457,33 @@ def test_call_rejects_bad_inputs():
         FGSM(model, 0.1, loss=lambda lg, t: cross_entropy(lg, t))(
             torch.rand(2, 2), torch.tensor([0, 1])
         )
+
+
+# ----------------------------------------------------------------------------- property test
+@settings(max_examples=30, deadline=None)
+@given(
+    name=st.sampled_from(LINF_ATTACKS + ["pgd-l2", "apgd-l2"]),
+    eps=st.floats(0.0, 2.0),
+    clip=st.sampled_from([None, (0.0, 1.0), (-1.0, 2.0)]),
+    batch=st.integers(1, 5),
+    dim=st.integers(1, 6),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_ball_and_range_hold_for_random_settings(name, eps, clip, batch, dim, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(dim, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
+    x = torch.rand(batch, dim, generator=g, dtype=dtype)
+    y = torch.randint(0, 3, (batch,), generator=g)
+    base, _, norm = name.partition("-")
+    kw = {"norm": "L2"} if norm else {}
+    x_adv = build_attack(base, model, eps, clip=clip, seed=seed, **kw, **_kw(base))(x, y)
+    assert x_adv.dtype == dtype and x_adv.shape == x.shape
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
+    if norm:
+        assert ((x_adv - x).flatten(1).norm(dim=1) <= eps * (1 + tol) + tol).all()
+    else:
+        assert (x_adv - x).abs().max().item() <= eps + tol
+    if clip is not None:
+        assert x_adv.min().item() >= clip[0] and x_adv.max().item() <= clip[1]
