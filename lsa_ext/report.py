@@ -137,6 +137,13 @@ def _fmt(v: float) -> str:
     return f"{v:.4f}"
 
 
+def wants_log_scale(values: np.ndarray, decades: float = 2.0) -> bool:
+    """True when the finite positive ``values`` span more than ``decades`` powers of ten."""
+    v = np.asarray(values, dtype=np.float64)
+    positive = v[np.isfinite(v) & (v > 0)]
+    return bool(positive.size > 0 and positive.max() / positive.min() > 10.0**decades)
+
+
 def plot_analysis(
     result: AnalysisResult,
     path: str | os.PathLike,
@@ -156,9 +163,8 @@ def plot_analysis(
     mean = result.mean
     L = len(result.layers)
     xs = np.arange(L)
-    positive = mean[np.isfinite(mean) & (mean > 0)]
     if log_scale is None:
-        log_scale = positive.size > 0 and positive.max() / positive.min() > 100
+        log_scale = wants_log_scale(mean)
     width = min(16.0, max(7.0, 0.45 * L + 3))
     fig = Figure(figsize=(width, 5.2), dpi=120)
     FigureCanvasAgg(fig)

@@ -365,3 +365,11 @@ def test_accuracy_none_when_output_is_not_logits():
                           {"s": lambda a, b: a + 1}, progress=False)
     assert res.accuracy is None and res.to_dict()["accuracy"] is None
     assert res.layers == ["act"]
+
+
+def test_log_scale_choice():
+    from lsa_ext.report import wants_log_scale
+
+    assert not wants_log_scale(np.array([[0.1, 0.5], [0.2, 9.0]]))
+    assert wants_log_scale(np.array([[1e-4, 0.5], [0.2, 0.3]]))
+    assert not wants_log_scale(np.array([[0.0, np.nan], [0.2, 0.3]]))  # zeros/NaN ignored
