@@ -13,6 +13,7 @@ from lsa_ext.ops import (
     sq_sums,
     sq_sums_multi,
 )
+from lsa_ext.training import TrainConfig, Trainer, lr_term, train
 
 __version__ = "0.1.0"
 
@@ -25,4 +26,8 @@ __all__ = [
     "relative_error_multi",
     "sq_sums",
     "sq_sums_multi",
+    "Trainer",
+    "TrainConfig",
+    "lr_term",
+    "train",
 ]
