@@ -5,6 +5,7 @@ Fused ops (C++/CUDA, registered as ``torch.ops.lsa_ext.*``) under a thin Python 
 
 from __future__ import annotations
 
+from lsa_ext.analysis import AnalysisResult, analyze
 from lsa_ext.ops import (
     backend,
     relative_error,
@@ -18,6 +19,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
+    "AnalysisResult",
+    "analyze",
     "backend",
     "relative_error",
     "relative_error_multi",
