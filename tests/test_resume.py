@@ -42,7 +42,7 @@ def test_resume_after_sigkill_gives_identical_weights(tmp_path):
             assert proc.poll() is None, "training exited before its first checkpoint"
             assert time.monotonic() < deadline
             time.sleep(0.005)
-        time.sleep(0.15)  # land inside a later epoch (or a later checkpoint write)
+        time.sleep(0.05)  # land inside a later epoch (or a later checkpoint write)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
