@@ -31,6 +31,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 CONTENDERS = ("plain", "lsa_concat", "lsa_concat2B", "lsa_6pert", "lsa_two_pass", "prototype")
 
@@ -104,6 +105,7 @@ def child(name: str, batch: int) -> dict:
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")
     before = _status("VmRSS")
+    t0 = time.perf_counter()
     if name == "plain":
         with torch.no_grad():
             model(x)
@@ -119,8 +121,10 @@ def child(name: str, batch: int) -> dict:
         _prototype(model, x, x_hats[0])
     else:
         raise SystemExit(f"unknown contender {name}")
+    seconds = time.perf_counter() - t0
     peak = _status("VmHWM")
-    return {"name": name, "peak_extra": peak - before, "backend": lsa_ext.backend()["cpu"]}
+    return {"name": name, "peak_extra": peak - before, "seconds": seconds,
+            "backend": lsa_ext.backend()["cpu"]}
 
 
 def fuse_timing(batch: int) -> None:
@@ -176,22 +180,25 @@ def main() -> None:
     # A fixed mmap threshold turns off glibc's dynamic threshold, so every large tensor is
     # mmap'ed and returned to the OS when freed: RSS then tracks live memory, not heap history.
     env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="131072")
-    rows = {}
+    rows, times = {}, {}
     for name in CONTENDERS:
-        vals = []
+        vals, secs = [], []
         for _ in range(args.repeat):
             out = subprocess.run(
                 [sys.executable, __file__, "--child", name, "--batch", str(args.batch)],
                 capture_output=True, text=True, check=True, env=env,
             )
-            vals.append(json.loads(out.stdout.strip().splitlines()[-1])["peak_extra"])
+            rec = json.loads(out.stdout.strip().splitlines()[-1])
+            vals.append(rec["peak_extra"])
+            secs.append(rec["seconds"])
         rows[name] = sorted(vals)[len(vals) // 2]
+        times[name] = sorted(secs)[len(secs) // 2]
     base = rows["plain"]
-    print(f"VGG-19, batch {args.batch}x3x32x32 float32, CPU, 1 thread; peak extra RSS "
-          f"(median of {args.repeat} fresh processes)")
-    print(f"{'contender':<14} {'peak extra MiB':>15} {'x plain forward':>16}")
+    print(f"VGG-19, batch {args.batch}x3x32x32 float32, CPU, 1 thread; peak extra RSS and wall "
+          f"time (medians of {args.repeat} fresh processes)")
+    print(f"{'contender':<14} {'peak extra MiB':>15} {'x plain forward':>16} {'seconds':>8}")
     for name, v in rows.items():
-        print(f"{name:<14} {v / 2**20:>15.1f} {v / base:>16.2f}")
+        print(f"{name:<14} {v / 2**20:>15.1f} {v / base:>16.2f} {times[name]:>8.2f}")
 
 
 if __name__ == "__main__":

@@ -572,6 +572,8 @@ def accumulate(
     stats: CMStats | None = None
     sites: list[str] | None = None
     seen = 0
+    training = model.training
+    warned = False
     bar = progress(batches, desc="LSA", total=total, enabled=progress_enabled)
     for bi, batch in enumerate(bar):
         x, y = _unpack(batch, model, dev)
@@ -590,6 +592,12 @@ def accumulate(
                     f"{tuple(x.shape)}"
                 )
             x_hats.append(xh.detach().to(device=x.device, dtype=x.dtype))
+            if model.training != training:  # a perturbation that does not restore the mode
+                if not warned:
+                    log.warning("perturbation %r changed the model's train/eval mode; restored",
+                                name)
+                    warned = True
+                model.train(training)
         s, vals, preds = paired_measures(
             model, layer_names, x, x_hats, meas, mode=mode, forward_batch=forward_batch,
             predictions=True,

@@ -154,8 +154,9 @@ def plot_analysis(
 ) -> None:
     """Line plot of mean CM per layer, one line per perturbation (paper Fig. 2), as PNG.
 
-    MVL points (for ``eta``) are ringed; a log y axis is used when ``log_scale`` is True, or when
-    it is None and the positive values span more than two decades.
+    MVL points (for ``eta``) are ringed; legend entries carry the accuracy under each
+    perturbation when known; a log y axis is used when ``log_scale`` is True, or when it is None
+    and the positive values span more than two decades.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -165,18 +166,20 @@ def plot_analysis(
     xs = np.arange(L)
     if log_scale is None:
         log_scale = wants_log_scale(mean)
-    width = min(16.0, max(7.0, 0.45 * L + 3))
+    width = min(16.0, max(8.5, 0.45 * L + 4.5))
     fig = Figure(figsize=(width, 5.2), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     mvl = result.mvl(eta) if eta is not None else {}
+    acc = result.accuracy
     markers = "osD^v<>ph*"
     for p, name in enumerate(result.perturbations):
         ys = mean[p].copy()
         if log_scale:
             ys = np.where(ys > 0, ys, np.nan)
+        label = name if acc is None else f"{name} (acc {100 * acc[name]:.1f}%)"
         (line,) = ax.plot(xs, ys, marker=markers[p % len(markers)], ms=5, lw=1.8,
-                          label=name)
+                          label=label)
         if mvl.get(name):
             idx = [result.layers.index(s) for s in mvl[name]]
             ax.scatter(xs[idx], ys[idx], s=150, facecolors="none",
@@ -190,7 +193,7 @@ def plot_analysis(
     ax.set_xlabel("layer (execution order)")
     ax.set_ylabel(f"mean {result.measure.replace('_', ' ')} (CM)")
     ax.set_title(title or f"Layer sustainability: {result.measure.replace('_', ' ')} per "
-                 "layer, clean vs perturbed")
+                 "layer\nclean vs perturbed", fontsize=11)
     ax.grid(True, which="major", alpha=0.35)
     if log_scale:
         ax.grid(True, which="minor", alpha=0.12)

@@ -373,3 +373,17 @@ def test_log_scale_choice():
     assert not wants_log_scale(np.array([[0.1, 0.5], [0.2, 9.0]]))
     assert wants_log_scale(np.array([[1e-4, 0.5], [0.2, 0.3]]))
     assert not wants_log_scale(np.array([[0.0, np.nan], [0.2, 0.3]]))  # zeros/NaN ignored
+
+
+def test_mode_restored_after_a_perturbation_that_changes_it():
+    m = _net()
+    x, y = _data(12)
+
+    def rude(xb, yb):
+        m.train()  # e.g. an attack that forgets to restore eval mode
+        return _shift(xb, yb)
+
+    ref = lsa_ext.analyze(m, (x, y), {"s": _shift}, batch_size=4, progress=False)
+    got = lsa_ext.analyze(m, (x, y), {"s": rude}, batch_size=4, progress=False)
+    np.testing.assert_allclose(got.mean, ref.mean, rtol=1e-6)  # BN stayed in eval mode
+    assert not m.training

@@ -212,8 +212,9 @@ def run(args: argparse.Namespace) -> int:
     result.to_csv(out / CSV_NAME, eta=args.eta)
     if not args.no_plot:
         result.plot(out / PNG_NAME, eta=args.eta,
-                    title=f"LSA: {result.measure.replace('_', ' ')} per layer — {model_name} on "
-                          f"{info.name} ({n_test} test samples)")
+                    title=f"LSA: {result.measure.replace('_', ' ')} per layer\n{model_name} on "
+                          f"{info.name}, {n_test} test samples, clean accuracy "
+                          f"{100 * (result.accuracy or {}).get('clean', float('nan')):.1f}%")
     print(result.format_table(args.eta))
     files = [JSON_NAME, CSV_NAME] + ([] if args.no_plot else [PNG_NAME])
     print(f"\nwrote {', '.join(str(out / f) for f in files)}")
