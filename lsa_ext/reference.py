@@ -6,6 +6,7 @@ input's size, several passes over memory).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -16,11 +17,16 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as ``[B, numel / B]`` (also for B = 0 and for samples with no elements)."""
+    return t.reshape(t.shape[0], math.prod(t.shape[1:]))
+
+
 def sq_sums(clean: torch.Tensor, perturbed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample ``(sum (clean - perturbed)^2, sum clean^2)``, each ``[B]``, in ``acc_dtype``."""
     acc = acc_dtype(clean.dtype)
-    a = clean.reshape(clean.shape[0], -1).to(acc)
-    b = perturbed.reshape(perturbed.shape[0], -1).to(acc)
+    a = _rows(clean).to(acc)
+    b = _rows(perturbed).to(acc)
     return (a - b).square().sum(dim=1), a.square().sum(dim=1)
 
 
