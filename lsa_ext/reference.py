@@ -41,12 +41,17 @@ def sq_sums_multi(
 def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
     """``sqrt(x)`` whose gradient at ``x == 0`` is 0 instead of inf (NaN still propagates)."""
     zero = x == 0
-    return torch.where(zero, torch.zeros_like(x), torch.where(zero, torch.ones_like(x), x).sqrt())
+    return torch.where(zero, 0.0, torch.where(zero, 1.0, x).sqrt())
 
 
 def ratio(diff: torch.Tensor, norm: torch.Tensor, eps: float) -> torch.Tensor:
     """``sqrt(diff) / max(sqrt(norm), eps)``, elementwise, with finite gradients everywhere."""
-    return safe_sqrt(diff) / safe_sqrt(norm).clamp_min(eps)
+    if eps * eps >= torch.finfo(norm.dtype).tiny:
+        # sqrt(max(norm, eps^2)) == max(sqrt(norm), eps); its gradient is 0 where clamped.
+        den = norm.clamp_min(eps * eps).sqrt()
+    else:  # eps^2 would underflow in norm's dtype
+        den = safe_sqrt(norm).clamp_min(eps)
+    return safe_sqrt(diff) / den
 
 
 def reduce(diff: torch.Tensor, norm: torch.Tensor, reduction: str, eps: float) -> torch.Tensor:

@@ -63,9 +63,13 @@ namespace {
 constexpr int64_t kChunk = 32768;          // target elements per work item
 constexpr int64_t kAlign = 64;             // chunk boundaries are multiples of this
 constexpr int64_t kSerialBelow = 1 << 16;  // total elements under which no threads are used
+constexpr int64_t kGroupMax = 256;         // samples per kernel call (stack buffer size)
 
-using SumsFn = void (*)(const void*, const void*, int64_t, double&, double&);
-using BackwardFn = void (*)(const void*, const void*, void*, void*, int64_t, double, double);
+// (a, b, elements per sample, step between samples, samples, out diff[], out norm[])
+using SumsFn = void (*)(const void*, const void*, int64_t, int64_t, int64_t, double*, double*);
+// (a, b, grad_a, grad_b, elements per sample, step, samples, grad_diff[], grad_norm[])
+using BackwardFn = void (*)(const void*, const void*, void*, void*, int64_t, int64_t, int64_t,
+                            const double*, const double*);
 
 struct Kernels {
   SumsFn sums;
@@ -267,17 +271,23 @@ std::tuple<at::Tensor, at::Tensor> sq_sums_impl(at::TensorList cleans,
     run_items(plan, [&](int64_t it) {
       const Item& item = plan.items[it];
       const Layer& v = layers[item.layer];
-      const int64_t len = item.e1 - item.e0;
-      for (int64_t s = item.s0; s < item.s1; ++s) {
-        const int64_t off = (s * v.step + item.e0) * esize;
-        double d = 0, n = 0;
-        k.sums(v.a + off, v.b + off, len, d, n);
-        if (item.part >= 0) {
-          part_d[item.part] = d;
-          part_n[item.part] = n;
-        } else {
-          dp[item.layer * batch + s] = static_cast<scalar_t>(d);
-          np[item.layer * batch + s] = static_cast<scalar_t>(n);
+      const int64_t off = (item.s0 * v.step + item.e0) * esize;
+      const int64_t count = item.s1 - item.s0;
+      if (item.part >= 0) {
+        k.sums(v.a + off, v.b + off, item.e1 - item.e0, v.step, 1, &part_d[item.part],
+               &part_n[item.part]);
+        return;
+      }
+      double d[kGroupMax], n[kGroupMax];
+      for (int64_t s0 = 0; s0 < count; s0 += kGroupMax) {
+        const int64_t c = std::min(kGroupMax, count - s0);
+        k.sums(v.a + off + s0 * v.step * esize, v.b + off + s0 * v.step * esize,
+               item.e1 - item.e0, v.step, c, d, n);
+        scalar_t* dout = dp + item.layer * batch + item.s0 + s0;
+        scalar_t* nout = np + item.layer * batch + item.s0 + s0;
+        for (int64_t i = 0; i < c; ++i) {
+          dout[i] = static_cast<scalar_t>(d[i]);
+          nout[i] = static_cast<scalar_t>(n[i]);
         }
       }
     });
@@ -340,12 +350,10 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sq_sums_backward_im
   run_items(plan, [&](int64_t it) {
     const Item& item = plan.items[it];
     const Layer& v = layers[item.layer];
-    const int64_t len = item.e1 - item.e0;
-    for (int64_t s = item.s0; s < item.s1; ++s) {
-      const int64_t off = (s * v.step + item.e0) * esize;
-      const int64_t g = item.layer * batch + s;
-      k.backward(v.a + off, v.b + off, v.ga + off, v.gb + off, len, gdp[g], gnp[g]);
-    }
+    const int64_t off = (item.s0 * v.step + item.e0) * esize;
+    const int64_t g = item.layer * batch + item.s0;
+    k.backward(v.a + off, v.b + off, v.ga + off, v.gb + off, item.e1 - item.e0, v.step,
+               item.s1 - item.s0, gdp + g, gnp + g);
   });
   for (int64_t l = 0; l < L; ++l) {
     if (!out_a[l].is_same(gas[l])) {

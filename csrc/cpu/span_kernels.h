@@ -166,12 +166,35 @@ struct BF16 {
 };
 
 // ---------------------------------------------------------------- kernels
-// Squared sums of one contiguous span: d_out += sum (a - b)^2, n_out += sum a^2.
+// Sum of a vector's lanes as a pairwise tree (log2(lanes) dependent adds, not lanes).
+template <class V, class T>
+LSA_INLINE T hsum(V v) {
+  constexpr int kLanes = sizeof(V) / sizeof(T);
+  T x[kLanes];
+  std::memcpy(x, &v, sizeof v);
+  for (int w = kLanes / 2; w >= 1; w /= 2) {
+    for (int k = 0; k < w; ++k) x[k] += x[k + w];
+  }
+  return x[0];
+}
+
+// The last n < lanes elements at p as a vector, zero-padded (zeros add nothing to the sums).
+template <class Tag>
+LSA_INLINE typename Tag::vec vload_partial(const typename Tag::storage* p, int64_t n) {
+  constexpr int kLanes = sizeof(typename Tag::vec) / sizeof(typename Tag::acc);
+  typename Tag::storage buf[kLanes] = {};
+  for (int64_t k = 0; k < n; ++k) buf[k] = p[k];
+  return Tag::vload(buf);
+}
+
+// Squared sums of one contiguous span: d_out = sum (a - b)^2, n_out = sum a^2.
 //
 // kUnroll independent vector accumulators per sum hide the add latency. Accuracy: the vector
 // lanes accumulate blocks of kPerLane elements each in `acc`; each block is then folded and added
 // to a double accumulator. A float32 sum thus never adds more than about kPerLane + log2(lanes)
-// terms in float, whatever the span's length; a split sample's chunks combine in double.
+// terms in float, whatever the span's length; a split sample's chunks combine in double. The
+// tail (< kUnroll vectors) runs one vector at a time, the last partial vector zero-padded, so
+// tiny samples stay vectorised too.
 template <class Tag>
 LSA_INLINE void span_sums(const typename Tag::storage* LSA_RESTRICT a,
                           const typename Tag::storage* LSA_RESTRICT b, int64_t n, double& d_out,
@@ -183,6 +206,18 @@ LSA_INLINE void span_sums(const typename Tag::storage* LSA_RESTRICT a,
   constexpr int64_t kStep = kLanes * kUnroll;
   constexpr int64_t kPerLane = 32;
   constexpr int64_t kBlock = kStep * kPerLane / kUnroll;  // kPerLane elements per lane
+  if (n < kLanes) {  // a few elements: scalar
+    acc_t dsum = 0, ssum = 0;
+    for (int64_t k = 0; k < n; ++k) {
+      const acc_t x = Tag::load(a[k]);
+      const acc_t t = x - Tag::load(b[k]);
+      dsum += t * t;
+      ssum += x * x;
+    }
+    d_out = static_cast<double>(dsum);
+    n_out = static_cast<double>(ssum);
+    return;
+  }
   double dd = 0, nn = 0;
   int64_t j = 0;
   while (j + kStep <= n) {
@@ -196,25 +231,28 @@ LSA_INLINE void span_sums(const typename Tag::storage* LSA_RESTRICT a,
         s[u] += x * x;
       }
     }
-    const V dv = (d[0] + d[1]) + (d[2] + d[3]);
-    const V sv = (s[0] + s[1]) + (s[2] + s[3]);
-    acc_t dsum = 0, ssum = 0;
-    for (int k = 0; k < kLanes; ++k) {
-      dsum += dv[k];
-      ssum += sv[k];
+    dd += static_cast<double>(hsum<V, acc_t>((d[0] + d[1]) + (d[2] + d[3])));
+    nn += static_cast<double>(hsum<V, acc_t>((s[0] + s[1]) + (s[2] + s[3])));
+  }
+  if (j < n) {  // fewer than kStep elements left
+    V d = {}, s = {};
+    for (; j + kLanes <= n; j += kLanes) {
+      const V x = Tag::vload(a + j);
+      const V t = x - Tag::vload(b + j);
+      d += t * t;
+      s += x * x;
     }
-    dd += static_cast<double>(dsum);
-    nn += static_cast<double>(ssum);
+    if (j < n) {
+      const V x = vload_partial<Tag>(a + j, n - j);
+      const V t = x - vload_partial<Tag>(b + j, n - j);
+      d += t * t;
+      s += x * x;
+    }
+    dd += static_cast<double>(hsum<V, acc_t>(d));
+    nn += static_cast<double>(hsum<V, acc_t>(s));
   }
-  acc_t dsum = 0, ssum = 0;  // tail: fewer than kStep elements
-  for (; j < n; ++j) {
-    const acc_t x = Tag::load(a[j]);
-    const acc_t t = x - Tag::load(b[j]);
-    dsum += t * t;
-    ssum += x * x;
-  }
-  d_out += dd + static_cast<double>(dsum);
-  n_out += nn + static_cast<double>(ssum);
+  d_out = dd;
+  n_out = nn;
 }
 
 // grad_a = 2 gd (a - b) + 2 gn a, grad_b = -2 gd (a - b): one pass over a and b.
@@ -244,19 +282,31 @@ LSA_INLINE void span_backward(const typename Tag::storage* LSA_RESTRICT a,
 }
 
 // Non-template entry points, one symbol per dtype, so the ISA variant can be picked at run time;
-// `noinline` keeps each loop compiled once, under this namespace's target options.
-#define LSA_ENTRY(NAME, TAG)                                                                  \
-  __attribute__((noinline)) void sums_##NAME(const void* a, const void* b, int64_t n,         \
-                                             double& d, double& s) {                          \
-    span_sums<TAG>(static_cast<const TAG::storage*>(a), static_cast<const TAG::storage*>(b), \
-                   n, d, s);                                                                  \
-  }                                                                                           \
-  __attribute__((noinline)) void backward_##NAME(const void* a, const void* b, void* ga,      \
-                                                 void* gb, int64_t n, double gd, double gn) { \
-    span_backward<TAG>(static_cast<const TAG::storage*>(a),                                  \
-                       static_cast<const TAG::storage*>(b), static_cast<TAG::storage*>(ga),  \
-                       static_cast<TAG::storage*>(gb), n, static_cast<TAG::acc>(gd),         \
-                       static_cast<TAG::acc>(gn));                                           \
+// `noinline` keeps each loop compiled once, under this namespace's target options. Each call
+// handles `count` samples of n elements, `step` elements apart (so tiny samples cost one call
+// per work item, not per sample).
+#define LSA_ENTRY(NAME, TAG)                                                                    \
+  __attribute__((noinline)) void sums_##NAME(const void* a, const void* b, int64_t n,           \
+                                             int64_t step, int64_t count, double* d,            \
+                                             double* s) {                                       \
+    const auto* pa = static_cast<const TAG::storage*>(a);                                       \
+    const auto* pb = static_cast<const TAG::storage*>(b);                                       \
+    for (int64_t i = 0; i < count; ++i) {                                                       \
+      span_sums<TAG>(pa + i * step, pb + i * step, n, d[i], s[i]);                              \
+    }                                                                                           \
+  }                                                                                             \
+  __attribute__((noinline)) void backward_##NAME(const void* a, const void* b, void* ga,        \
+                                                 void* gb, int64_t n, int64_t step,             \
+                                                 int64_t count, const double* gd,               \
+                                                 const double* gn) {                            \
+    const auto* pa = static_cast<const TAG::storage*>(a);                                       \
+    const auto* pb = static_cast<const TAG::storage*>(b);                                       \
+    auto* pga = static_cast<TAG::storage*>(ga);                                                 \
+    auto* pgb = static_cast<TAG::storage*>(gb);                                                 \
+    for (int64_t i = 0; i < count; ++i) {                                                       \
+      span_backward<TAG>(pa + i * step, pb + i * step, pga + i * step, pgb + i * step, n,       \
+                         static_cast<TAG::acc>(gd[i]), static_cast<TAG::acc>(gn[i]));           \
+    }                                                                                           \
   }
 
 LSA_ENTRY(f32, F32)
