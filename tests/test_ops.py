@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -379,3 +380,32 @@ def test_composite_reference_kernels_match_compiled():
     torch.testing.assert_close(ga[0], torch.ops.lsa_ext.sq_sums_backward(gd, gn, a, b)[0])
     with pytest.raises(ValueError, match="empty list"):
         torch.ops.lsa_ext.sq_sums_multi([], [])
+
+
+def _forked_child(a, b, want, want_ga, queue):
+    # Only lsa_ext ops and numpy here: PyTorch's own OpenMP-parallel ops (torch.equal on large
+    # tensors...) hang in a forked child once the parent used them (libgomp is not fork-safe).
+    got = lsa_ext.sq_sums(a, b)
+    ga, _ = torch.ops.lsa_ext.sq_sums_backward(torch.ones(2), torch.zeros(2), a, b)
+    same = np.array_equal(got[0].numpy(), want[0].numpy())
+    queue.put(bool(same and np.array_equal(ga.numpy(), want_ga.numpy())))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fork start method")
+def test_parallel_kernels_work_in_a_forked_child():
+    """DataLoader-style fork after the parallel kernels ran: no hang, same results."""
+    import multiprocessing as mp
+
+    a, b = random_pair([2, 1_500_000], torch.float32, "cpu", seed=10)
+    want = lsa_ext.sq_sums(a, b)  # runs the multi-threaded path in the parent first
+    want_ga, _ = torch.ops.lsa_ext.sq_sums_backward(torch.ones(2), torch.zeros(2), a, b)
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_forked_child, args=(a, b, want, want_ga, queue))
+    proc.start()
+    proc.join(timeout=60)
+    if proc.exitcode is None:
+        proc.kill()
+        proc.join()
+    assert proc.exitcode == 0, "forked child hung or failed"
+    assert queue.get(timeout=5)

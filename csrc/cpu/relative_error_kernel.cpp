@@ -3,9 +3,11 @@
 // Plan: every (layer, sample) is cut into work items of about kChunk elements. A sample larger
 // than kChunk is split into equal chunks (so B = 1 with one huge sample uses all threads); samples
 // smaller than kChunk are grouped, several whole samples per item (so B = 4096 tiny samples does
-// not pay per-sample scheduling). One parallel region serves every layer of a multi-layer call;
-// threads take items from a shared counter (dynamic scheduling, robust on a busy machine). Each
-// item reads its slice of clean and perturbed once.
+// not pay per-sample scheduling). One parallel launch serves every layer of a multi-layer call:
+// the calling thread and helper tasks take items from a shared counter (dynamic scheduling), and
+// the caller waits only for items, not for helpers to be scheduled (robust on a busy machine; see
+// run_items). Work under ~1M elements runs on the calling thread. Each item reads its slice of
+// clean and perturbed once.
 //
 // Determinism: whole samples are summed inside one item; a split sample's chunk partials are
 // stored per item and combined in float64 in chunk order afterwards. Results therefore do not
@@ -29,6 +31,9 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
+#include <memory>
+#include <thread>
 #include <vector>
 
 #if defined(__linux__)
@@ -44,14 +49,17 @@
 #undef LSA_VEC_BYTES
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#include <immintrin.h>
 #define LSA_HAVE_AVX2_VARIANT 1
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 #define LSA_ISA_NS avx2
 #define LSA_VEC_BYTES 32
+#define LSA_USE_F16C 1
 #include "cpu/span_kernels.h"
 #undef LSA_ISA_NS
 #undef LSA_VEC_BYTES
+#undef LSA_USE_F16C
 #pragma GCC pop_options
 #else
 #define LSA_HAVE_AVX2_VARIANT 0
@@ -62,7 +70,10 @@ namespace {
 
 constexpr int64_t kChunk = 32768;          // target elements per work item
 constexpr int64_t kAlign = 64;             // chunk boundaries are multiples of this
-constexpr int64_t kSerialBelow = 1 << 16;  // total elements under which no threads are used
+// Total elements (per input) under which one thread does all the work: below ~1M elements the
+// second thread's wake-up costs about what it saves (measured on the 2-core dev machine), and
+// on a busy machine waiting for it to be scheduled can cost far more.
+constexpr int64_t kSerialBelow = 1 << 20;
 constexpr int64_t kGroupMax = 256;         // samples per kernel call (stack buffer size)
 
 // (a, b, elements per sample, step between samples, samples, out diff[], out norm[])
@@ -175,23 +186,38 @@ Plan make_plan(const std::vector<Layer>& layers, int64_t batch) {
   return p;
 }
 
-// Runs fn(item_index) for every item: serially for small work, else on all intra-op threads
-// pulling items from a shared counter.
+// Runs fn(item_index) for every item: serially for small work, else on the calling thread plus
+// (intra-op threads - 1) helper tasks of PyTorch's inter-op pool (at::launch), all pulling items
+// from a shared counter. The caller waits for the *items* to finish, never for a helper to start:
+// a helper woken late (busy machine, forked child without threads) finds no items left and
+// returns, instead of stalling the call for a scheduler time slice as a fork/join barrier would.
 template <class Fn>
 void run_items(const Plan& plan, const Fn& fn) {
   const int64_t n = static_cast<int64_t>(plan.items.size());
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
-  if (plan.total < kSerialBelow || threads <= 1 || at::in_parallel_region()) {
+  const int64_t helpers = std::min<int64_t>(at::get_num_threads(), n) - 1;
+  if (plan.total < kSerialBelow || helpers <= 0 || at::in_parallel_region()) {
     for (int64_t it = 0; it < n; ++it) fn(it);
     return;
   }
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    for (int64_t it = next.fetch_add(1, std::memory_order_relaxed); it < n;
-         it = next.fetch_add(1, std::memory_order_relaxed)) {
-      fn(it);
+  struct Job {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+    int64_t n = 0;
+    std::function<void(int64_t)> fn;  // called only for claimed items, all done before we return
+  };
+  auto job = std::make_shared<Job>();
+  job->n = n;
+  job->fn = [&fn](int64_t it) { fn(it); };
+  auto work = [](Job& j) {
+    for (int64_t it = j.next.fetch_add(1, std::memory_order_relaxed); it < j.n;
+         it = j.next.fetch_add(1, std::memory_order_relaxed)) {
+      j.fn(it);
+      j.done.fetch_add(1, std::memory_order_release);
     }
-  });
+  };
+  for (int64_t h = 0; h < helpers; ++h) at::launch([job, work] { work(*job); });
+  work(*job);
+  while (job->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
 }
 
 // Asks Linux to back the fresh, not yet touched buffer of `t` with transparent huge pages

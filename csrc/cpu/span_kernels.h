@@ -94,6 +94,27 @@ LSA_INLINE uint16_t f32_to_bf16(float f) {
 // comparison gives -1 (all bits) or 0 per lane, used as a select mask.
 LSA_INLINE vu vselect(vi mask, vu x, vu y) { return (x & (vu)mask) | (y & ~(vu)mask); }
 
+#if defined(LSA_USE_F16C)
+// Hardware conversions (F16C): one instruction per vector each way, nearest-even rounding.
+static_assert(kVecBytes == 32, "the F16C path expects 8-lane float vectors");
+LSA_INLINE vf vhalf_to_f32(vh h) {
+  __m128i x;
+  std::memcpy(&x, &h, sizeof x);
+  const __m256 r = _mm256_cvtph_ps(x);
+  vf out;
+  std::memcpy(&out, &r, sizeof out);
+  return out;
+}
+
+LSA_INLINE vh vf32_to_half(vf f) {
+  __m256 x;
+  std::memcpy(&x, &f, sizeof x);
+  const __m128i r = _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  vh out;
+  std::memcpy(&out, &r, sizeof out);
+  return out;
+}
+#else
 LSA_INLINE vf vhalf_to_f32(vh h) {
   const vu w = __builtin_convertvector(h, vu) << 16;
   const vu sign = w & 0x80000000u;
@@ -117,6 +138,7 @@ LSA_INLINE vh vf32_to_half(vf f) {
   const vi nan = (vi)(w & 0x7FFFFFFFu) > 0x7F800000;
   return __builtin_convertvector((sign >> 16) | vselect(nan, vu{} + 0x7E00u, nonsign), vh);
 }
+#endif
 
 LSA_INLINE vf vbf16_to_f32(vh h) { return (vf)(__builtin_convertvector(h, vu) << 16); }
 
