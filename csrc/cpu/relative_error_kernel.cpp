@@ -39,6 +39,9 @@
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
+#if defined(__unix__) || defined(__APPLE__)
+#include <unistd.h>
+#endif
 
 #include "relative_error.h"
 
@@ -191,11 +194,25 @@ Plan make_plan(const std::vector<Layer>& layers, int64_t batch) {
 // from a shared counter. The caller waits for the *items* to finish, never for a helper to start:
 // a helper woken late (busy machine, forked child without threads) finds no items left and
 // returns, instead of stalling the call for a scheduler time slice as a fork/join barrier would.
+//
+// In a process forked after this library was loaded (DataLoader workers...), the work runs on the
+// calling thread: a thread pool's locks may have been copied in a locked state by fork.
+bool in_forked_child() {
+#if defined(__unix__) || defined(__APPLE__)
+  static const pid_t load_pid = getpid();
+  return getpid() != load_pid;
+#else
+  return false;
+#endif
+}
+const bool kInitPid = (in_forked_child(), true);  // records the pid when the library loads
+
 template <class Fn>
 void run_items(const Plan& plan, const Fn& fn) {
   const int64_t n = static_cast<int64_t>(plan.items.size());
   const int64_t helpers = std::min<int64_t>(at::get_num_threads(), n) - 1;
-  if (plan.total < kSerialBelow || helpers <= 0 || at::in_parallel_region()) {
+  if (plan.total < kSerialBelow || helpers <= 0 || at::in_parallel_region() ||
+      in_forked_child()) {
     for (int64_t it = 0; it < n; ++it) fn(it);
     return;
   }
