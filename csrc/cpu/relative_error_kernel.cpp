@@ -3,11 +3,10 @@
 // Plan: every (layer, sample) is cut into work items of about kChunk elements. A sample larger
 // than kChunk is split into equal chunks (so B = 1 with one huge sample uses all threads); samples
 // smaller than kChunk are grouped, several whole samples per item (so B = 4096 tiny samples does
-// not pay per-sample scheduling). One parallel launch serves every layer of a multi-layer call:
-// the calling thread and helper tasks take items from a shared counter (dynamic scheduling), and
-// the caller waits only for items, not for helpers to be scheduled (robust on a busy machine; see
-// run_items). Work under ~1M elements runs on the calling thread. Each item reads its slice of
-// clean and perturbed once.
+// not pay per-sample scheduling). One parallel region serves every layer of a multi-layer call;
+// threads take items from a shared counter (dynamic scheduling, robust on a busy machine). Work
+// under ~1M elements runs on the calling thread. Each item reads its slice of clean and perturbed
+// once.
 //
 // Determinism: whole samples are summed inside one item; a split sample's chunk partials are
 // stored per item and combined in float64 in chunk order afterwards. Results therefore do not
@@ -31,9 +30,6 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <functional>
-#include <memory>
-#include <thread>
 #include <vector>
 
 #if defined(__linux__)
@@ -189,14 +185,8 @@ Plan make_plan(const std::vector<Layer>& layers, int64_t batch) {
   return p;
 }
 
-// Runs fn(item_index) for every item: serially for small work, else on the calling thread plus
-// (intra-op threads - 1) helper tasks of PyTorch's inter-op pool (at::launch), all pulling items
-// from a shared counter. The caller waits for the *items* to finish, never for a helper to start:
-// a helper woken late (busy machine, forked child without threads) finds no items left and
-// returns, instead of stalling the call for a scheduler time slice as a fork/join barrier would.
-//
 // In a process forked after this library was loaded (DataLoader workers...), the work runs on the
-// calling thread: a thread pool's locks may have been copied in a locked state by fork.
+// calling thread: OpenMP (libgomp) thread pools do not survive fork.
 bool in_forked_child() {
 #if defined(__unix__) || defined(__APPLE__)
   static const pid_t load_pid = getpid();
@@ -207,6 +197,10 @@ bool in_forked_child() {
 }
 const bool kInitPid = (in_forked_child(), true);  // records the pid when the library loads
 
+// Runs fn(item_index) for every item: serially for small work (or in a forked child), else on
+// all intra-op threads (at::parallel_for, i.e. PyTorch's OpenMP pool, whose threads are usually
+// still spinning from the previous op) pulling items from a shared counter: dynamic scheduling,
+// so a thread that starts late simply takes fewer items.
 template <class Fn>
 void run_items(const Plan& plan, const Fn& fn) {
   const int64_t n = static_cast<int64_t>(plan.items.size());
@@ -216,25 +210,13 @@ void run_items(const Plan& plan, const Fn& fn) {
     for (int64_t it = 0; it < n; ++it) fn(it);
     return;
   }
-  struct Job {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-    int64_t n = 0;
-    std::function<void(int64_t)> fn;  // called only for claimed items, all done before we return
-  };
-  auto job = std::make_shared<Job>();
-  job->n = n;
-  job->fn = [&fn](int64_t it) { fn(it); };
-  auto work = [](Job& j) {
-    for (int64_t it = j.next.fetch_add(1, std::memory_order_relaxed); it < j.n;
-         it = j.next.fetch_add(1, std::memory_order_relaxed)) {
-      j.fn(it);
-      j.done.fetch_add(1, std::memory_order_release);
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, helpers + 1, 1, [&](int64_t, int64_t) {
+    for (int64_t it = next.fetch_add(1, std::memory_order_relaxed); it < n;
+         it = next.fetch_add(1, std::memory_order_relaxed)) {
+      fn(it);
     }
-  };
-  for (int64_t h = 0; h < helpers; ++h) at::launch([job, work] { work(*job); });
-  work(*job);
-  while (job->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+  });
 }
 
 // Asks Linux to back the fresh, not yet touched buffer of `t` with transparent huge pages
