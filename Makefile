@@ -29,13 +29,13 @@ venv: $(VENV)/.deps
 build: $(VENV)/.built
 
 lint: $(VENV)/.deps
-	$(PY) -m ruff check lsa_ext tests benchmarks setup.py
+	$(PY) -m ruff check .
 
 test: build lint
 	$(PY) -m pytest -q tests
 
 demo: build
-	$(VENV)/bin/lsa demo
+	$(VENV)/bin/lsa analyze
 
 bench: build
 	$(PY) benchmarks/run_all.py
