@@ -71,8 +71,8 @@ def worker(repeats: int) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--before", required=False)
-    p.add_argument("--after", default=".")
+    p.add_argument("--before", required=True, help="checkout with the old build")
+    p.add_argument("--after", default=".", help="checkout with the new build")
     p.add_argument("--runs", type=int, default=4)
     p.add_argument("--repeats", type=int, default=11)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
