@@ -71,7 +71,7 @@ def worker(repeats: int) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--before", required=True, help="checkout with the old build")
+    p.add_argument("--before", help="checkout with the old build (required)")
     p.add_argument("--after", default=".", help="checkout with the new build")
     p.add_argument("--runs", type=int, default=4)
     p.add_argument("--repeats", type=int, default=11)
@@ -80,6 +80,8 @@ def main() -> int:
     if args.worker:
         worker(args.repeats)
         return 0
+    if not args.before:
+        p.error("--before is required")
     results: dict[str, list[dict[str, float]]] = {"before": [], "after": []}
     for _ in range(args.runs):
         for label in ("before", "after"):
