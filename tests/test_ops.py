@@ -71,6 +71,9 @@ def relayout(t: torch.Tensor, kind: str, perm: list[int]) -> torch.Tensor:
         return t.permute(perm).contiguous().permute(inv)
     if kind == "sliced":  # not dense: every other element of a wider tensor
         return torch.stack([t, torch.full_like(t, float("nan"))], dim=-1)[..., 0]
+    if kind == "offset":  # dense, but starting one sample into its storage
+        pad = torch.full_like(t[:1] if t.shape[0] else t.new_empty((1, *t.shape[1:])), 7.0)
+        return torch.cat([pad, t])[1:]
     raise AssertionError(kind)
 
 
@@ -80,7 +83,7 @@ def ref_sums(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 @st.composite
 def layouts(draw, ndim: int):
-    kind = draw(st.sampled_from(["contiguous", "permuted", "sliced"]))
+    kind = draw(st.sampled_from(["contiguous", "permuted", "sliced", "offset"]))
     perm = draw(st.permutations(list(range(ndim))))
     return kind, perm
 
@@ -293,6 +296,23 @@ def test_zero_norm_clean_sample_gives_finite_value_and_grads(device):
     reference.relative_error(ra, rb, eps=eps).sum().backward()
     torch.testing.assert_close(a.grad, ra.grad)
     torch.testing.assert_close(b.grad, rb.grad)
+
+
+def test_broadcast_perturbed_and_batch_transposed_clean(device):
+    """Overlapping (expanded) and batch-not-outermost inputs are handled (copied) correctly."""
+    base, _ = random_pair([1, 3, 4], torch.float32, device, seed=11)
+    a, _ = random_pair([3, 5, 4], torch.float32, device, seed=12)
+    a_t = a.transpose(0, 1).contiguous().transpose(0, 1)  # dense, batch stride 4, not outermost
+    b = base.expand(5, 3, 4).transpose(0, 1)  # stride 0 along dim 1
+    a_t.requires_grad_(True)
+    got = lsa_ext.relative_error(a_t, b)
+    want = reference.relative_error(a.double().cpu(), b.double().cpu())
+    torch.testing.assert_close(got.double().cpu(), want, rtol=2e-6, atol=0)
+    got.sum().backward()
+    assert a_t.grad.stride() == torch.empty_like(a_t).stride()
+    ref_a = a.double().cpu().requires_grad_(True)
+    reference.relative_error(ref_a, b.double().cpu()).sum().backward()
+    torch.testing.assert_close(a_t.grad.double().cpu(), ref_a.grad, rtol=1e-5, atol=1e-7)
 
 
 def test_channels_last_grads_keep_layout(device):
