@@ -48,6 +48,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lsa_ext import mvl as _mvl
+from lsa_ext.devices import resolve_device
 from lsa_ext.errors import LsaUserError
 from lsa_ext.measures import Measure, MeasureFn, get_measure
 from lsa_ext.noise import NOISES
@@ -567,7 +568,7 @@ def accumulate(
             names the layer and the perturbation).
     """
     meas = get_measure(measure)
-    dev = torch.device(device) if device is not None else _model_device(model)
+    dev = resolve_device(device) if device is not None else _model_device(model)
     names = list(perturbations)
     stats: CMStats | None = None
     sites: list[str] | None = None
@@ -891,8 +892,9 @@ def analyze(
         raise LsaUserError(f"unknown mode {mode!r}; choices: {', '.join(MODES)}")
     meas = get_measure(measure)
     if device is not None:
+        device = resolve_device(device)
         model.to(device)
-    dev = _model_device(model) if device is None else torch.device(device)
+    dev = _model_device(model) if device is None else device
     layer_names = select_layers(model, layers)
     perts = build_perturbations(perturbations, model=model, clip=clip, eps=eps, seed=seed)
     loader, total = _as_batches(data, batch_size, sampler)

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,7 @@ import numpy as np
 import torch
 
 from lsa_ext.errors import LsaUserError
-from lsa_ext.io import atomic_write_with
+from lsa_ext.io import atomic_write_with, ensure_dir
 
 log = logging.getLogger("lsa_ext.checkpoint")
 
@@ -94,7 +96,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any],
         ``path`` as a :class:`~pathlib.Path`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(path.parent, "checkpoint folder")
     state = {"format": FORMAT, "version": VERSION, **state}
     if keep_previous and path.exists():
         prev = path.with_name(PREVIOUS)
@@ -113,6 +115,48 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any],
     return path
 
 
+def torch_load(path: str | os.PathLike, map_location: Any = "cpu", what: str = "checkpoint"
+               ) -> Any:
+    """``torch.load(path, map_location, weights_only=True)`` whose failures are one clear line.
+
+    The one place lsa_ext reads ``.pt`` files (training checkpoints, ``--checkpoint`` state
+    dicts, cached models), so every command reports a bad file the same way.
+
+    Raises:
+        LsaUserError: the file does not exist; it holds pickled Python objects that
+            ``weights_only=True`` refuses (named); or it is truncated, corrupt or not a PyTorch
+            file. The message names ``what`` and the path.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise LsaUserError(f"{what} {str(path)!r} does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        if refused:
+            raise LsaUserError(
+                f"{what} {str(path)!r} cannot be loaded with weights_only=True: it holds a "
+                f"pickled {refused.group(1)}, not only tensors and plain containers (save a "
+                "state_dict instead)"
+            ) from exc
+        detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+        reason = detail.group(1).strip() if detail else _first_line(exc)
+        cause: BaseException = exc
+    except Exception as exc:  # noqa: BLE001 - a corrupt file can make torch raise nearly anything
+        reason, cause = _first_line(exc), exc
+    raise LsaUserError(
+        f"{what} {str(path)!r} is unreadable: truncated or corrupt, or not a PyTorch file "
+        f"({reason})"
+    ) from cause
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
     """Loads a checkpoint written by :func:`save_checkpoint` (``weights_only=True``).
 
@@ -123,16 +167,13 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     if not path.is_file():
         raise LsaUserError(f"checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - every load failure here is a bad file
-        hint = ""
+        state = torch_load(path, map_location)
+    except LsaUserError as exc:
         prev = path.with_name(PREVIOUS)
-        if path.name != PREVIOUS and prev.is_file():
-            hint = f"; an older checkpoint is kept at {prev} (resume with --resume {prev})"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LsaUserError(
-            f"checkpoint {path} is truncated or corrupt and cannot be loaded ({first}){hint}"
-        ) from exc
+        if path.name == PREVIOUS or not prev.is_file():
+            raise
+        raise LsaUserError(f"{exc}; an older checkpoint is kept at {prev} (resume with "
+                           f"--resume {prev})") from exc.__cause__
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise LsaUserError(f"{path} is not an lsa_ext training checkpoint")
     if state.get("version", 0) > VERSION:
@@ -145,14 +186,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
 
 def model_state_from_file(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     """A model ``state_dict`` from a training checkpoint or from a plain saved state_dict."""
-    path = Path(path)
-    if not path.is_file():
-        raise LsaUserError(f"checkpoint {path} does not exist")
-    try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - every load failure is a user-facing file problem
-        raise LsaUserError(f"cannot load {path}: truncated, corrupt or not a torch file "
-                           f"({type(exc).__name__})") from exc
+    obj = torch_load(path, map_location)
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         return obj["model"]
     if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):

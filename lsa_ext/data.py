@@ -120,7 +120,7 @@ def load_dataset(
             (the message lists the expected files and the folder searched).
     """
     key = _canonical(name)
-    seed = _as_int("seed", seed, minimum=None)
+    seed = _as_int("seed", seed, minimum=0)
     limit_train = options.pop("limit_train", None)
     limit_test = options.pop("limit_test", None)
     if key == "moons":

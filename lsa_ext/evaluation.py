@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lsa_ext.attacks import APGD, PGD, model_mode
+from lsa_ext.devices import resolve_device
 from lsa_ext.errors import LsaUserError
 from lsa_ext.io import atomic_write_json, atomic_write_text
 from lsa_ext.losses import cross_entropy, predict
@@ -115,10 +116,7 @@ def _check_batch_size(batch_size: Any) -> int:
 
 
 def _to_device(model: Any, device: str | torch.device) -> torch.device:
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise LsaUserError(f"bad device {device!r}: {exc}") from None
+    device = resolve_device(device)
     if isinstance(model, nn.Module):
         model.to(device)
     return device

@@ -35,7 +35,6 @@ import inspect
 import logging
 import math
 import os
-import pickle
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -44,6 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lsa_ext.checkpoint import torch_load
 from lsa_ext.data import DatasetInfo
 from lsa_ext.errors import LsaUserError
 
@@ -452,20 +452,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             keys/shapes (the message names the first few).
     """
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise LsaUserError(f"checkpoint {str(p)!r} does not exist")
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise LsaUserError(
-            f"checkpoint {str(p)!r} cannot be loaded with weights_only=True (it holds objects "
-            f"other than tensors and plain containers, or is corrupt): {_first_line(exc)}"
-        ) from exc
-    except Exception as exc:  # a corrupt file can make the unpickler raise nearly anything
-        raise LsaUserError(
-            f"checkpoint {str(p)!r} is unreadable (truncated, corrupt or not a PyTorch file): "
-            f"{_first_line(exc)}"
-        ) from exc
+    obj = torch_load(p, "cpu")
     state = _extract_state_dict(obj, p)
     return load_state_dict_checked(model, state, source=str(p))
 

@@ -33,8 +33,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from lsa_ext.devices import resolve_device
 from lsa_ext.errors import LsaUserError
-from lsa_ext.io import atomic_write_json, atomic_write_text, atomic_write_with
+from lsa_ext.io import atomic_write_json, atomic_write_text, atomic_write_with, ensure_dir
 from lsa_ext.progress import progress as progress_bar
 
 log = logging.getLogger("lsa_ext.reproduce")
@@ -215,6 +216,10 @@ def plan(protocol: Protocol, model: torch.nn.Module,
     if layers is None:
         n = len(select_layers(model, "learnable"))
         layers = protocol.lr_layers or [f"L{k}" for k in range(max(1, n - 1))]
+    from lsa_ext.training import resolve_layers
+
+    for layer in layers:  # a typo fails here, not after the runs before it
+        resolve_layers(model, layer)
     out: list[tuple[str, str, str | None]] = [("Normal", "none", None)]
     for m in methods:
         out.append((f"AT-{m.upper()}", m, None))
@@ -279,25 +284,31 @@ def reproduce(
         changes["methods"] = tuple(methods)
     proto = dataclasses.replace(proto, **changes)
     out = Path(out)
-    (out / "runs").mkdir(parents=True, exist_ok=True)
+    ensure_dir(out)
+    ensure_dir(out / "runs")
     data = load_dataset(proto.dataset, seed=0, **proto.data_options)
     clip = data.info.data_range
     runs_plan = plan(proto, build_model(proto.model, data.info, seed=0), proto.methods, layers)
     seeds = [int(s) for s in seeds]
+    resolve_device(device)
     results: list[RunResult] = []
     models: dict[str, torch.nn.Module] = {}
-    jobs = [(name, method, layer, seed) for seed in seeds for name, method, layer in runs_plan]
-    for name, method, layer, seed in progress_bar(jobs, desc=f"reproduce {key}",
-                                                   total=len(jobs), enabled=progress):
+    jobs = []
+    for seed in seeds:
+        for name, method, layer in runs_plan:
+            cfg = TrainConfig(
+                at=method, eps=proto.eps, attack_kwargs=dict(proto.attack_kwargs.get(method, {})),
+                clip=None if clip is None else list(clip),
+                lr_layers=[layer] if layer else [], gamma=proto.gamma if layer else 1.0,
+                epochs=proto.epochs,
+                batch_size=proto.batch_size, optimizer=proto.optimizer, lr=proto.lr, seed=seed,
+                device=device,
+            )
+            cfg.validate()  # every setting is checked before the first run starts
+            jobs.append((name, method, layer, seed, cfg))
+    for name, method, layer, seed, cfg in progress_bar(jobs, desc=f"reproduce {key}",
+                                                        total=len(jobs), enabled=progress):
         model = build_model(proto.model, data.info, seed=seed)
-        cfg = TrainConfig(
-            at=method, eps=proto.eps, attack_kwargs=dict(proto.attack_kwargs.get(method, {})),
-            clip=None if clip is None else list(clip),
-            lr_layers=[layer] if layer else [], gamma=proto.gamma if layer else 1.0,
-            epochs=proto.epochs,
-            batch_size=proto.batch_size, optimizer=proto.optimizer, lr=proto.lr, seed=seed,
-            device=device,
-        )
         stem = out / "runs" / f"{name}-s{seed}"
         settings = {"config": cfg.to_dict(), "model": proto.model, "dataset": proto.dataset,
                     "data_options": proto.data_options, "eval_eps": list(proto.eval_eps)}

@@ -61,6 +61,7 @@ import torch
 from torch import nn
 
 from lsa_ext import checkpoint as ckpt
+from lsa_ext.devices import resolve_device
 from lsa_ext.errors import LsaUserError
 from lsa_ext.losses import cross_entropy, kl_div, predict
 from lsa_ext.ops import relative_error_multi
@@ -442,7 +443,7 @@ class Trainer:
     ) -> None:
         config.validate()
         self.config = config
-        self.device = torch.device(config.device)
+        self.device = resolve_device(config.device)
         self.model = model.to(self.device)
         self.module = unwrap(self.model)
         self.train_data = train_data

@@ -100,17 +100,9 @@ def cache_dir() -> Path:
 
 
 def _device(name: str):
-    import torch
+    from lsa_ext.devices import resolve_device
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise LsaUserError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise LsaUserError("device 'cuda' requested but CUDA is not available")
-    return dev
+    return resolve_device(name)
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -163,7 +155,10 @@ def _trained_model(args, splits, model_name: str, epochs: int, device):
 
 
 def run(args: argparse.Namespace) -> int:
+    from lsa_ext.io import check_dir
+
     _check_args(args)
+    check_dir(args.out)
     import lsa_ext
     from lsa_ext.data import load_dataset
     from lsa_ext.measures import get_measure

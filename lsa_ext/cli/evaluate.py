@@ -51,19 +51,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _meta(path: Path) -> dict[str, Any]:
     """The ``meta`` of an lsa_ext training checkpoint next to / at ``path`` (else {})."""
-    import torch
-
     from lsa_ext import checkpoint as ckpt
 
     candidates = [path]
     if path.name == "model.pt":
         candidates.append(path.with_name(ckpt.LAST))
     for c in candidates:
-        if not c.is_file():
-            continue
         try:
-            obj = torch.load(c, map_location="cpu", weights_only=True)
-        except Exception:  # noqa: BLE001 - unreadable files are reported by load_weights
+            obj = ckpt.torch_load(c)
+        except LsaUserError:
+            if c == path:  # the file asked for is unreadable: say so
+                raise
             continue
         if isinstance(obj, dict) and obj.get("format") == ckpt.FORMAT:
             return dict(obj.get("meta") or {})
@@ -72,11 +70,13 @@ def _meta(path: Path) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     from lsa_ext.evaluation import evaluate
+    from lsa_ext.io import check_dir
     from lsa_ext.models import build_model, load_weights
 
     path = Path(args.checkpoint)
     if not path.is_file():
         raise LsaUserError(f"checkpoint {path} does not exist")
+    out = check_dir(args.out) if args.out else path.parent
     meta = _meta(path)
     dataset = args.dataset or meta.get("dataset")
     if dataset is None:
@@ -98,7 +98,6 @@ def run(args: argparse.Namespace) -> int:
         apgd_steps=args.apgd_steps, batch_size=args.batch_size, device=args.device,
         seed=args.seed,
     )
-    out = Path(args.out) if args.out else path.parent
     result.to_json(str(out / "evaluation.json"))
     result.to_csv(str(out / "evaluation.csv"))
     print(f"{model_name} from {path} on {data.info.name} test ({len(data.test)} samples)")

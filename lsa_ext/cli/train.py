@@ -17,6 +17,12 @@ from lsa_ext.errors import LsaUserError
 
 # Training-attack ε per dataset when --eps is not given (stated in README/docs/results.md).
 DEFAULT_EPS = {"moons": 0.3, "digits": 0.2, "mnist": 0.3, "cifar10": 8 / 255}
+DEFAULT_EPOCHS = 10
+
+
+def _epochs(args: argparse.Namespace) -> int:
+    """--epochs, or the default when not given (an explicit 0 is kept, and rejected later)."""
+    return DEFAULT_EPOCHS if args.epochs is None else args.epochs
 
 
 # --------------------------------------------------------------------------- shared options
@@ -112,7 +118,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="run the whole clean forward for LR (default: stop after the last "
                         "regularized layer unless TRADES needs clean logits)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=None, help="default 10")
+    g.add_argument("--epochs", type=int, default=None, help=f"default {DEFAULT_EPOCHS}")
     g.add_argument("--batch-size", type=int, default=128, help="default 128")
     g.add_argument("--optimizer", default="adam", choices=("adam", "adamw", "sgd"))
     g.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
@@ -132,11 +138,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 # --------------------------------------------------------------------------- run
 def run(args: argparse.Namespace) -> int:
     from lsa_ext import checkpoint as ckpt
-    from lsa_ext.io import atomic_write_json
+    from lsa_ext.io import atomic_write_json, check_dir
     from lsa_ext.models import build_model
     from lsa_ext.training import TrainConfig, Trainer
 
-    out = Path(args.out)
+    out = check_dir(args.out)
     if args.resume is not None:
         path = out / ckpt.LAST if args.resume == "auto" else Path(args.resume)
         state = ckpt.load_checkpoint(path)
@@ -166,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
             attack_mode=args.attack_mode,
             clip=None if data.info.data_range is None else list(data.info.data_range),
             lr_layers=layers, gamma=parse_gamma(args.gamma), trades_beta=args.trades_beta,
-            full_clean_pass=args.full_clean_pass, epochs=args.epochs or 10,
+            full_clean_pass=args.full_clean_pass, epochs=_epochs(args),
             batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
             momentum=args.momentum, weight_decay=args.weight_decay, scheduler=args.scheduler,
             seed=args.seed, device=args.device,
@@ -236,7 +242,7 @@ def resolve_lr_layers(args: argparse.Namespace, model, data, eps: float) -> list
             names = mvl_on_the_fly(
                 model, data.train, at=args.at, eps=eps,
                 clip=None if data.info.data_range is None else tuple(data.info.data_range),
-                eta=args.eta, epochs=args.epochs or 10, batch_size=args.batch_size, lr=args.lr,
+                eta=args.eta, epochs=_epochs(args), batch_size=args.batch_size, lr=args.lr,
                 optimizer=args.optimizer, seed=args.seed, device=args.device,
             )
         print(f"most vulnerable layers (η={args.eta}): {', '.join(names)}", file=sys.stderr)
