@@ -121,10 +121,12 @@ def format_analysis(result: AnalysisResult, eta: float) -> str:
             f"{100 * acc[n]:>{col_w - 1}.2f} " for n in names))
     lines.append("")
     lines.append(f"Most vulnerable layers (mean CM - mu > eta*sigma, eta={eta:g}):")
+    listed = {n: ", ".join(mvl[n]) if mvl[n] else "(none)" for n in names}
+    list_w = max(len(v) for v in listed.values()) if listed else 0
     for n in names:
         d = result.mvl_detail(n, eta)
-        listed = ", ".join(mvl[n]) if mvl[n] else "(none)"
-        lines.append(f"  {n:<{col_w}}  {listed}   [mu={_fmt(d.mu)}, sigma={_fmt(d.sigma)}]")
+        lines.append(f"  {n:<{col_w}}  {listed[n]:<{list_w}}   "
+                     f"[mu={_fmt(d.mu)}, sigma={_fmt(d.sigma)}]")
     return "\n".join(lines)
 
 

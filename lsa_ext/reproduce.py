@@ -35,7 +35,13 @@ import torch
 
 from lsa_ext.devices import resolve_device
 from lsa_ext.errors import LsaUserError
-from lsa_ext.io import atomic_write_json, atomic_write_text, atomic_write_with, ensure_dir
+from lsa_ext.io import (
+    atomic_write_json,
+    atomic_write_text,
+    atomic_write_with,
+    check_dir,
+    ensure_dir,
+)
 from lsa_ext.progress import progress as progress_bar
 
 log = logging.getLogger("lsa_ext.reproduce")
@@ -284,8 +290,7 @@ def reproduce(
         changes["methods"] = tuple(methods)
     proto = dataclasses.replace(proto, **changes)
     out = Path(out)
-    ensure_dir(out)
-    ensure_dir(out / "runs")
+    check_dir(out)
     data = load_dataset(proto.dataset, seed=0, **proto.data_options)
     clip = data.info.data_range
     runs_plan = plan(proto, build_model(proto.model, data.info, seed=0), proto.methods, layers)
@@ -306,6 +311,7 @@ def reproduce(
             )
             cfg.validate()  # every setting is checked before the first run starts
             jobs.append((name, method, layer, seed, cfg))
+    ensure_dir(out / "runs")
     for name, method, layer, seed, cfg in progress_bar(jobs, desc=f"reproduce {key}",
                                                         total=len(jobs), enabled=progress):
         model = build_model(proto.model, data.info, seed=seed)

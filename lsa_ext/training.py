@@ -352,6 +352,10 @@ class TrainConfig:
                         ("trades_beta", self.trades_beta), ("momentum", self.momentum)):
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise LsaUserError(f"{name} must be a finite non-negative number, got {v!r}")
+        gammas = self.gamma if isinstance(self.gamma, (list, tuple)) else [self.gamma]
+        if not gammas or not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0
+                                 for v in gammas):
+            raise LsaUserError(f"gamma must be finite and non-negative, got {self.gamma!r}")
         if self.at != "none" and self.eps <= 0:
             raise LsaUserError(f"eps must be positive for adversarial training, got {self.eps}")
 

@@ -1,7 +1,8 @@
 """The ``lsa`` command line. Each subcommand lives in its own module with ``register(sub)``.
 
-User errors (:class:`lsa_ext.errors.LsaUserError`, :class:`lsa_ext.errors.LsaTypeError`) are
-printed as one line and exit with status 2, without a traceback.
+User errors (:class:`lsa_ext.errors.LsaUserError`, :class:`lsa_ext.errors.LsaTypeError`) and
+usage errors (unknown option or choice, a value of the wrong type) are printed as one line and
+exit with status 2, without a traceback.
 """
 
 from __future__ import annotations
@@ -10,19 +11,31 @@ import argparse
 import logging
 import sys
 
+from lsa_ext import __version__
 from lsa_ext.errors import LsaTypeError, LsaUserError
 
 SUBCOMMANDS = ("analyze", "train", "evaluate", "reproduce", "demo")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors on one line: ``lsa train: error: ... (see 'lsa train -h')``.
+
+    Subcommand parsers inherit it (``add_subparsers`` uses the parent's class).
+    """
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Builds the ``lsa`` parser with every subcommand module's parser."""
     import importlib
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="lsa", description="Layer Sustainability Analysis and AT-LR training."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("--version", action="version", version=f"lsa_ext {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
         importlib.import_module(f"lsa_ext.cli.{name}").register(sub)
@@ -32,7 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``lsa``; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0), or a usage error already printed (2)
+        return exc.code if isinstance(exc.code, int) else 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",

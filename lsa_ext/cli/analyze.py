@@ -171,14 +171,13 @@ def run(args: argparse.Namespace) -> int:
     model_name = args.model or DEFAULT_MODEL[info.name]
     epochs = args.epochs if args.epochs is not None else DEFAULT_EPOCHS.get(info.name, 10)
     eps = args.eps if args.eps is not None else DEFAULT_EPS.get(info.name, 0.1)
-    # parse the perturbation specs and layers up front, so typos fail before training
-    from lsa_ext.analysis import build_perturbations, parse_perturbation_specs, perturbation_names
+    # build the perturbations once on an untrained copy, so a bad name or parameter fails
+    # before any training (layers are checked the same way in _trained_model)
+    from lsa_ext.analysis import build_perturbations
+    from lsa_ext.models import build_model
 
-    for name, _ in parse_perturbation_specs(args.perturbations):
-        if name not in perturbation_names():
-            raise LsaUserError(
-                f"unknown perturbation {name!r}; choices: {', '.join(perturbation_names())}"
-            )
+    build_perturbations(args.perturbations, model=build_model(model_name, info, seed=args.seed),
+                        clip=info.data_range, eps=eps, seed=args.seed)
     model, source = _trained_model(args, splits, model_name, epochs, device)
     model.to(device)
     perts = build_perturbations(args.perturbations, model=model, clip=info.data_range, eps=eps,

@@ -1,0 +1,141 @@
+"""User mistakes on every `lsa` command: one line on stderr, exit status 2, no traceback.
+
+Each case fails before any training (the model cache points at an empty folder, so a case that
+trained would also leave a file there, which is checked).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lsa_ext.cli import main
+from lsa_ext.data import load_dataset
+from lsa_ext.models import build_model
+
+
+class _Obj:  # pickled into a checkpoint: weights_only=True must refuse it
+    pass
+
+
+@pytest.fixture
+def files(tmp_path, monkeypatch):
+    """Bad inputs on disk; the working directory and model cache are tmp_path."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LSA_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint" * 4)
+    torch.save({"w": torch.randn(64, 64)}, tmp_path / "good.pt")
+    raw = (tmp_path / "good.pt").read_bytes()
+    (tmp_path / "trunc.pt").write_bytes(raw[: len(raw) // 2])
+    torch.save({"model": _Obj()}, tmp_path / "obj.pt")
+    model = build_model("model_a", load_dataset("moons").info, seed=0)
+    torch.save(model.state_dict(), tmp_path / "moons_a.pt")
+    return tmp_path
+
+
+A = ["analyze", "--max-samples", "8", "--no-plot"]
+T = ["train", "--limit-train", "32", "--epochs", "1", "--out", "run"]
+E = ["evaluate", "--checkpoint", "moons_a.pt", "--dataset", "moons"]
+R = ["reproduce", "moons", "--quick", "--out", "rep"]
+
+CASES = [
+    # analyze: names
+    ([*A, "--dataset", "nope"], "unknown dataset 'nope'"),
+    ([*A, "--model", "resnet9000"], "unknown model 'resnet9000'"),
+    ([*A, "--model", "nomodule_xyz:make"], "cannot import module 'nomodule_xyz'"),
+    ([*A, "--perturbations", "gaussian,blur"], "unknown perturbation 'blur'"),
+    ([*A, "--perturbations", "gaussian:std=abc"], "std must be a finite number"),
+    ([*A, "--perturbations", "pgd:steps=0"], "steps must be >= 1"),
+    ([*A, "--layers", "conv9"], "no layer named 'conv9'"),
+    ([*A, "--measure", "l3"], "unknown measure 'l3'"),
+    ([*A, "--mode", "fast"], "invalid choice: 'fast'"),
+    # analyze: files and values
+    ([*A, "--checkpoint", "missing.pt"], "does not exist"),
+    ([*A, "--checkpoint", "garbage.pt"], "truncated or corrupt"),
+    ([*A, "--checkpoint", "trunc.pt"], "truncated or corrupt"),
+    ([*A, "--checkpoint", "obj.pt"], "weights_only=True: it holds a pickled"),
+    ([*A, "--checkpoint", "good.pt"], "does not match the model"),
+    ([*A, "--dataset", "mnist", "--data-dir", "empty"], "t10k-images-idx3-ubyte"),
+    ([*A, "--dataset", "cifar10", "--data-dir", "empty"], "test_batch"),
+    ([*A, "--dataset", "mnist"], "name the folder"),
+    ([*A, "--eps", "-0.1"], "--eps must be >= 0"),
+    ([*A, "--perturbations", "fgsm:eps=-1"], "eps must be >= 0"),
+    ([*A, "--batch-size", "0"], "--batch-size must be >= 1"),
+    ([*A, "--batch-size", "x"], "invalid int value: 'x'"),
+    ([*A, "--epochs", "-1"], "--epochs must be >= 0"),
+    ([*A, "--seed", "-1"], "seed must be >= 0"),
+    ([*A, "--out", "afile"], "'afile' is a file"),
+    ([*A, "--out", "afile/sub"], "'afile' is a file"),
+    ([*A, "--device", "tpu9"], "unknown device 'tpu9'"),
+    # train
+    ([*T, "--dataset", "nope"], "unknown dataset 'nope'"),
+    ([*T, "--at", "cw"], "invalid choice: 'cw'"),
+    ([*T, "--at", "pgd", "--lr-layers", "nomatch"], "no layer named 'nomatch'"),
+    ([*T, "--at", "pgd", "--lr-layers", "L9"], "4 learnable layers"),
+    ([*T, "--at", "pgd", "--lr-layers", "L1,L2", "--gamma", "1,2,3"], "gamma has 3 values"),
+    ([*T, "--at", "pgd", "--lr-layers", "L1", "--gamma", "abc"], "--gamma must be a number"),
+    ([*T, "--at", "pgd", "--lr-layers", "L1", "--gamma", "-1"], "gamma must be finite"),
+    ([*T, "--lr-layers", "L1"], "needs adversarial examples"),
+    ([*T, "--at", "pgd", "--eps", "-0.3"], "eps must be"),
+    ([*T, "--epochs", "-1"], "epochs must be an integer ≥ 1"),
+    ([*T, "--epochs", "0"], "epochs must be an integer ≥ 1"),
+    ([*T, "--batch-size", "-4"], "batch_size must be an integer ≥ 1"),
+    ([*T, "--limit-train", "0"], "limit_train must be >= 1"),
+    ([*T, "--data-seed", "-1"], "seed must be >= 0"),
+    ([*T, "--device", "tpu9"], "unknown device 'tpu9'"),
+    ([*T, "--out", "afile"], "'afile' is a file"),
+    ([*T, "--dataset", "mnist", "--data-dir", "empty"], "MNIST files not found"),
+    ([*T, "--at", "pgd", "--lr-layers", "mvl", "--mvl-report", "none.json"], "does not exist"),
+    (["train", "--resume", "--out", "empty"], "does not exist"),
+    (["train", "--resume", "trunc.pt", "--out", "run"], "truncated or corrupt"),
+    # evaluate
+    (["evaluate", "--checkpoint", "missing.pt"], "does not exist"),
+    (["evaluate", "--checkpoint", "garbage.pt"], "truncated or corrupt"),
+    (["evaluate", "--checkpoint", "good.pt"], "name its --dataset"),
+    ([*E[:1], "--checkpoint", "good.pt", "--dataset", "moons"], "does not match the model"),
+    ([*E, "--eps-grid", "0,abc"], "--eps-grid must be comma-separated numbers"),
+    ([*E, "--device", "tpu9"], "unknown device 'tpu9'"),
+    ([*E, "--out", "afile"], "'afile' is a file"),
+    # reproduce
+    (["reproduce", "mnist"], "invalid choice: 'mnist'"),
+    ([*R, "--seeds", "a"], "--seeds must be comma-separated integers"),
+    ([*R, "--methods", "cw"], "unknown method(s) ['cw']"),
+    ([*R, "--layers", "L9"], "4 learnable layers"),
+    ([*R, "--epochs", "-1"], "epochs must be an integer ≥ 1"),
+    ([*R, "--gamma", "-1"], "gamma must be finite"),
+    ([*R, "--device", "tpu9"], "unknown device 'tpu9'"),
+    (["reproduce", "moons", "--quick", "--out", "afile"], "'afile' is a file"),
+    # the command itself
+    (["bogus"], "invalid choice: 'bogus'"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), CASES, ids=[" ".join(c[0][:1] + c[0][-2:])
+                                                          for c in CASES])
+def test_user_error_is_one_line_exit_2(files, capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"lsa {argv[0]}: error: " if argv[0] != "bogus" else "lsa: error")
+    assert message in lines[0]
+    assert not (files / "cache").exists(), "the case trained a model before failing"
+    assert not (files / "run" / "last.pt").exists() and not (files / "rep" / "runs").exists()
+
+
+def test_help_and_module_entry_point(tmp_path):
+    """`python -m lsa_ext.cli` is `lsa`: --help exits 0; a user error is one line, status 2."""
+    run = [sys.executable, "-m", "lsa_ext.cli"]
+    ok = subprocess.run([*run, "--help"], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and "analyze" in ok.stdout and "reproduce" in ok.stdout
+    bad = subprocess.run([*run, "train", "--device", "tpu9", "--out", str(Path(tmp_path))],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip() == "lsa train: error: unknown device 'tpu9'; use cpu, cuda, cuda:N " \
+                                 "or auto"
