@@ -6,13 +6,15 @@ the cache), the test set perturbed by Gaussian, salt, pepper and speckle noise, 
 the MVL and writes ``report.json``, ``layers.csv`` and ``lsa.png`` into ``--out`` (``./lsa-out``).
 
 Trained models are cached in ``$LSA_CACHE_DIR``, else ``$XDG_CACHE_HOME/lsa_ext``, else
-``~/.cache/lsa_ext``, as ``<model>-<dataset>-seed<seed>-ep<epochs>.pt`` (a state dict, read back
-with ``weights_only=True``); ``--no-cache`` trains afresh and writes nothing there.
+``~/.cache/lsa_ext``, as ``<model>-<dataset>-seed<seed>-ep<epochs>.pt`` (see :func:`cache_name`;
+a state dict, read back with ``weights_only=True``); ``--no-cache`` trains afresh and writes
+nothing there.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
 import re
@@ -40,7 +42,7 @@ examples:
   lsa analyze --perturbations "gaussian:std=0.2,fgsm:eps=0.05,pgd:eps=0.05,steps=20" --eta 0.5
   lsa analyze --layers learnable --measure cosine --out runs/cos
   lsa analyze --dataset mnist --data-dir ~/data/mnist --max-samples 2000
-  lsa analyze --model mypkg.nets:make_net --checkpoint net.pt --layers "block*.act"
+  PYTHONPATH=examples lsa analyze --model mypkg.nets:make_net --layers "block*.act,head.fc"
 
 Trained models are cached in $LSA_CACHE_DIR, else $XDG_CACHE_HOME/lsa_ext, else
 ~/.cache/lsa_ext (--no-cache: train afresh, write nothing there).
@@ -99,6 +101,20 @@ def cache_dir() -> Path:
     return Path(base).expanduser() / "lsa_ext"
 
 
+def cache_name(model: str, dataset: str, seed: int, epochs: int, batch_size: int = 128,
+               data_dir: str | None = None) -> str:
+    """``<model>-<dataset>-seed<S>-ep<E>.pt``, plus ``-bs<B>`` for a training batch size other
+    than 128 and ``-d<hash>`` naming the resolved ``--data-dir`` (MNIST/CIFAR-10 folders), so a
+    model trained on other settings or other files is never taken for this one."""
+    key = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{model}-{dataset}") + f"-seed{seed}-ep{epochs}"
+    if batch_size != 128:
+        key += f"-bs{batch_size}"
+    if data_dir:
+        resolved = str(Path(data_dir).expanduser().resolve())
+        key += "-d" + hashlib.sha1(resolved.encode()).hexdigest()[:8]
+    return key + ".pt"
+
+
 def _device(name: str):
     from lsa_ext.devices import resolve_device
 
@@ -131,8 +147,8 @@ def _trained_model(args, splits, model_name: str, epochs: int, device):
     if args.checkpoint:
         load_weights(model, args.checkpoint)
         return model, "checkpoint"
-    key = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{model_name}-{splits.info.name}")
-    path = cache_dir() / f"{key}-seed{args.seed}-ep{epochs}.pt"
+    path = cache_dir() / cache_name(model_name, splits.info.name, args.seed, epochs,
+                                    args.batch_size, args.data_dir)
     if not args.no_cache and path.is_file():
         try:
             load_weights(model, path)
