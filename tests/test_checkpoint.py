@@ -13,14 +13,7 @@ from lsa_ext import checkpoint as ckpt
 from lsa_ext import training
 from lsa_ext.errors import LsaUserError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is fastest (and fair on a shared machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _trainer(out, epochs=1, seed=0):

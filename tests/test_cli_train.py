@@ -14,13 +14,7 @@ TINY = ["--dataset", "moons", "--limit-train", "200", "--limit-test", "100", "--
         "50", "--seed", "1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is fastest (and fair on a shared machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_train_writes_checkpoint_config_history_and_weights(tmp_path, capsys):

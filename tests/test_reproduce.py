@@ -11,13 +11,7 @@ import torch
 from lsa_ext import reproduce as rp
 from lsa_ext.cli import main
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_plan_follows_the_paper_protocol():

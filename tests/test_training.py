@@ -14,14 +14,7 @@ from lsa_ext import training
 from lsa_ext.errors import LsaUserError
 from lsa_ext.losses import cross_entropy, kl_div
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is fastest (and fair on a shared machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _mlp(seed: int = 0, out: int = 1) -> nn.Sequential:

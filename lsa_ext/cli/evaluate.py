@@ -12,17 +12,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from lsa_ext.cli.options import parse_list
 from lsa_ext.cli.train import add_data_args, default_model, load_data
 from lsa_ext.errors import LsaUserError
-
-
-def _floats(text: str | None, what: str) -> list[float] | None:
-    if text is None:
-        return None
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise LsaUserError(f"{what} must be comma-separated numbers, got {text!r}") from None
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -90,10 +82,10 @@ def run(args: argparse.Namespace) -> int:
         or default_model(data.info.name)
     model = build_model(model_name, data.info)
     load_weights(model, path)
-    pgd = _floats(args.pgd_eps, "--pgd-eps")
-    apgd = _floats(args.apgd_eps, "--apgd-eps")
+    pgd = parse_list(args.pgd_eps, float, "--pgd-eps")
+    apgd = parse_list(args.apgd_eps, float, "--apgd-eps")
     result = evaluate(
-        model, data, eps_grid=_floats(args.eps_grid, "--eps-grid"),
+        model, data, eps_grid=parse_list(args.eps_grid, float, "--eps-grid"),
         pgd_eps=pgd or None, apgd_eps=apgd or None, pgd_steps=args.pgd_steps,
         apgd_steps=args.apgd_steps, batch_size=args.batch_size, device=args.device,
         seed=args.seed,

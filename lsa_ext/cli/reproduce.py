@@ -33,23 +33,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _split(text: str | None) -> list[str] | None:
-    if text is None:
-        return None
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from lsa_ext.errors import LsaUserError
+    from lsa_ext.cli.options import parse_list
     from lsa_ext.reproduce import reproduce
 
-    try:
-        seeds = [int(s) for s in _split(args.seeds) or ["0"]]
-    except ValueError:
-        raise LsaUserError(f"--seeds must be comma-separated integers, got {args.seeds!r}") \
-            from None
+    seeds = parse_list(args.seeds, int, "--seeds") or [0]
     out = Path(args.out or f"runs/reproduce-{args.dataset}")
 
     def on_run(r, cached):
@@ -58,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{r.name:<22} seed {r.seed}: {accs}  R&G {r.rg:7.2f}  ({tag})", file=sys.stderr)
 
     res = reproduce(args.dataset, out=out, seeds=seeds, quick=args.quick,
-                    methods=_split(args.methods), layers=_split(args.layers),
+                    methods=parse_list(args.methods, str, "--methods"),
+                    layers=parse_list(args.layers, str, "--layers"),
                     epochs=args.epochs, eps=args.eps, gamma=args.gamma, device=args.device,
                     figures=not args.no_figures, on_run=on_run)
     p = res.protocol

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lsa_ext.cli.options import parse_list
 from lsa_ext.errors import LsaUserError
 
 # Training-attack ε per dataset when --eps is not given (stated in README/docs/results.md).
@@ -62,11 +63,7 @@ def default_model(dataset: str) -> str:
 
 def parse_gamma(text: str) -> float | list[float]:
     """``"0.5"`` → 0.5; ``"0.1,0.2"`` → [0.1, 0.2]."""
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise LsaUserError(f"--gamma must be a number or a comma-separated list, got {text!r}") \
-            from None
+    values = parse_list(text, float, "--gamma")
     if not values:
         raise LsaUserError("--gamma is empty")
     return values[0] if len(values) == 1 else values
@@ -190,7 +187,10 @@ def run(args: argparse.Namespace) -> int:
     from lsa_ext.io import atomic_write_with
 
     atomic_write_with(out / "model.pt", lambda fh: torch.save(trainer.module.state_dict(), fh))
-    acc = _clean_accuracy(trainer.module, data.test, trainer.device)
+    from lsa_ext.evaluation import accuracy
+
+    acc = accuracy(trainer.module, data.test, batch_size=512, device=trainer.device,
+                   desc="test accuracy")
     last = trainer.history[-1] if trainer.history else {}
     print(f"{trainer.run_name}: train loss {last.get('loss', float('nan')):.4f}, "
           f"train acc {last.get('accuracy', float('nan')):.2f}%, clean test acc {acc:.2f}%")
@@ -208,22 +208,6 @@ def _on_epoch(out: Path):
               file=sys.stderr)
 
     return on_epoch
-
-
-def _clean_accuracy(model, test, device) -> float:
-    import torch
-
-    from lsa_ext.losses import predict
-
-    x, y = test.tensors[0], test.tensors[1]
-    was = model.training
-    model.eval()
-    correct = 0
-    with torch.no_grad():
-        for i in range(0, len(y), 512):
-            correct += int((predict(model(x[i:i + 512].to(device))).cpu() == y[i:i + 512]).sum())
-    model.train(was)
-    return 100.0 * correct / max(len(y), 1)
 
 
 def resolve_lr_layers(args: argparse.Namespace, model, data, eps: float) -> list[str]:

@@ -1,0 +1,37 @@
+"""Parsing of comma-separated option values, shared by the subcommands.
+
+``--gamma 0.1,0.2``, ``--eps-grid 0,0.1,0.3``, ``--seeds 0,1,2``, ``--methods fgsm,pgd``: one
+parser, so every list option accepts the same spelling (blanks and empty items ignored) and
+fails with the same one-line message naming the option.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+from lsa_ext.errors import LsaUserError
+
+T = TypeVar("T")
+
+_KINDS = {float: ("a number", "numbers"), int: ("an integer", "integers")}
+
+
+def parse_list(text: str | None, convert: Callable[[str], T], option: str) -> list[T] | None:
+    """``"0.1, 0.2"`` → ``[0.1, 0.2]`` with ``convert`` (``float``, ``int``, ``str``).
+
+    Returns ``None`` for ``None`` (option not given) and ``[]`` for an empty string.
+
+    Raises:
+        LsaUserError: an item ``convert`` rejects, e.g. ``--seeds must be an integer or
+            comma-separated integers, got 'a'``.
+    """
+    if text is None:
+        return None
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    try:
+        return [convert(t) for t in items]
+    except ValueError:
+        one, many = _KINDS.get(convert, ("a value", "values"))  # type: ignore[call-overload]
+        raise LsaUserError(f"{option} must be {one} or comma-separated {many}, got {text!r}") \
+            from None
