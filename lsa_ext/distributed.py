@@ -492,6 +492,34 @@ def rng_scope(seed: int, device: torch.device | str | None = None) -> Iterator[N
         yield
 
 
+def reseed(perturbation: Any, seed: int) -> bool:
+    """Restarts a perturbation's private generator from ``seed`` if it has one.
+
+    Calls ``perturbation.reseed(seed)`` (lsa_ext attacks and noises). Returns False when the
+    object has no such method (it then draws from the global RNG: seed that with
+    :func:`rng_scope` or ``torch.manual_seed``).
+    """
+    fn = getattr(perturbation, "reseed", None)
+    if callable(fn):
+        fn(seed)
+        return True
+    return False
+
+
+def reseed_for_batch(perturbations: Mapping[str, Any], seed: int, index: int) -> None:
+    """Makes batch ``index``'s randomness a function of ``(seed, index)`` only.
+
+    Reseeds each perturbation ``i`` with ``batch_seed(seed + i, index)`` and torch's global RNG
+    (all devices) with ``batch_seed(seed, index, "global")``. Call it before
+    perturbing each global batch: then a run sharded over any number of ranks draws exactly the
+    noise (and attack random starts) of a 1-process run. Call inside ``torch.random.fork_rng``
+    if the caller's global RNG must be left untouched.
+    """
+    for i, p in enumerate(perturbations.values()):
+        reseed(p, batch_seed(seed + i, index))
+    torch.manual_seed(batch_seed(seed, index, "global"))
+
+
 def batch_slice(n: int, rank_: int | None = None, world: int | None = None) -> slice:
     """This rank's contiguous part of a global batch of ``n`` samples (sizes differ by ≤ 1)."""
     r = rank() if rank_ is None else rank_
@@ -671,9 +699,15 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 
 def _combine(values: Sequence[Any], where: str) -> Any:
+    present = [v for v in values if v is not None]
+    if not present:
+        return None
+    if len(present) < len(values):  # None: this rank saw nothing here
+        return _combine(present, where)
     first = values[0]
-    if isinstance(first, Moments):
-        acc = first
+    merge = getattr(first, "merge", None)
+    if callable(merge) and not isinstance(first, (Mapping, torch.Tensor)):
+        acc = first  # Moments, lsa_ext.analysis.CMStats, anything with merge(other) -> merged
         for v in values[1:]:
             acc = acc.merge(v)
         return acc
@@ -692,7 +726,7 @@ def _combine(values: Sequence[Any], where: str) -> Any:
         for v in values[1:]:
             acc = acc + v
         return acc
-    if isinstance(first, bool) or first is None or isinstance(first, (str, bytes)):
+    if isinstance(first, bool) or isinstance(first, (str, bytes)):
         if any(v != first for v in values[1:]):
             raise RuntimeError(f"all_reduce_stats: {where} differs between ranks: {list(values)}")
         return first
@@ -721,10 +755,14 @@ def _combine(values: Sequence[Any], where: str) -> Any:
 
 
 def _to_device_like(reduced: Any, original: Any) -> Any:
+    if reduced is None or original is None:
+        return reduced
     if isinstance(original, torch.Tensor):
         return reduced.to(original.device)
     if isinstance(original, Moments):
         return reduced.to(original.mean.device)
+    if callable(getattr(original, "merge", None)) and not isinstance(original, Mapping):
+        return reduced  # merge-able objects keep the device of the first rank's value
     if isinstance(original, Mapping):
         items = [(k, _to_device_like(reduced[k], original[k])) for k in original]
         return type(reduced)(items) if isinstance(reduced, dict) else dict(items)
@@ -740,11 +778,12 @@ def all_reduce_stats(stats: Any) -> Any:
     """Sums (exactly) a nested structure of statistics over all ranks; same structure back.
 
     Leaves: floating tensors are summed in float64 (returned in their dtype, on their device),
-    integer tensors and ints summed exactly, floats with ``math.fsum``, :class:`Moments`
-    merged with Chan's formula, strings/bools/None must agree on every rank. Containers: dict
-    (keys in the same order on every rank), list, tuple, namedtuple. Ranks are combined in rank
-    order, so every rank gets bit-identical results. In a plain process ``stats`` is returned
-    as is.
+    integer tensors and ints summed exactly, floats with ``math.fsum``, objects with a
+    ``merge(other)`` method (:class:`Moments`: Chan's formula; ``analysis.CMStats``) merged with
+    it, strings/bools must agree on every rank. ``None`` means "nothing from this rank": it is
+    skipped (a rank whose shard was empty passes None). Containers: dict (keys in the same order
+    on every rank), list, tuple, namedtuple. Ranks are combined in rank order, so every rank
+    gets bit-identical results. In a plain process ``stats`` is returned as is.
 
     Stats are small (perturbations × layers), so they travel pickled in one all-gather.
     """
@@ -830,6 +869,8 @@ __all__ = [
     "my_batches",
     "rank",
     "rank_prefix",
+    "reseed",
+    "reseed_for_batch",
     "rng_scope",
     "shard_batch",
     "shard_range",

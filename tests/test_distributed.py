@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +87,16 @@ def _train_tiny(epochs: int = 2, batch: int = 16) -> nn.Module:
             (loss * weight).backward()
             opt.step()
     return distributed.unwrap(model)
+
+
+@dataclass
+class _Summed:
+    """A statistic with ``merge`` (like analysis.CMStats)."""
+
+    total: torch.Tensor
+
+    def merge(self, other: _Summed) -> _Summed:
+        return _Summed(self.total + other.total)
 
 
 def _free_port() -> int:
@@ -214,6 +225,40 @@ def test_backend_choice_and_bad_settings(monkeypatch):
         distributed._timeout_from_env(-1.0)
 
 
+class _Noise:
+    """Draws from a private generator (like lsa_ext noises/attacks) and can be reseeded."""
+
+    def __init__(self, seed: int) -> None:
+        self.g = torch.Generator().manual_seed(seed)
+
+    def reseed(self, seed: int) -> None:
+        self.g.manual_seed(seed)
+
+    def __call__(self, x, y):
+        return x + torch.randn(x.shape, generator=self.g)
+
+
+def test_reseed_for_batch_makes_noise_independent_of_sharding():
+    x = torch.zeros(12, 3)
+    batches = list(torch.split(x, 4))
+
+    def run(order):  # perturb the batches with the given indices, in that order
+        perts = {"a": _Noise(0), "b": _Noise(1), "global": lambda x, y: x + torch.rand(x.shape)}
+        out = {}
+        for k in order:
+            distributed.reseed_for_batch(perts, seed=5, index=k)
+            out[k] = [p(batches[k], None) for p in perts.values()]
+        return out
+
+    one = run([0, 1, 2])
+    shard0, shard1 = run([0, 2]), run([1])  # 2 ranks, batches dealt round-robin
+    for k, got in {**shard0, **shard1}.items():
+        for a, b in zip(got, one[k], strict=True):
+            assert torch.equal(a, b)
+    assert not torch.equal(one[0][0], one[1][0])  # different batches, different noise
+    assert distributed.reseed(object(), 1) is False
+
+
 def test_batch_seed_and_rng_scope_are_deterministic_and_restore_state():
     assert distributed.batch_seed(1, 2) == distributed.batch_seed(1, 2)
     assert len({distributed.batch_seed(1, k) for k in range(100)}) == 100
@@ -250,6 +295,8 @@ def test_two_ranks_reduce_exactly_and_train_like_one_process(tmp_path):
     assert got["same_on_ranks"] is True and got["mismatch_raised"] is True
     assert sorted(got["sampler_indices"]) == list(range(7))
     assert got["broadcast"] == "from rank 0"
+    assert got["only_rank0"] == [1.0, 1.0]  # None = no contribution from rank 1
+    assert got["merged"] == [3.0]  # objects with merge(): 1 (rank 0) merged with 2 (rank 1)
 
     # DDP: 2 ranks x B/2 (uneven last batch) == 1 process x B
     ref = _train_tiny()
@@ -299,7 +346,8 @@ def _worker_primitives(out: Path) -> None:
         count += len(idx)
         per_batch.append((k, v))
     stats = {"noise": {"moments": moments, "sum": total, "sumsq": sq}, "count": count,
-             "name": "same-everywhere"}
+             "name": "same-everywhere", "only_rank0": torch.ones(2) if ctx.rank == 0 else None,
+             "merged": _Summed(torch.tensor([ctx.rank + 1.0]))}
     red = distributed.all_reduce_stats(stats)
     ordered = torch.cat(distributed.gather_ordered(per_batch), dim=-1)
     mism = False
@@ -322,6 +370,7 @@ def _worker_primitives(out: Path) -> None:
             "sumsq": red["noise"]["sumsq"].tolist(), "ordered": ordered.tolist(),
             "same_on_ranks": red["name"] == "same-everywhere", "mismatch_raised": mism,
             "sampler_indices": [i for part in indices for i in part], "broadcast": bcast,
+            "only_rank0": red["only_rank0"].tolist(), "merged": red["merged"].total.tolist(),
         })
         atomic_write_with(out / "ddp.pt", lambda f: torch.save(model.state_dict(), f))
     distributed.barrier()
