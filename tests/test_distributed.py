@@ -105,20 +105,51 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(
-    scenario: str, out: Path, nproc: int = 2, extra_env: dict | None = None, timeout: float = 90
-) -> tuple[subprocess.CompletedProcess, float]:
+def _env(extra_env: dict | None = None) -> dict:
     env = dict(os.environ)
     env.update({"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "LSA_PROGRESS": "0"})
     env.update(extra_env or {})
+    return env
+
+
+def _torchrun(
+    scenario: str | list[str], out: Path | None = None, nproc: int = 2,
+    extra_env: dict | None = None, timeout: float = 90,
+) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node=nproc`` on loopback; ``scenario``: a worker of this file, or
+    a list (``["-m", "lsa_ext.cli", "train", ...]``)."""
+    target = [str(HERE), scenario, str(out)] if isinstance(scenario, str) else scenario
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
         "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "--monitor-interval=0.2",
-        str(HERE), scenario, str(out),
+        *target,
     ]
-    t0 = time.monotonic()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    return proc, time.monotonic() - t0
+    return subprocess.run(cmd, env=_env(extra_env), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _torchrun_nodes(target: list[str], nodes: int = 2, timeout: float = 90) -> list:
+    """``nodes`` torchrun agents (simulated machines, 1 process each) meeting through a c10d
+    rendezvous on loopback: the multi-node command of the README."""
+    port = _free_port()
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}", "--nproc-per-node=1",
+        "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=lsa-test",
+        "--monitor-interval=0.2", *target,
+    ]
+    procs = [subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(nodes)]
+    results = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=timeout)
+            results.append(subprocess.CompletedProcess(cmd, p.returncode, out, err))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return results
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,7 +308,7 @@ def test_batch_seed_and_rng_scope_are_deterministic_and_restore_state():
 
 
 def test_two_ranks_reduce_exactly_and_train_like_one_process(tmp_path):
-    proc, _ = _torchrun("primitives", tmp_path)
+    proc = _torchrun("primitives", tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     got = json.loads((tmp_path / "primitives.json").read_text())
 
@@ -307,7 +338,7 @@ def test_two_ranks_reduce_exactly_and_train_like_one_process(tmp_path):
 
 
 def test_a_failing_rank_fails_the_job_fast_and_is_named(tmp_path):
-    proc, _ = _torchrun("fail", tmp_path, timeout=60)
+    proc = _torchrun("fail", tmp_path, timeout=60)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "rank 1 failed: ValueError: boom on rank 1" in out
@@ -315,7 +346,7 @@ def test_a_failing_rank_fails_the_job_fast_and_is_named(tmp_path):
 
 
 def test_a_rank_stuck_outside_a_collective_times_out_instead_of_hanging(tmp_path):
-    proc, _ = _torchrun("stuck", tmp_path, extra_env={"LSA_DIST_TIMEOUT": "3"}, timeout=60)
+    proc = _torchrun("stuck", tmp_path, extra_env={"LSA_DIST_TIMEOUT": "3"}, timeout=60)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "rank 0 failed:" in out
