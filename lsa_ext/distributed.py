@@ -97,6 +97,7 @@ class DistContext:
 
 _CTX: DistContext | None = None
 _OWNS_GROUP = False
+_FAILED = False
 _QUIETED: list[tuple[logging.Logger, int]] = []
 
 
@@ -339,11 +340,14 @@ def barrier() -> None:
 
 def cleanup() -> None:
     """Destroys the group :func:`init_from_env` created and forgets the context (idempotent)."""
-    global _CTX, _OWNS_GROUP
-    if _OWNS_GROUP and dist.is_available() and dist.is_initialized():
+    global _CTX, _OWNS_GROUP, _FAILED
+    # after a failure the process is on its way out: a collective-based teardown could wait
+    # on the dead peer (nccl), so the group is left to process exit and torchrun
+    if _OWNS_GROUP and not _FAILED and dist.is_available() and dist.is_initialized():
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
     _OWNS_GROUP = False
+    _FAILED = False
     while _QUIETED:
         lg, level = _QUIETED.pop()
         lg.setLevel(level)
@@ -356,9 +360,11 @@ def failure_guard() -> Iterator[None]:
 
     torchrun then stops the other ranks and exits non-zero, naming the failed rank too.
     """
+    global _FAILED
     try:
         yield
     except BaseException as exc:
+        _FAILED = True
         if _active() or launched():
             r = rank() if _active() else os.environ.get("RANK", "?")
             log.error("rank %s failed: %s: %s", r, type(exc).__name__, exc)
