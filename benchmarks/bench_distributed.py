@@ -166,10 +166,12 @@ def main() -> None:
         configs = [(1, cores)] + [(n, 1) for n in sorted({1, cores})]
     else:
         configs = [(n, args.threads or max(1, cores // n)) for n in args.procs]
+    load_before = os.getloadavg()[0]
     runs = [_launch(n, t, args) for n, t in configs]
     for r in runs:
         print(json.dumps(r))
-    print(f"\n{cores} cores; analysis: {args.samples} samples, batch {args.batch}; "
+    print(f"\n{cores} cores, load average {load_before:.1f} before / "
+          f"{os.getloadavg()[0]:.1f} after; analysis: {args.samples} samples, batch {args.batch}; "
           f"train: {args.steps} AT-LR steps of global batch {args.batch}\n")
     print("| workload | procs × threads | time (s) | samples/s | vs first row |")
     print("|---|---|---|---|---|")
