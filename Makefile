@@ -29,7 +29,7 @@ venv: $(VENV)/.deps
 build: $(VENV)/.built
 
 lint: $(VENV)/.deps
-	$(PY) -m ruff check lsa_ext tests benchmarks setup.py
+	$(PY) -m ruff check .
 
 test: build lint
 	$(PY) -m pytest -q tests

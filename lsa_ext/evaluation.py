@@ -1,0 +1,515 @@
+"""Evaluation: FGSM accuracy over an ε grid, the R&G score, PGD and APGD robust accuracy.
+
+The paper (PAPER.md, "Evaluation — R&G score") reports a model's accuracy (%) under FGSM at a
+grid of ε values including ε = 0 (clean accuracy); the R&G score is the plain sum of those
+accuracies. :func:`evaluate` computes that grid, the score and optionally PGD / APGD robust
+accuracy, and returns an :class:`EvaluationResult` that writes JSON / CSV and prints as a table.
+
+Data may be given as a ``torch.utils.data.DataLoader`` (or any re-iterable of ``(x, y)``
+batches; it is read once per attack), a ``Dataset`` yielding ``(x, y)`` pairs, a pair of tensors
+``(x, y)``, or a ``DataSplits`` from :func:`lsa_ext.data.load_dataset` (its ``test`` split is
+used, and its ``info`` gives the dataset name and data range). The model is moved to ``device``
+(``nn.Module.to``, in place) and put in eval mode for the evaluation; its previous train/eval
+flags and its parameters' ``requires_grad`` are restored.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import numbers
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from lsa_ext.attacks import APGD, PGD, model_mode
+from lsa_ext.errors import LsaUserError
+from lsa_ext.io import atomic_write_json, atomic_write_text
+from lsa_ext.losses import cross_entropy, predict
+from lsa_ext.progress import progress
+
+__all__ = [
+    "EPS_GRIDS",
+    "EvaluationResult",
+    "accuracy",
+    "evaluate",
+    "fgsm_accuracy_grid",
+    "rg_score",
+]
+
+log = logging.getLogger("lsa_ext.evaluation")
+
+_PAPER_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
+#: The paper's FGSM ε grids (Tables 2–4); digits uses the moons/MNIST grid.
+EPS_GRIDS: dict[str, tuple[float, ...]] = {
+    "moons": _PAPER_GRID,
+    "digits": _PAPER_GRID,
+    "mnist": _PAPER_GRID,
+    "cifar10": (0.0, 0.01, 0.03, 0.1, 0.2),
+}
+#: Data range per known dataset (two-moons has none).
+_DATA_RANGES: dict[str, tuple[float, float] | None] = {
+    "moons": None,
+    "digits": (0.0, 1.0),
+    "mnist": (0.0, 1.0),
+    "cifar10": (0.0, 1.0),
+}
+
+Perturb = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# ----------------------------------------------------------------------------- data handling
+def _unwrap(data: Any) -> Any:
+    """A ``DataSplits``-like object (``.test`` and ``.info``) gives its test split."""
+    if hasattr(data, "test") and hasattr(data, "info"):
+        return data.test
+    return data
+
+
+def _batches(data: Any, batch_size: int) -> tuple[Iterable, int | None]:
+    """Iterable of ``(x, y)`` batches over ``data`` and the number of batches (if known)."""
+    data = _unwrap(data)
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(
+        isinstance(t, torch.Tensor) for t in data
+    ):
+        data = TensorDataset(*data)
+    if isinstance(data, TensorDataset) and len(data.tensors) == 2:
+        x, y = data.tensors
+        if x.shape[0] != y.shape[0]:
+            raise LsaUserError(f"x and y differ in length: {x.shape[0]} vs {y.shape[0]}")
+        n = x.shape[0]
+        starts = range(0, n, batch_size)
+        return ((x[s : s + batch_size], y[s : s + batch_size]) for s in starts), len(starts)
+    if isinstance(data, DataLoader):
+        return data, _len_or_none(data)
+    if isinstance(data, Dataset) and hasattr(data, "__len__"):
+        loader = DataLoader(data, batch_size=batch_size, shuffle=False)
+        return loader, len(loader)
+    if isinstance(data, Iterable):
+        return data, _len_or_none(data)
+    raise LsaUserError(
+        "data must be a DataLoader, a Dataset of (x, y), a pair of tensors (x, y) or DataSplits; "
+        f"got {type(data).__name__}"
+    )
+
+
+def _len_or_none(obj: Any) -> int | None:
+    try:
+        return len(obj)
+    except TypeError:
+        return None
+
+
+def _check_batch_size(batch_size: Any) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
+        raise LsaUserError(f"batch_size must be an integer, got {batch_size!r}")
+    if batch_size < 1:
+        raise LsaUserError(f"batch_size must be >= 1, got {batch_size}")
+    return int(batch_size)
+
+
+def _to_device(model: Any, device: str | torch.device) -> torch.device:
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise LsaUserError(f"bad device {device!r}: {exc}") from None
+    if isinstance(model, nn.Module):
+        model.to(device)
+    return device
+
+
+def _batch(xy: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        x, y = xy[0], xy[1]
+    except (TypeError, IndexError, KeyError):
+        raise LsaUserError("each batch must be a pair (x, y)") from None
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        raise LsaUserError("each batch must be a pair of tensors (x, y)")
+    return x.to(device), y.to(device=device, dtype=torch.long)
+
+
+def _correct(model: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        logits = model(x)
+    if not bool(torch.isfinite(logits).all()):
+        raise LsaUserError("the model produced NaN/Inf logits during evaluation")
+    return (predict(logits) == y).sum()
+
+
+def _check_grid(eps_grid: Any) -> tuple[float, ...]:
+    if isinstance(eps_grid, (str, bytes)) or not isinstance(eps_grid, Iterable):
+        raise LsaUserError(f"eps_grid must be a sequence of numbers, got {eps_grid!r}")
+    grid = []
+    for e in eps_grid:
+        if isinstance(e, bool) or not isinstance(e, numbers.Real) or not math.isfinite(e):
+            raise LsaUserError(f"eps values must be finite numbers, got {e!r}")
+        if e < 0:
+            raise LsaUserError(f"eps must be >= 0, got {e}")
+        grid.append(float(e))
+    if not grid:
+        raise LsaUserError("eps_grid is empty")
+    if len(set(grid)) != len(grid):
+        raise LsaUserError(f"eps_grid has duplicate values: {grid}")
+    return tuple(grid)
+
+
+def _check_clip_range(x: torch.Tensor, clip: tuple[float, float] | None) -> None:
+    if clip is not None and x.numel():
+        lo, hi = clip
+        if bool(x.min() < lo - 1e-6) or bool(x.max() > hi + 1e-6):
+            raise LsaUserError(
+                f"inputs lie outside the clip range {tuple(clip)} (min {float(x.min()):.4g}, "
+                f"max {float(x.max()):.4g}); pass clip=None or the data's range"
+            )
+
+
+# ----------------------------------------------------------------------------- metrics
+def accuracy(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    dataset_or_loader: Any,
+    *,
+    perturb: Perturb | None = None,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    desc: str = "accuracy",
+) -> float:
+    """Accuracy in percent of ``model`` on the data, optionally on ``perturb(x, y)`` inputs.
+
+    ``perturb`` is any callable ``(x, y) -> x̂`` (an attack from :mod:`lsa_ext.attacks`, a noise,
+    another library's attack object). The model is in eval mode throughout (restored afterwards).
+    """
+    batch_size = _check_batch_size(batch_size)
+    device = _to_device(model, device)
+    batches, total = _batches(dataset_or_loader, batch_size)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    n = 0
+    with model_mode(model, "eval"):
+        for xy in progress(batches, desc=desc, total=total):
+            x, y = _batch(xy, device)
+            if perturb is not None:
+                x = perturb(x, y)
+            correct += _correct(model, x, y)
+            n += y.shape[0]
+    if n == 0:
+        raise LsaUserError("the evaluation data is empty")
+    return 100.0 * int(correct) / n
+
+
+def fgsm_accuracy_grid(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    data: Any,
+    eps_grid: Sequence[float],
+    *,
+    clip: tuple[float, float] | None,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+) -> dict[float, float]:
+    """FGSM accuracy (%) at each ε of ``eps_grid``: ``{eps: accuracy}`` in grid order.
+
+    One gradient per batch serves the whole grid (FGSM's direction ``sign(∇ₓ CE)`` at the clean
+    point does not depend on ε), so the result equals ``accuracy(model, data,
+    perturb=FGSM(model, eps, clip=clip))`` for each ε at the cost of one backward pass per batch.
+    ``clip``: the data range ``(lo, hi)`` or ``None`` (two-moons); ε = 0 is clean accuracy.
+    """
+    return _fgsm_grid(model, data, eps_grid, clip, batch_size, device)[0]
+
+
+def _fgsm_grid(model, data, eps_grid, clip, batch_size, device) -> tuple[dict[float, float], int]:
+    grid = _check_grid(eps_grid)
+    batch_size = _check_batch_size(batch_size)
+    device = _to_device(model, device)
+    batches, total = _batches(data, batch_size)
+    correct = torch.zeros(len(grid), dtype=torch.long, device=device)
+    n = 0
+    with model_mode(model, "eval"):
+        for xy in progress(batches, desc="FGSM grid", total=total):
+            x, y = _batch(xy, device)
+            _check_clip_range(x, clip)
+            direction = None
+            if any(e > 0 for e in grid):
+                with torch.enable_grad():
+                    x_req = x.detach().requires_grad_(True)
+                    loss = cross_entropy(model(x_req), y, reduction="sum")
+                    (grad,) = torch.autograd.grad(loss, x_req)
+                direction = grad.sign()
+            for i, eps in enumerate(grid):
+                if eps == 0:
+                    x_adv = x
+                else:
+                    x_adv = x + eps * direction
+                    if clip is not None:
+                        x_adv = x_adv.clamp(clip[0], clip[1])
+                correct[i] += _correct(model, x_adv, y)
+            n += y.shape[0]
+    if n == 0:
+        raise LsaUserError("the evaluation data is empty")
+    counts = correct.tolist()
+    return {eps: 100.0 * c / n for eps, c in zip(grid, counts, strict=True)}, n
+
+
+def rg_score(acc_by_eps: Mapping[float, float] | Sequence[float]) -> float:
+    """The paper's robustness-and-generalization score: the sum of the accuracies (%)."""
+    values = acc_by_eps.values() if isinstance(acc_by_eps, Mapping) else acc_by_eps
+    return float(sum(float(v) for v in values))
+
+
+# ----------------------------------------------------------------------------- result
+def _fmt_eps(e: float) -> str:
+    return f"{e:g}"
+
+
+@dataclass
+class EvaluationResult:
+    """Outcome of :func:`evaluate`. Accuracies are percentages.
+
+    Attributes:
+        dataset: dataset name or None. n_samples: number of evaluated samples.
+        fgsm: ``{eps: accuracy}`` over the grid. rg: R&G score (sum of ``fgsm``).
+        clean: clean accuracy. pgd / apgd: ``{eps: accuracy}`` (empty when not run).
+        config: the settings used (clip, steps, batch size, device, seed, versions).
+    """
+
+    dataset: str | None
+    n_samples: int
+    fgsm: dict[float, float]
+    rg: float
+    clean: float
+    pgd: dict[float, float] = field(default_factory=dict)
+    apgd: dict[float, float] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict: ``{"dataset", "n_samples", "clean_accuracy", "fgsm": [{"eps",
+        "accuracy"}], "rg_score", "pgd": [...], "apgd": [...], "config"}``."""
+
+        def rows(d: dict[float, float]) -> list[dict[str, float]]:
+            return [{"eps": e, "accuracy": a} for e, a in d.items()]
+
+        return {
+            "dataset": self.dataset,
+            "n_samples": self.n_samples,
+            "clean_accuracy": self.clean,
+            "fgsm": rows(self.fgsm),
+            "rg_score": self.rg,
+            "pgd": rows(self.pgd),
+            "apgd": rows(self.apgd),
+            "config": dict(self.config),
+        }
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any]) -> EvaluationResult:
+        """Inverse of :meth:`to_dict` (e.g. to read back a written ``eval.json``)."""
+        try:
+            def table(key: str) -> dict[float, float]:
+                return {float(r["eps"]): float(r["accuracy"]) for r in doc.get(key, [])}
+
+            return cls(
+                dataset=doc.get("dataset"),
+                n_samples=int(doc["n_samples"]),
+                fgsm=table("fgsm"),
+                rg=float(doc["rg_score"]),
+                clean=float(doc["clean_accuracy"]),
+                pgd=table("pgd"),
+                apgd=table("apgd"),
+                config=dict(doc.get("config", {})),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise LsaUserError(f"not an evaluation result: {exc!r}") from None
+
+    def to_json(self, path: str) -> None:
+        """Writes :meth:`to_dict` as JSON to ``path`` (atomically)."""
+        atomic_write_json(path, self.to_dict())
+
+    def csv_rows(self) -> list[dict[str, Any]]:
+        """Rows ``{metric, eps, steps, value}``: one per FGSM ε, one ``rg_score``, PGD, APGD."""
+        out: list[dict[str, Any]] = [
+            {"metric": "fgsm_accuracy", "eps": e, "steps": 1, "value": a}
+            for e, a in self.fgsm.items()
+        ]
+        out.append({"metric": "rg_score", "eps": "", "steps": "", "value": self.rg})
+        for name, d in (("pgd", self.pgd), ("apgd", self.apgd)):
+            steps = self.config.get(f"{name}_steps", "")
+            out += [
+                {"metric": f"{name}_accuracy", "eps": e, "steps": steps, "value": a}
+                for e, a in d.items()
+            ]
+        return out
+
+    def to_csv(self, path: str) -> None:
+        """Writes :meth:`csv_rows` as CSV (header ``metric,eps,steps,value``) atomically."""
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=["metric", "eps", "steps", "value"])
+        writer.writeheader()
+        writer.writerows(self.csv_rows())
+        atomic_write_text(path, buf.getvalue())
+
+    def table(self) -> str:
+        """A text table in the paper's layout: ε columns, then R&G (FGSM row only).
+
+        One row per attack run (FGSM, then PGD-<steps> and APGD-CE-<steps> when evaluated);
+        ``-`` marks an ε at which an attack was not run.
+        """
+        name = self.dataset or "data"
+        eps_all = sorted(set(self.fgsm) | set(self.pgd) | set(self.apgd))
+        rows: list[tuple[str, dict[float, float], str]] = [
+            ("FGSM", self.fgsm, f"{self.rg:.2f}")
+        ]
+        if self.pgd:
+            rows.append((f"PGD-{self.config.get('pgd_steps', '?')}", self.pgd, ""))
+        if self.apgd:
+            rows.append((f"APGD-CE-{self.config.get('apgd_steps', '?')}", self.apgd, ""))
+        head = ["accuracy %"] + [_fmt_eps(e) for e in eps_all] + ["R&G"]
+        body = [
+            [label] + [f"{d[e]:.2f}" if e in d else "-" for e in eps_all] + [rg]
+            for label, d, rg in rows
+        ]
+        widths = [max(len(r[c]) for r in [head, *body]) for c in range(len(head))]
+
+        def fmt(r: list[str]) -> str:
+            first = r[0].ljust(widths[0])
+            rest = [v.rjust(w) for v, w in zip(r[1:], widths[1:], strict=True)]
+            return "  ".join([first, *rest]).rstrip()
+
+        norm = self.config.get("norm", "Linf")
+        title = f"Accuracy (%) on {name}, {self.n_samples} samples, {norm} attacks; eps columns"
+        return "\n".join([title, fmt(head), *(fmt(r) for r in body)])
+
+
+# ----------------------------------------------------------------------------- evaluate
+def _dataset_name(data: Any, dataset: str | None) -> str | None:
+    if dataset is not None:
+        if not isinstance(dataset, str):
+            raise LsaUserError(f"dataset must be a name, got {dataset!r}")
+        return dataset
+    info = getattr(data, "info", None)
+    return getattr(info, "name", None)
+
+
+def _resolve_clip(data: Any, dataset: str | None, clip: Any) -> tuple[float, float] | None:
+    if not (isinstance(clip, str) and clip == "auto"):
+        if clip is None:
+            return None
+        try:
+            lo, hi = clip
+            lo, hi = float(lo), float(hi)
+        except (TypeError, ValueError):
+            raise LsaUserError(f"clip must be 'auto', None or (lo, hi), got {clip!r}") from None
+        if not lo < hi:
+            raise LsaUserError(f"clip must have lo < hi, got {clip!r}")
+        return (lo, hi)
+    info = getattr(data, "info", None)
+    if info is not None and hasattr(info, "data_range"):
+        rng = info.data_range
+        return None if rng is None else (float(rng[0]), float(rng[1]))
+    if dataset in _DATA_RANGES:
+        return _DATA_RANGES[dataset]
+    raise LsaUserError(
+        "cannot infer the data range: pass clip=(lo, hi) or clip=None, or a known dataset name "
+        f"({', '.join(_DATA_RANGES)})"
+    )
+
+
+def _eps_list(value: Any) -> tuple[float, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        value = (value,)
+    return _check_grid(value) if value else ()
+
+
+def evaluate(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    data: Any,
+    *,
+    dataset: str | None = None,
+    eps_grid: Sequence[float] | None = None,
+    clip: tuple[float, float] | None | str = "auto",
+    pgd_eps: float | Sequence[float] | None = None,
+    apgd_eps: float | Sequence[float] | None = None,
+    pgd_steps: int = 20,
+    apgd_steps: int = 100,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> EvaluationResult:
+    """FGSM accuracy over an ε grid, R&G score, and optional PGD / APGD-CE robust accuracy.
+
+    Args:
+        model: classifier returning logits ``[B, K]`` or ``[B, 1]`` (binary).
+        data: test data (see module docstring); a ``DataSplits`` also supplies ``dataset`` and
+            ``clip``.
+        dataset: name used to pick the default grid (:data:`EPS_GRIDS`) and data range.
+        eps_grid: FGSM ε values (default: the paper's grid for ``dataset``).
+        clip: ``"auto"`` (from ``data.info.data_range`` or the dataset name: ``None`` for moons,
+            ``(0, 1)`` for images), ``None`` or ``(lo, hi)``.
+        pgd_eps / apgd_eps: ε (or several) at which to report PGD / APGD robust accuracy;
+            ``None`` skips them. PGD is L∞ with ``pgd_steps`` steps (default 20), step
+            ``2.5·ε/steps`` and a random start; APGD-CE uses ``apgd_steps`` (default 100) and one
+            restart (Croce & Hein's defaults).
+        batch_size, device: evaluation batch size and device (the model is moved there).
+        seed: seed of the PGD / APGD random starts.
+
+    Raises:
+        LsaUserError: unknown dataset without ``eps_grid`` / ``clip``, bad ε, empty data, NaN.
+    """
+    name = _dataset_name(data, dataset)
+    if eps_grid is None:
+        if name not in EPS_GRIDS:
+            raise LsaUserError(
+                f"no default eps grid for dataset {name!r}; pass eps_grid= or one of "
+                f"{', '.join(EPS_GRIDS)}"
+            )
+        eps_grid = EPS_GRIDS[name]
+    grid = _check_grid(eps_grid)
+    clip_range = _resolve_clip(data, name, clip)
+    pgd_list = _eps_list(pgd_eps)
+    apgd_list = _eps_list(apgd_eps)
+    batch_size = _check_batch_size(batch_size)
+    test = _unwrap(data)
+
+    fgsm, n = _fgsm_grid(model, test, grid, clip_range, batch_size, device)
+    clean = fgsm[0.0] if 0.0 in fgsm else accuracy(
+        model, test, batch_size=batch_size, device=device, desc="clean"
+    )
+    pgd: dict[float, float] = {}
+    for eps in pgd_list:
+        attack = PGD(model, eps, steps=pgd_steps, clip=clip_range, seed=seed)
+        pgd[eps] = accuracy(model, test, perturb=attack, batch_size=batch_size, device=device,
+                            desc=f"PGD-{pgd_steps} eps={eps:g}")
+    apgd: dict[float, float] = {}
+    for eps in apgd_list:
+        attack = APGD(model, eps, steps=apgd_steps, clip=clip_range, seed=seed)
+        apgd[eps] = accuracy(model, test, perturb=attack, batch_size=batch_size, device=device,
+                             desc=f"APGD-{apgd_steps} eps={eps:g}")
+    config = {
+        "eps_grid": list(grid),
+        "clip": None if clip_range is None else list(clip_range),
+        "norm": "Linf",
+        "pgd_steps": pgd_steps,
+        "pgd_alpha": "2.5*eps/steps",
+        "pgd_random_start": True,
+        "apgd_steps": apgd_steps,
+        "apgd_restarts": 1,
+        "batch_size": batch_size,
+        "device": str(device),
+        "seed": seed,
+        "versions": _versions(),
+    }
+    result = EvaluationResult(
+        dataset=name, n_samples=n, fgsm=fgsm, rg=rg_score(fgsm), clean=clean,
+        pgd=pgd, apgd=apgd, config=config,
+    )
+    log.info("evaluation on %s: R&G %.2f, clean %.2f%%", name, result.rg, result.clean)
+    return result
+
+
+def _versions() -> dict[str, str]:
+    from lsa_ext import __version__
+
+    return {"lsa_ext": __version__, "torch": torch.__version__}
