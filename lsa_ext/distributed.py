@@ -124,17 +124,21 @@ def _env_int(name: str, default: int | None = None) -> int:
         raise LsaUserError(f"environment variable {name}={raw!r} is not an integer") from None
 
 
-def _resolve_device(device: str | torch.device | None, local_rank: int) -> torch.device:
+def _resolve_device(device: str | torch.device | None, local_rank: int | None) -> torch.device:
+    """The device to compute on; ``local_rank`` None (a plain process) keeps a given index."""
     if device is None or str(device) == "auto":
-        kind = "cuda" if torch.cuda.is_available() else "cpu"
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         try:
-            kind = torch.device(device).type
+            dev = torch.device(device)
         except RuntimeError:
-            raise LsaUserError(f"unknown device {device!r}") from None
+            raise LsaUserError(f"unknown device {device!r}; use cpu, cuda or auto") from None
+    kind = dev.type
     if kind == "cuda":
         if not torch.cuda.is_available():
             raise LsaUserError("device 'cuda' was requested but CUDA is not available")
+        if local_rank is None:
+            return dev
         count = torch.cuda.device_count()
         if local_rank >= count:
             raise LsaUserError(
@@ -212,7 +216,7 @@ def init_from_env(
         _quiet(_CTX, quiet_non_main)
         return _CTX
     if not launched():
-        _CTX = DistContext(device=_resolve_device(device, 0))
+        _CTX = DistContext(device=_resolve_device(device, None))
         return _CTX
     if not dist.is_available():
         raise LsaUserError("this torch build has no torch.distributed support")
@@ -676,6 +680,8 @@ def _to_cpu(obj: Any) -> Any:
         return obj.detach().cpu()
     if isinstance(obj, Moments):
         return obj.cpu()
+    if callable(getattr(obj, "merge", None)) and callable(getattr(obj, "to", None)):
+        return obj.to("cpu")  # e.g. analysis.CMStats
     if isinstance(obj, Mapping):
         return type(obj)((k, _to_cpu(v)) for k, v in obj.items()) if isinstance(obj, dict) else {
             k: _to_cpu(v) for k, v in obj.items()}
