@@ -519,14 +519,18 @@ def reseed(perturbation: Any, seed: int) -> bool:
 def reseed_for_batch(perturbations: Mapping[str, Any], seed: int, index: int) -> None:
     """Makes batch ``index``'s randomness a function of ``(seed, index)`` only.
 
-    Reseeds each perturbation ``i`` with ``batch_seed(seed + i, index)`` and torch's global RNG
-    (all devices) with ``batch_seed(seed, index, "global")``. Call it before
+    Reseeds each perturbation ``i`` with ``batch_seed(s, index)``, where ``s`` is the
+    perturbation's own integer ``seed`` attribute if it has one (lsa_ext noises and attacks),
+    else ``seed + i``; and torch's global RNG (all devices) with
+    ``batch_seed(seed, index, "global")``. Call it before
     perturbing each global batch: then a run sharded over any number of ranks draws exactly the
     noise (and attack random starts) of a 1-process run. Call inside ``torch.random.fork_rng``
     if the caller's global RNG must be left untouched.
     """
     for i, p in enumerate(perturbations.values()):
-        reseed(p, batch_seed(seed + i, index))
+        own = getattr(p, "seed", None)
+        base = own if isinstance(own, int) and not isinstance(own, bool) else seed + i
+        reseed(p, batch_seed(base, index))
     torch.manual_seed(batch_seed(seed, index, "global"))
 
 
