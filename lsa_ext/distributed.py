@@ -41,7 +41,7 @@ import logging
 import math
 import os
 import pickle
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -516,22 +516,38 @@ def reseed(perturbation: Any, seed: int) -> bool:
     return False
 
 
-def reseed_for_batch(perturbations: Mapping[str, Any], seed: int, index: int) -> None:
-    """Makes batch ``index``'s randomness a function of ``(seed, index)`` only.
+@contextlib.contextmanager
+def batch_seeding(
+    perturbations: Mapping[str, Any], seed: int
+) -> Iterator[Callable[[int], None]]:
+    """Makes each batch's randomness a function of ``(seed, batch index)`` only.
 
-    Reseeds each perturbation ``i`` with ``batch_seed(s, index)``, where ``s`` is the
-    perturbation's own integer ``seed`` attribute if it has one (lsa_ext noises and attacks),
-    else ``seed + i``; and torch's global RNG (all devices) with
-    ``batch_seed(seed, index, "global")``. Call it before
-    perturbing each global batch: then a run sharded over any number of ranks draws exactly the
-    noise (and attack random starts) of a 1-process run. Call inside ``torch.random.fork_rng``
-    if the caller's global RNG must be left untouched.
+    Yields ``reseed_batch(k)``; call it before perturbing global batch ``k``. It reseeds each
+    perturbation ``i`` that has a ``reseed`` method (lsa_ext noises and attacks) with
+    ``batch_seed(s_i, k)`` — ``s_i`` is the perturbation's own integer ``seed`` attribute as
+    it was on entry, else ``seed + i`` — and torch's global RNG (all devices) with
+    ``batch_seed(seed, k, "global")`` (for callables drawing from it). Then a run whose batches
+    are split over any number of ranks draws exactly the noise and attack random starts of a
+    1-process run. On exit the perturbations are reseeded with their own seeds (a fresh
+    stream, as when built); use inside ``torch.random.fork_rng`` to keep the caller's global
+    RNG.
     """
-    for i, p in enumerate(perturbations.values()):
-        own = getattr(p, "seed", None)
-        base = own if isinstance(own, int) and not isinstance(own, bool) else seed + i
-        reseed(p, batch_seed(base, index))
-    torch.manual_seed(batch_seed(seed, index, "global"))
+    items = list(perturbations.values())
+    owns = [getattr(p, "seed", None) for p in items]
+    owns = [o if isinstance(o, int) and not isinstance(o, bool) else None for o in owns]
+    bases = [seed + i if o is None else o for i, o in enumerate(owns)]
+
+    def reseed_batch(index: int) -> None:
+        for p, base in zip(items, bases, strict=True):
+            reseed(p, batch_seed(base, index))
+        torch.manual_seed(batch_seed(seed, index, "global"))
+
+    try:
+        yield reseed_batch
+    finally:
+        for p, own in zip(items, owns, strict=True):
+            if own is not None:
+                reseed(p, own)
 
 
 def batch_slice(n: int, rank_: int | None = None, world: int | None = None) -> slice:
@@ -886,7 +902,7 @@ __all__ = [
     "rank",
     "rank_prefix",
     "reseed",
-    "reseed_for_batch",
+    "batch_seeding",
     "rng_scope",
     "shard_batch",
     "shard_range",

@@ -260,9 +260,11 @@ class _Noise:
     """Draws from a private generator (like lsa_ext noises/attacks) and can be reseeded."""
 
     def __init__(self, seed: int) -> None:
+        self.seed = seed
         self.g = torch.Generator().manual_seed(seed)
 
     def reseed(self, seed: int) -> None:
+        self.seed = seed
         self.g.manual_seed(seed)
 
     def __call__(self, x, y):
@@ -273,12 +275,15 @@ def test_reseed_for_batch_makes_noise_independent_of_sharding():
     x = torch.zeros(12, 3)
     batches = list(torch.split(x, 4))
 
-    def run(order):  # perturb the batches with the given indices, in that order
-        perts = {"a": _Noise(0), "b": _Noise(1), "global": lambda x, y: x + torch.rand(x.shape)}
+    def run(order, own_seed=0):  # perturb the batches with the given indices, in that order
+        perts = {"a": _Noise(own_seed), "b": _Noise(1),
+                 "global": lambda x, y: x + torch.rand(x.shape)}
         out = {}
-        for k in order:
-            distributed.reseed_for_batch(perts, seed=5, index=k)
-            out[k] = [p(batches[k], None) for p in perts.values()]
+        with distributed.batch_seeding(perts, seed=5) as reseed_batch:
+            for k in order:
+                reseed_batch(k)
+                out[k] = [p(batches[k], None) for p in perts.values()]
+        assert perts["a"].seed == own_seed  # own seeds restored on exit
         return out
 
     one = run([0, 1, 2])
@@ -287,6 +292,7 @@ def test_reseed_for_batch_makes_noise_independent_of_sharding():
         for a, b in zip(got, one[k], strict=True):
             assert torch.equal(a, b)
     assert not torch.equal(one[0][0], one[1][0])  # different batches, different noise
+    assert not torch.equal(run([0], own_seed=9)[0][0], one[0][0])  # the object's seed counts
     assert distributed.reseed(object(), 1) is False
 
 
