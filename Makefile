@@ -35,7 +35,7 @@ test: build lint
 	$(PY) -m pytest -q tests
 
 demo: build
-	$(VENV)/bin/lsa demo
+	$(VENV)/bin/lsa analyze
 
 bench: build
 	$(PY) benchmarks/run_all.py

@@ -5,6 +5,7 @@ Fused ops (C++/CUDA, registered as ``torch.ops.lsa_ext.*``) under a thin Python 
 
 from __future__ import annotations
 
+from lsa_ext.analysis import AnalysisResult, analyze
 from lsa_ext.ops import (
     backend,
     relative_error,
@@ -12,14 +13,21 @@ from lsa_ext.ops import (
     sq_sums,
     sq_sums_multi,
 )
+from lsa_ext.training import TrainConfig, Trainer, lr_term, train
 
 __version__ = "0.1.0"
 
 __all__ = [
     "__version__",
+    "AnalysisResult",
+    "analyze",
     "backend",
     "relative_error",
     "relative_error_multi",
     "sq_sums",
     "sq_sums_multi",
+    "Trainer",
+    "TrainConfig",
+    "lr_term",
+    "train",
 ]

@@ -60,8 +60,9 @@ def select_layers(model: nn.Module, spec: LayerSpec = "activations") -> list[str
                 hits = [n for n, _ in named if fnmatch.fnmatchcase(n, item)]
                 if not hits:
                     raise LsaUserError(
-                        f"no layer named {item!r} in {type(model).__name__}; "
-                        f"available: {', '.join(n for n, _ in named[:40])}"
+                        f"no layer named {item!r} in {type(model).__name__} (kinds: "
+                        f"{', '.join([*KINDS, 'leaves'])}); layers: "
+                        f"{', '.join(n for n, _ in named[:40])}"
                         + (" …" if len(named) > 40 else "")
                     )
             keep.update(hits)

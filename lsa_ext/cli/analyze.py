@@ -1,16 +1,221 @@
-"""`lsa analyze` (not implemented yet)."""
+"""``lsa analyze``: Layer Sustainability Analysis (PAPER.md Algorithm 2) from the command line.
+
+With no arguments: Model B on the embedded 8×8 digits, trained for a few epochs (or reused from
+the cache), the test set perturbed by Gaussian, salt, pepper and speckle noise, FGSM and PGD
+(ε = 0.1), relative error per layer (the ReLUs), MVL with η = 1. Prints the per-layer table and
+the MVL and writes ``report.json``, ``layers.csv`` and ``lsa.png`` into ``--out`` (``./lsa-out``).
+
+Trained models are cached in ``$LSA_CACHE_DIR``, else ``$XDG_CACHE_HOME/lsa_ext``, else
+``~/.cache/lsa_ext``, as ``<model>-<dataset>-seed<seed>-ep<epochs>.pt`` (a state dict, read back
+with ``weights_only=True``); ``--no-cache`` trains afresh and writes nothing there.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import re
+import sys
+from pathlib import Path
 
 from lsa_ext.errors import LsaUserError
 
+log = logging.getLogger("lsa_ext.cli.analyze")
+
+DEFAULT_PERTURBATIONS = "gaussian,salt,pepper,speckle,fgsm,pgd"
+DEFAULT_EPOCHS = {"moons": 30, "digits": 15, "mnist": 2, "cifar10": 10}
+DEFAULT_EPS = {"cifar10": 8 / 255}
+CSV_NAME, JSON_NAME, PNG_NAME = "layers.csv", "report.json", "lsa.png"
+DESCRIPTION = """\
+Layer Sustainability Analysis: compare every probed layer's clean and perturbed representations
+and list the most vulnerable layers (MVL: mean CM - mu > eta * sigma).
+
+With no arguments: Model B on the embedded 8x8 digits (trained in seconds, then cached),
+Gaussian, salt, pepper and speckle noise, FGSM and PGD (eps 0.1), relative error at every ReLU.
+Writes report.json, layers.csv and lsa.png into --out.
+
+examples:
+  lsa analyze
+  lsa analyze --perturbations "gaussian:std=0.2,fgsm:eps=0.05,pgd:eps=0.05,steps=20" --eta 0.5
+  lsa analyze --layers learnable --measure cosine --out runs/cos
+  lsa analyze --dataset mnist --data-dir ~/data/mnist --max-samples 2000
+  lsa analyze --model mypkg.nets:make_net --checkpoint net.pt --layers "block*.act"
+
+Trained models are cached in $LSA_CACHE_DIR, else $XDG_CACHE_HOME/lsa_ext, else
+~/.cache/lsa_ext (--no-cache: train afresh, write nothing there).
+"""
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("analyze", help="(not implemented yet)")
+    p = sub.add_parser(
+        "analyze",
+        help="per-layer sustainability analysis (CM per layer, MVL) of a model",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--dataset", default="digits",
+                   help="moons, digits, mnist or cifar10 (default: digits)")
+    p.add_argument("--data-dir", default=None,
+                   help="folder with the MNIST IDX / CIFAR-10 python files (no download)")
+    p.add_argument("--model", default=None,
+                   help="model_a, model_b, vgg19, wrn28_10 or package.module:factory "
+                        "(default: the paper's model for the dataset)")
+    p.add_argument("--checkpoint", default=None,
+                   help="state dict to load (weights_only); skips training")
+    p.add_argument("--layers", default="activations",
+                   help="probes: activations, learnable, leaves, names or globs, comma-separated "
+                        "(default: activations)")
+    p.add_argument("--perturbations", default=DEFAULT_PERTURBATIONS,
+                   help="comma-separated specs, e.g. 'gaussian:std=0.1,fgsm:eps=0.1,pgd:steps=20' "
+                        f"(default: {DEFAULT_PERTURBATIONS}); also salt_pepper, fast, trades, "
+                        "apgd")
+    p.add_argument("--eps", type=float, default=None,
+                   help="attack budget ε (L∞) where a spec sets none (default: 0.1; cifar10 8/255)")
+    p.add_argument("--measure", default="relative_error",
+                   help="relative_error, mse, cosine or relative_linf (default: relative_error)")
+    p.add_argument("--eta", type=float, default=1.0, help="MVL cut-off η (default: 1.0)")
+    p.add_argument("--batch-size", type=int, default=128, help="batch size (default: 128)")
+    p.add_argument("--max-samples", type=int, default=None,
+                   help="analyze only the first N test samples (default: all)")
+    p.add_argument("--mode", default="concat", choices=("concat", "two_pass"),
+                   help="paired capture: concat (default) or two_pass (batch-coupled models)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--seed", type=int, default=0, help="seed of data, training, noise (default 0)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="training epochs when no checkpoint is given "
+                        f"(default: {', '.join(f'{k} {v}' for k, v in DEFAULT_EPOCHS.items())})")
+    p.add_argument("--out", default="lsa-out", help="output folder (default: ./lsa-out)")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the model cache")
+    p.add_argument("--no-plot", action="store_true", help="skip lsa.png")
     p.set_defaults(func=run)
 
 
+def cache_dir() -> Path:
+    """``$LSA_CACHE_DIR``, else ``$XDG_CACHE_HOME/lsa_ext``, else ``~/.cache/lsa_ext``."""
+    if os.environ.get("LSA_CACHE_DIR"):
+        return Path(os.environ["LSA_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "lsa_ext"
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise LsaUserError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LsaUserError("device 'cuda' requested but CUDA is not available")
+    return dev
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if args.eps is not None and not args.eps >= 0:
+        raise LsaUserError(f"--eps must be >= 0, got {args.eps}")
+    if args.batch_size < 1:
+        raise LsaUserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.epochs is not None and args.epochs < 0:
+        raise LsaUserError(f"--epochs must be >= 0, got {args.epochs}")
+    if args.max_samples is not None and args.max_samples < 1:
+        raise LsaUserError(f"--max-samples must be >= 1, got {args.max_samples}")
+    if args.eta != args.eta:
+        raise LsaUserError("--eta must be a number")
+
+
+def _trained_model(args, splits, model_name: str, epochs: int, device):
+    """Builds the model; loads --checkpoint, or the cache, or trains (and caches)."""
+    import torch
+
+    from lsa_ext.io import atomic_write_with
+    from lsa_ext.models import build_model, load_weights
+    from lsa_ext.probes import select_layers
+
+    model = build_model(model_name, splits.info, seed=args.seed)
+    select_layers(model, args.layers)  # a typo fails here, before any training
+    if args.checkpoint:
+        load_weights(model, args.checkpoint)
+        return model, "checkpoint"
+    key = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{model_name}-{splits.info.name}")
+    path = cache_dir() / f"{key}-seed{args.seed}-ep{epochs}.pt"
+    if not args.no_cache and path.is_file():
+        try:
+            load_weights(model, path)
+            log.info("reusing cached model %s", path)
+            return model, "cache"
+        except LsaUserError as exc:
+            log.warning("ignoring unusable cached model %s: %s", path, exc)
+            model = build_model(model_name, splits.info, seed=args.seed)
+    from lsa_ext.training import fit
+
+    fit(model, splits.train, epochs=epochs, batch_size=args.batch_size, seed=args.seed,
+        device=str(device))
+    if not args.no_cache:
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        try:
+            atomic_write_with(path, lambda fh: torch.save(state, fh))
+        except OSError as exc:
+            log.warning("could not write the model cache %s: %s", path, exc)
+    return model, "trained"
+
+
 def run(args: argparse.Namespace) -> int:
-    raise LsaUserError("'lsa analyze' is not implemented yet")
+    _check_args(args)
+    import lsa_ext
+    from lsa_ext.data import load_dataset
+    from lsa_ext.measures import get_measure
+    from lsa_ext.models import DEFAULT_MODEL
+
+    get_measure(args.measure)  # fail on a bad name before any training
+    device = _device(args.device)
+    splits = load_dataset(args.dataset, args.data_dir, seed=args.seed)
+    info = splits.info
+    model_name = args.model or DEFAULT_MODEL[info.name]
+    epochs = args.epochs if args.epochs is not None else DEFAULT_EPOCHS.get(info.name, 10)
+    eps = args.eps if args.eps is not None else DEFAULT_EPS.get(info.name, 0.1)
+    # parse the perturbation specs and layers up front, so typos fail before training
+    from lsa_ext.analysis import build_perturbations, parse_perturbation_specs, perturbation_names
+
+    for name, _ in parse_perturbation_specs(args.perturbations):
+        if name not in perturbation_names():
+            raise LsaUserError(
+                f"unknown perturbation {name!r}; choices: {', '.join(perturbation_names())}"
+            )
+    model, source = _trained_model(args, splits, model_name, epochs, device)
+    model.to(device)
+    perts = build_perturbations(args.perturbations, model=model, clip=info.data_range, eps=eps,
+                                seed=args.seed)
+    n_test = len(splits.test) if args.max_samples is None else min(args.max_samples,
+                                                                   len(splits.test))
+    print(f"LSA: {model_name} on {info.name} ({source}"
+          + (f", {epochs} epochs" if source != "checkpoint" else "")
+          + f"), {n_test} test samples; device {device}",
+          file=sys.stderr)
+    config = {
+        "dataset": info.name,
+        "data_dir": args.data_dir,
+        "model": model_name,
+        "checkpoint": args.checkpoint,
+        "epochs": None if args.checkpoint else epochs,
+        "test_samples": n_test,
+    }
+    result = lsa_ext.analyze(
+        model, splits.test, perts, layers=args.layers, measure=args.measure,
+        batch_size=args.batch_size, device=device, seed=args.seed, clip=info.data_range,
+        eps=eps, mode=args.mode, max_samples=args.max_samples, config=config,
+    )
+    out = Path(args.out)
+    result.to_json(out / JSON_NAME, eta=args.eta)
+    result.to_csv(out / CSV_NAME, eta=args.eta)
+    if not args.no_plot:
+        result.plot(out / PNG_NAME, eta=args.eta,
+                    title=f"LSA: {result.measure.replace('_', ' ')} per layer\n{model_name} on "
+                          f"{info.name}, {n_test} test samples, clean accuracy "
+                          f"{100 * (result.accuracy or {}).get('clean', float('nan')):.1f}%")
+    print(result.format_table(args.eta))
+    files = [JSON_NAME, CSV_NAME] + ([] if args.no_plot else [PNG_NAME])
+    print(f"\nwrote {', '.join(str(out / f) for f in files)}")
+    return 0

@@ -1,16 +1,245 @@
-"""`lsa train` (not implemented yet)."""
+"""`lsa train`: normal, adversarial (FGSM/PGD/FAST/TRADES/APGD) and AT-LR training.
+
+Writes under ``--out``: ``config.json`` (the run's settings), ``last.pt`` after every epoch
+(atomically; the one before is kept as ``prev.pt``), ``history.json`` (per-epoch losses) and
+``model.pt`` (final weights, a plain state_dict) at the end. ``--resume`` continues from
+``--out/last.pt`` (or a given checkpoint) with the settings stored in it.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
+from typing import Any
 
 from lsa_ext.errors import LsaUserError
 
+# Training-attack ε per dataset when --eps is not given (stated in README/docs/results.md).
+DEFAULT_EPS = {"moons": 0.3, "digits": 0.2, "mnist": 0.3, "cifar10": 8 / 255}
+
+
+# --------------------------------------------------------------------------- shared options
+def add_data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    """--dataset, --data-dir, --model, --data-seed, --limit-train, --limit-test."""
+    g = p.add_argument_group("data and model")
+    g.add_argument("--dataset", default=None if required else "moons",
+                   help="moons, digits, mnist or cifar10 (default: moons)")
+    g.add_argument("--data-dir", default=None, help="folder with the MNIST/CIFAR-10 files")
+    g.add_argument("--model", default=None,
+                   help="model_a, model_b, vgg19, wrn28_10 or package.module:factory "
+                        "(default: the paper's model for the dataset)")
+    g.add_argument("--data-seed", type=int, default=0,
+                   help="seed of the data generation/split (default 0)")
+    g.add_argument("--limit-train", type=int, default=None, help="use a random training subset")
+    g.add_argument("--limit-test", type=int, default=None, help="use a random test subset")
+
+
+def load_data(dataset: str, data_dir: str | None, data_seed: int,
+              limit_train: int | None = None, limit_test: int | None = None):
+    """``lsa_ext.data.load_dataset`` with the CLI's options."""
+    from lsa_ext.data import load_dataset
+
+    opts: dict[str, Any] = {}
+    if limit_train is not None:
+        opts["limit_train"] = limit_train
+    if limit_test is not None:
+        opts["limit_test"] = limit_test
+    return load_dataset(dataset, data_dir, seed=data_seed, **opts)
+
+
+def default_model(dataset: str) -> str:
+    from lsa_ext.models import DEFAULT_MODEL
+
+    return DEFAULT_MODEL.get(dataset.lower().replace("-", "").replace("_", ""), "model_a")
+
+
+def parse_gamma(text: str) -> float | list[float]:
+    """``"0.5"`` → 0.5; ``"0.1,0.2"`` → [0.1, 0.2]."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise LsaUserError(f"--gamma must be a number or a comma-separated list, got {text!r}") \
+            from None
+    if not values:
+        raise LsaUserError("--gamma is empty")
+    return values[0] if len(values) == 1 else values
+
+
+def attack_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Attack parameters given on the command line (only those set)."""
+    kw: dict[str, Any] = {}
+    if args.steps is not None:
+        kw["steps"] = args.steps
+    if args.alpha is not None:
+        kw["alpha"] = args.alpha
+    if args.restarts is not None:
+        kw["n_restarts"] = args.restarts
+    return kw
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="(not implemented yet)")
+    p = sub.add_parser(
+        "train", help="train a model normally, adversarially, or with AT-LR",
+        description="Train with Algorithm 3 (AT-LR) or a base method. Checkpoints every epoch "
+                    "under --out; --resume continues a killed run bit for bit.",
+    )
+    add_data_args(p)
+    g = p.add_argument_group("adversarial training")
+    g.add_argument("--at", default="none", choices=("none", "fgsm", "pgd", "fast", "trades",
+                                                    "apgd"),
+                   help="base method (default none = normal training)")
+    g.add_argument("--eps", type=float, default=None,
+                   help="L∞ budget (default: 0.3 moons/mnist, 0.2 digits, 8/255 cifar10)")
+    g.add_argument("--steps", type=int, default=None,
+                   help="attack iterations (pgd/trades default 10, apgd 10 for training)")
+    g.add_argument("--alpha", type=float, default=None, help="attack step size")
+    g.add_argument("--restarts", type=int, default=None, help="APGD restarts (default 1)")
+    g.add_argument("--attack-mode", default="eval", choices=("eval", "train"),
+                   help="model mode while the attack runs (default eval)")
+    g.add_argument("--trades-beta", type=float, default=6.0, help="TRADES β (default 6)")
+    g = p.add_argument_group("layer-wise regularization (LR)")
+    g.add_argument("--lr-layers", default=None,
+                   help="regularized layers: comma-separated names or L<k> (k-th learnable "
+                        "layer), or 'mvl' (most vulnerable layers; see --mvl-report, --eta)")
+    g.add_argument("--mvl-report", default=None,
+                   help="with --lr-layers mvl: an 'lsa analyze' report.json to take the MVL "
+                        "from (default: analyze a normally trained copy on the fly)")
+    g.add_argument("--eta", type=float, default=1.0, help="MVL cut-off η (default 1.0)")
+    g.add_argument("--gamma", default="1.0",
+                   help="LR weight γ: one value, or one per layer comma-separated (default 1)")
+    g.add_argument("--full-clean-pass", action="store_true",
+                   help="run the whole clean forward for LR (default: stop after the last "
+                        "regularized layer unless TRADES needs clean logits)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=None, help="default 10")
+    g.add_argument("--batch-size", type=int, default=128, help="default 128")
+    g.add_argument("--optimizer", default="adam", choices=("adam", "adamw", "sgd"))
+    g.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--scheduler", default="none", choices=("none", "cosine", "step"))
+    g.add_argument("--seed", type=int, default=0, help="seed of init, order, attacks (default 0)")
+    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default="runs/train", help="output folder (default runs/train)")
+    g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
+                   help="continue from CHECKPOINT (default: --out/last.pt) with its settings; "
+                        "--epochs and --device may be changed")
     p.set_defaults(func=run)
 
 
+# --------------------------------------------------------------------------- run
 def run(args: argparse.Namespace) -> int:
-    raise LsaUserError("'lsa train' is not implemented yet")
+    from lsa_ext import checkpoint as ckpt
+    from lsa_ext.io import atomic_write_json
+    from lsa_ext.models import build_model
+    from lsa_ext.training import TrainConfig, Trainer
+
+    out = Path(args.out)
+    if args.resume is not None:
+        path = out / ckpt.LAST if args.resume == "auto" else Path(args.resume)
+        state = ckpt.load_checkpoint(path)
+        meta = state.get("meta") or {}
+        cfg = TrainConfig.from_dict(state["config"])
+        if args.epochs is not None:
+            cfg.epochs = args.epochs
+        cfg.device = args.device
+        data = load_data(meta["dataset"], args.data_dir or meta.get("data_dir"),
+                         meta.get("data_seed", 0), meta.get("limit_train"), meta.get("limit_test"))
+        model = build_model(meta["model"], data.info, seed=cfg.seed)
+        trainer = Trainer(model, data.train, cfg, out=out, meta=meta,
+                          on_epoch=_on_epoch(out))
+        trainer.load_state_dict(state)
+        print(f"resuming {trainer.run_name} from {path} after epoch {trainer.epoch}/{cfg.epochs}",
+              file=sys.stderr)
+    else:
+        data = load_data(args.dataset, args.data_dir, args.data_seed, args.limit_train,
+                         args.limit_test)
+        name = data.info.name
+        model_name = args.model or default_model(name)
+        model = build_model(model_name, data.info, seed=args.seed)
+        eps = args.eps if args.eps is not None else DEFAULT_EPS.get(name, 0.3)
+        layers = resolve_lr_layers(args, model, data, eps)
+        cfg = TrainConfig(
+            at=args.at, eps=float(eps), attack_kwargs=attack_kwargs(args),
+            attack_mode=args.attack_mode,
+            clip=None if data.info.data_range is None else list(data.info.data_range),
+            lr_layers=layers, gamma=parse_gamma(args.gamma), trades_beta=args.trades_beta,
+            full_clean_pass=args.full_clean_pass, epochs=args.epochs or 10,
+            batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
+            momentum=args.momentum, weight_decay=args.weight_decay, scheduler=args.scheduler,
+            seed=args.seed, device=args.device,
+        )
+        meta = {"dataset": name, "model": model_name, "data_dir": args.data_dir,
+                "data_seed": args.data_seed, "limit_train": args.limit_train,
+                "limit_test": args.limit_test}
+        trainer = Trainer(model, data.train, cfg, out=out, meta=meta, on_epoch=_on_epoch(out))
+        atomic_write_json(out / "config.json", {"config": cfg.to_dict(), "meta": meta})
+        print(f"training {trainer.run_name} ({model_name} on {name}, {len(data.train)} samples, "
+              f"{cfg.epochs} epochs) → {out}", file=sys.stderr)
+    trainer.fit()
+    import torch
+
+    from lsa_ext.io import atomic_write_with
+
+    atomic_write_with(out / "model.pt", lambda fh: torch.save(trainer.module.state_dict(), fh))
+    acc = _clean_accuracy(trainer.module, data.test, trainer.device)
+    last = trainer.history[-1] if trainer.history else {}
+    print(f"{trainer.run_name}: train loss {last.get('loss', float('nan')):.4f}, "
+          f"train acc {last.get('accuracy', float('nan')):.2f}%, clean test acc {acc:.2f}%")
+    print(f"checkpoint: {out / ckpt.LAST}  weights: {out / 'model.pt'}")
+    return 0
+
+
+def _on_epoch(out: Path):
+    from lsa_ext.io import atomic_write_json
+
+    def on_epoch(trainer, record) -> None:
+        atomic_write_json(out / "history.json", trainer.history)
+        print(f"epoch {record['epoch']}/{trainer.config.epochs}: "
+              + ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "epoch"),
+              file=sys.stderr)
+
+    return on_epoch
+
+
+def _clean_accuracy(model, test, device) -> float:
+    import torch
+
+    from lsa_ext.losses import predict
+
+    x, y = test.tensors[0], test.tensors[1]
+    was = model.training
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(y), 512):
+            correct += int((predict(model(x[i:i + 512].to(device))).cpu() == y[i:i + 512]).sum())
+    model.train(was)
+    return 100.0 * correct / max(len(y), 1)
+
+
+def resolve_lr_layers(args: argparse.Namespace, model, data, eps: float) -> list[str]:
+    """The LR layer names from --lr-layers (names, L<k>, or mvl)."""
+    from lsa_ext.training import mvl_from_report, mvl_on_the_fly, resolve_layers
+
+    spec = args.lr_layers
+    if spec is None or not spec.strip():
+        return []
+    if spec.strip().lower() == "mvl":
+        if args.at == "none":
+            raise LsaUserError("--lr-layers mvl needs an --at method other than 'none'")
+        if args.mvl_report:
+            names = mvl_from_report(args.mvl_report, args.eta)
+        else:
+            names = mvl_on_the_fly(
+                model, data.train, at=args.at, eps=eps,
+                clip=None if data.info.data_range is None else tuple(data.info.data_range),
+                eta=args.eta, epochs=args.epochs or 10, batch_size=args.batch_size, lr=args.lr,
+                optimizer=args.optimizer, seed=args.seed, device=args.device,
+            )
+        print(f"most vulnerable layers (η={args.eta}): {', '.join(names)}", file=sys.stderr)
+        return resolve_layers(model, names)
+    return resolve_layers(model, spec)
+

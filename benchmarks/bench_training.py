@@ -1,0 +1,217 @@
+"""AT-LR overhead: PGD-10 adversarial training with and without the LR term, side by side.
+
+Contenders, timed interleaved (base, LR, base, LR, ...) on the same data in one run:
+
+* Model B on 8×8 digits (1437 training images, batch 128): one full training epoch of
+  AT-PGD-10 vs AT-PGD-10-LR-L0 (Table 3's layer) vs LR on L0…L3 (every hidden learnable layer).
+* VGG-19 on a CIFAR-shaped batch (random ``[B, 3, 32, 32]``, default B = 32): one training
+  step of AT-PGD-10 vs AT-PGD-10-LR-L1 (Table 4's layer) vs LR on every conv layer.
+* The LR term's own cost: the fused ``relative_error_multi`` forward + backward on the captured
+  layer outputs of that step, and the same with the pure-PyTorch reference.
+
+Script (prints the table of benchmarks/README.md)::
+
+    .venv/bin/python benchmarks/bench_training.py [--repeats 5] [--vgg-batch 32] [--threads N]
+
+pytest-benchmark::
+
+    .venv/bin/python -m pytest benchmarks/bench_training.py --benchmark-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from lsa_ext import reference
+from lsa_ext.ops import relative_error_multi
+from lsa_ext.probes import Capture
+from lsa_ext.training import TrainConfig, Trainer, resolve_layers
+
+
+def _digits():
+    from lsa_ext.data import load_dataset
+
+    return load_dataset("digits", seed=0)
+
+
+def make_trainer(model_name: str, data_train, info, layers: list[str], eps: float,
+                 batch_size: int, device: str) -> Trainer:
+    """A PGD-10 trainer (Adam) with LR on ``layers`` (``[]``: the base method)."""
+    from lsa_ext.models import build_model
+
+    model = build_model(model_name, info, seed=0)
+    cfg = TrainConfig(at="pgd", eps=eps, clip=[0.0, 1.0], lr_layers=layers, epochs=1,
+                      batch_size=batch_size, device=device, seed=0)
+    return Trainer(model, data_train, cfg, progress=False)
+
+
+def epoch_fn(trainer: Trainer) -> Callable[[], None]:
+    """One epoch from the same starting weights/optimizer state every time (so contenders
+    never time differently trained models)."""
+    import copy
+
+    model0 = copy.deepcopy(trainer.module.state_dict())
+    opt0 = copy.deepcopy(trainer.optimizer.state_dict())
+    gen0 = trainer.loader_generator.get_state()
+
+    def run() -> None:
+        trainer.module.load_state_dict(model0)
+        trainer.optimizer.load_state_dict(opt0)
+        trainer.loader_generator.set_state(gen0)
+        trainer.epoch = 0
+        trainer.config.epochs = 1
+        trainer.train_epoch()
+
+    return run
+
+
+def step_fn(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    attack = trainer._attack_for_epoch(0)
+
+    def run() -> None:
+        loss, _ = trainer.loss(x, y, attack)
+        trainer.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        trainer.optimizer.step()
+        if x.is_cuda:
+            torch.cuda.synchronize()
+
+    return run
+
+
+def lr_op_fn(trainer: Trainer, x: torch.Tensor, impl: str) -> Callable[[], None]:
+    """Forward + backward of the CM reduction alone on the step's captured layer outputs."""
+    model = trainer.module
+    names = trainer.layers
+    with Capture(model, names) as cap:
+        model(x)
+    clean = [cap.outputs[n].detach() for n in names]
+    adv = [(c + 0.05 * torch.randn_like(c)) for c in clean]
+    fn = relative_error_multi if impl == "fused" else reference.relative_error_multi
+
+    def run() -> None:
+        a = [c.clone().requires_grad_() for c in clean]
+        b = [c.clone().requires_grad_() for c in adv]
+        fn(a, b, reduction="mean").sum().backward()
+
+    return run
+
+
+def interleaved(fns: dict[str, Callable[[], None]], repeats: int,
+                warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds of each callable per repeat, timing them round-robin ``repeats`` times."""
+    for f in fns.values():
+        for _ in range(warmup):
+            f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
+def digits_contenders(device: str = "cpu") -> tuple[dict[str, Callable[[], None]], dict]:
+    d = _digits()
+    base = make_trainer("model_b", d.train, d.info, [], 0.2, 128, device)
+    probe = base.module
+    one = resolve_layers(probe, "L0")
+    hidden = resolve_layers(probe, "L0,L1,L2,L3")
+    t1 = make_trainer("model_b", d.train, d.info, one, 0.2, 128, device)
+    t4 = make_trainer("model_b", d.train, d.info, hidden, 0.2, 128, device)
+    x = d.train.tensors[0][:128].to(device)
+    y = d.train.tensors[1][:128].to(device)
+    fns = {"base": epoch_fn(base), "LR-L0": epoch_fn(t1), "LR-L0..L3": epoch_fn(t4),
+           "step base": step_fn(base, x, y), "step LR-L0": step_fn(t1, x, y),
+           "step LR-L0..L3": step_fn(t4, x, y),
+           "op L0 fused": lr_op_fn(t1, x, "fused"), "op L0..L3 fused": lr_op_fn(t4, x, "fused"),
+           "op L0..L3 reference": lr_op_fn(t4, x, "reference")}
+    return fns, {"steps": len(range(0, len(d.train), 128))}
+
+
+def vgg_contenders(batch: int = 32, device: str = "cpu"):
+    from lsa_ext.data import DatasetInfo
+
+    info = DatasetInfo("cifar10", (3, 32, 32), 10, (0.0, 1.0))
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(batch, 3, 32, 32, generator=g).to(device)
+    y = torch.randint(0, 10, (batch,), generator=g).to(device)
+    data = (x, y)
+    base = make_trainer("vgg19", data, info, [], 8 / 255, batch, device)
+    from lsa_ext.probes import select_layers
+
+    convs = [n for n in select_layers(base.module, "learnable") if "conv" in n]
+    t1 = make_trainer("vgg19", data, info, resolve_layers(base.module, "L1"), 8 / 255, batch,
+                      device)
+    tall = make_trainer("vgg19", data, info, convs, 8 / 255, batch, device)
+    fns = {"base": step_fn(base, x, y), "LR-L1": step_fn(t1, x, y),
+           f"LR-all-{len(convs)}-convs": step_fn(tall, x, y),
+           "op L1 fused": lr_op_fn(t1, x, "fused"),
+           f"op {len(convs)} convs fused": lr_op_fn(tall, x, "fused"),
+           f"op {len(convs)} convs reference": lr_op_fn(tall, x, "reference")}
+    return fns
+
+
+def _table(title: str, res: dict[str, list[float]]) -> str:
+    """Median and minimum per contender (ms) and their ratios to the matching base."""
+    med = {k: statistics.median(v) for k, v in res.items()}
+    low = {k: min(v) for k, v in res.items()}
+    lines = [f"\n{title}", "",
+             "| contender | median ms | × base (median) | min ms | × base (min) |",
+             "|---|---|---|---|---|"]
+    for k in res:
+        b = "step base" if k.startswith("step") else "base"
+        lines.append(f"| {k} | {med[k] * 1e3:.1f} | {med[k] / med[b]:.3f} | "
+                     f"{low[k] * 1e3:.1f} | {low[k] / low[b]:.3f} |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- pytest-benchmark
+def test_digits_epoch_base(benchmark):
+    fns, _ = digits_contenders()
+    benchmark.pedantic(fns["base"], rounds=3, iterations=1, warmup_rounds=1)
+
+
+def test_digits_epoch_lr_l0(benchmark):
+    fns, _ = digits_contenders()
+    benchmark.pedantic(fns["LR-L0"], rounds=3, iterations=1, warmup_rounds=1)
+
+
+def test_digits_lr_op_fused(benchmark):
+    fns, _ = digits_contenders()
+    benchmark(fns["op L0..L3 fused"])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--vgg-repeats", type=int, default=3)
+    p.add_argument("--vgg-batch", type=int, default=32)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--skip-vgg", action="store_true")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
+          f"repeats {args.repeats} (digits) / {args.vgg_repeats} (VGG), interleaved; × base "
+          "compares with the base row of the same kind (epoch/step)")
+    fns, info = digits_contenders(args.device)
+    res = interleaved(fns, args.repeats)
+    print(_table(f"Model B, 8×8 digits: one AT-PGD-10 epoch ({info['steps']} steps of 128), "
+                 "one step on a fixed batch of 128 ('step' rows, × step base), and the CM "
+                 "fwd+bwd alone on that batch's captured outputs ('op' rows)", res))
+    if not args.skip_vgg:
+        res = interleaved(vgg_contenders(args.vgg_batch, args.device), args.vgg_repeats)
+        print(_table(f"VGG-19, one AT-PGD-10 training step, batch {args.vgg_batch}×3×32×32",
+                     res))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""Atomic, resumable training checkpoints (``.pt`` files loaded with ``weights_only=True``).
+
+A checkpoint is a plain ``dict`` of tensors and Python primitives (so ``torch.load(...,
+weights_only=True)`` accepts it)::
+
+    {"format": "lsa_ext.checkpoint", "version": 1,
+     "epoch": int,                 # completed epochs
+     "model": state_dict, "optimizer": state_dict, "scheduler": state_dict | None,
+     "rng": {"torch": ByteTensor, "cuda": [ByteTensor, ...], "numpy": {...},
+             "python": {...}, "loader": ByteTensor},
+     "config": {...}, "meta": {...}, "history": [{...}, ...]}
+
+Writing (:func:`save_checkpoint`) goes through :func:`lsa_ext.io.atomic_write_with`: the file is
+written to a temporary name, fsynced and renamed, so a crash (even SIGKILL) at any moment leaves
+either the previous complete file or the new complete file, never half of one. With
+``keep_previous=True`` the file being replaced is first hard-linked (or copied) to
+``prev.pt`` next to it, so one older good checkpoint survives as well.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lsa_ext.errors import LsaUserError
+from lsa_ext.io import atomic_write_with
+
+log = logging.getLogger("lsa_ext.checkpoint")
+
+FORMAT = "lsa_ext.checkpoint"
+VERSION = 1
+LAST = "last.pt"
+PREVIOUS = "prev.pt"
+
+
+# --------------------------------------------------------------------------- RNG states
+def capture_rng_state(loader_generator: torch.Generator | None = None) -> dict[str, Any]:
+    """The global RNG states (torch, CUDA, numpy, Python ``random``) and a loader generator's,
+    as tensors and plain types (loadable with ``weights_only=True``)."""
+    np_name, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
+        "numpy": {
+            "name": str(np_name),
+            "keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64).copy()),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "cached_gaussian": float(np_cached),
+        },
+        "python": {"version": int(py_version), "state": [int(v) for v in py_state],
+                   "gauss": None if py_gauss is None else float(py_gauss)},
+        "loader": None if loader_generator is None else loader_generator.get_state(),
+    }
+    return state
+
+
+def restore_rng_state(
+    state: dict[str, Any], loader_generator: torch.Generator | None = None
+) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    n = state["numpy"]
+    np.random.set_state(
+        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+         n["cached_gaussian"])
+    )
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    if loader_generator is not None and state.get("loader") is not None:
+        loader_generator.set_state(state["loader"])
+
+
+# --------------------------------------------------------------------------- save / load
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any],
+                    keep_previous: bool = True) -> Path:
+    """Writes ``state`` (a checkpoint dict, see the module docstring) to ``path`` atomically.
+
+    With ``keep_previous`` an existing ``path`` is kept as ``prev.pt`` in the same folder
+    (hard link, or a copy where links are not supported) before being replaced.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"format": FORMAT, "version": VERSION, **state}
+    if keep_previous and path.exists():
+        prev = path.with_name(PREVIOUS)
+        tmp = path.with_name(f".{PREVIOUS}.tmp")
+        try:
+            if tmp.exists():
+                tmp.unlink()
+            try:
+                os.link(path, tmp)
+            except OSError:
+                shutil.copyfile(path, tmp)
+            os.replace(tmp, prev)
+        except OSError as exc:  # keeping the older copy is a convenience, never fatal
+            log.warning("could not keep the previous checkpoint as %s: %s", prev, exc)
+    atomic_write_with(path, lambda fh: torch.save(state, fh))
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """Loads a checkpoint written by :func:`save_checkpoint` (``weights_only=True``).
+
+    Raises:
+        LsaUserError: the file is missing, truncated, corrupt, or not an lsa_ext checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise LsaUserError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - every load failure here is a bad file
+        hint = ""
+        prev = path.with_name(PREVIOUS)
+        if path.name != PREVIOUS and prev.is_file():
+            hint = f"; an older checkpoint is kept at {prev} (resume with --resume {prev})"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LsaUserError(
+            f"checkpoint {path} is truncated or corrupt and cannot be loaded ({first}){hint}"
+        ) from exc
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise LsaUserError(f"{path} is not an lsa_ext training checkpoint")
+    if state.get("version", 0) > VERSION:
+        raise LsaUserError(
+            f"checkpoint {path} has format version {state.get('version')}, newer than this "
+            f"lsa_ext ({VERSION}); upgrade lsa_ext"
+        )
+    return state
+
+
+def model_state_from_file(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
+    """A model ``state_dict`` from a training checkpoint or from a plain saved state_dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise LsaUserError(f"checkpoint {path} does not exist")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - every load failure is a user-facing file problem
+        raise LsaUserError(f"cannot load {path}: truncated, corrupt or not a torch file "
+                           f"({type(exc).__name__})") from exc
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        return obj["model"]
+    if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
+    raise LsaUserError(f"{path} holds neither an lsa_ext checkpoint nor a model state_dict")

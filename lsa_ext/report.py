@@ -1,0 +1,209 @@
+"""Report writers: JSON, CSV, plain-text tables and figures (matplotlib, Agg backend).
+
+All files are written atomically (:mod:`lsa_ext.io`). Reports hold no timestamps or paths of
+the machine, so the same settings and seed give byte-identical ``report.json`` files.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import platform
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from lsa_ext.io import atomic_write_json, atomic_write_text, atomic_write_with
+
+if TYPE_CHECKING:  # pragma: no cover
+    from lsa_ext.analysis import AnalysisResult
+
+SCHEMA = "lsa_ext.analysis/1"
+
+
+def versions() -> dict[str, str]:
+    """Versions of lsa_ext, torch, numpy and Python."""
+    import torch
+
+    import lsa_ext
+
+    return {
+        "lsa_ext": lsa_ext.__version__,
+        "torch": torch.__version__.split("+")[0],
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _finite(v: float) -> float | None:
+    return float(v) if math.isfinite(v) else None
+
+
+def analysis_report(result: AnalysisResult, eta: float) -> dict[str, Any]:
+    """The JSON-serialisable report of an analysis (schema: README, "report.json")."""
+    mean, std, count = result.mean, result.std, result.count
+    perts: dict[str, Any] = {}
+    mvl_layers: dict[str, list[str]] = {}
+    mvl_stats: dict[str, Any] = {}
+    ranking = result.ranking()
+    for p, name in enumerate(result.perturbations):
+        perts[name] = {
+            "description": result.config.get("perturbations", {}).get(name, name),
+            "mean": [_finite(v) for v in mean[p]],
+            "std": [_finite(v) for v in std[p]],
+            "count": [int(c) for c in count[p]],
+        }
+        d = result.mvl_detail(name, eta)
+        mvl_layers[name] = [result.layers[i] for i in d.layers]
+        mvl_stats[name] = {"mu": d.mu, "sigma": d.sigma, "threshold": d.threshold}
+    return {
+        "schema": SCHEMA,
+        "measure": result.measure,
+        "layers": list(result.layers),
+        "perturbations": perts,
+        "mvl": {"eta": float(eta), "layers": mvl_layers, "stats": mvl_stats},
+        "ranking": ranking,
+        "accuracy": result.accuracy,
+        "config": result.config,
+        "versions": versions(),
+    }
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Writes ``obj`` as indented JSON atomically."""
+    atomic_write_json(path, obj)
+
+
+def write_analysis_csv(result: AnalysisResult, path: str | os.PathLike, eta: float) -> None:
+    """One row per (perturbation, layer): perturbation, layer_index, layer, mean, std, count,
+    rank (1 = most vulnerable for that perturbation), in_mvl (0/1 for ``eta``)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["perturbation", "layer_index", "layer", "mean", "std", "count", "rank", "in_mvl"])
+    mvl = result.mvl(eta)
+    ranking = result.ranking()
+    for p, name in enumerate(result.perturbations):
+        ranks = {layer: r + 1 for r, layer in enumerate(ranking[name])}
+        for i, layer in enumerate(result.layers):
+            w.writerow([
+                name, i, layer, repr(float(result.mean[p, i])), repr(float(result.std[p, i])),
+                int(result.count[p, i]), ranks[layer], int(layer in mvl[name]),
+            ])
+    atomic_write_text(path, buf.getvalue())
+
+
+def format_analysis(result: AnalysisResult, eta: float) -> str:
+    """Plain-text table: one row per layer, one column of mean CM per perturbation; MVL rows
+    marked ``*`` per cell; followed by the MVL list per perturbation."""
+    names = result.perturbations
+    acc = result.accuracy
+    layer_w = max(len("layer") if acc is None else len("accuracy %"),
+                  *(len(s) for s in result.layers))
+    col_w = max(10, *(len(n) for n in names))
+    mvl = result.mvl(eta)
+    head = f"{'#':>3}  {'layer':<{layer_w}}  " + "  ".join(f"{n:>{col_w}}" for n in names)
+    title = (f"mean {result.measure} per layer (* = in MVL, eta={eta:g}); "
+             f"{int(result.count.max()) if result.count.size else 0} samples")
+    if acc is not None:
+        title += f"; clean accuracy {100 * acc['clean']:.2f}%"
+    lines = [title, head, "-" * len(head)]
+    for i, layer in enumerate(result.layers):
+        cells = []
+        for p, n in enumerate(names):
+            mark = "*" if layer in mvl[n] else " "
+            cells.append(f"{_fmt(result.mean[p, i]):>{col_w - 1}}{mark}")
+        lines.append(f"{i:>3}  {layer:<{layer_w}}  " + "  ".join(cells))
+    if acc is not None:
+        lines.append("-" * len(head))
+        lines.append(f"{'':>3}  {'accuracy %':<{layer_w}}  " + "  ".join(
+            f"{100 * acc[n]:>{col_w - 1}.2f} " for n in names))
+    lines.append("")
+    lines.append(f"Most vulnerable layers (mean CM - mu > eta*sigma, eta={eta:g}):")
+    for n in names:
+        d = result.mvl_detail(n, eta)
+        listed = ", ".join(mvl[n]) if mvl[n] else "(none)"
+        lines.append(f"  {n:<{col_w}}  {listed}   [mu={_fmt(d.mu)}, sigma={_fmt(d.sigma)}]")
+    return "\n".join(lines)
+
+
+def _fmt(v: float) -> str:
+    v = float(v)
+    if not math.isfinite(v):
+        return str(v)
+    if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e4):
+        return f"{v:.3e}"
+    return f"{v:.4f}"
+
+
+def wants_log_scale(values: np.ndarray, decades: float = 2.0) -> bool:
+    """True when the finite positive ``values`` span more than ``decades`` powers of ten."""
+    v = np.asarray(values, dtype=np.float64)
+    positive = v[np.isfinite(v) & (v > 0)]
+    return bool(positive.size > 0 and positive.max() / positive.min() > 10.0**decades)
+
+
+def plot_analysis(
+    result: AnalysisResult,
+    path: str | os.PathLike,
+    *,
+    eta: float | None,
+    title: str | None = None,
+    log_scale: bool | None = None,
+) -> None:
+    """Line plot of mean CM per layer, one line per perturbation (paper Fig. 2), as PNG.
+
+    MVL points (for ``eta``) are ringed; legend entries carry the accuracy under each
+    perturbation when known; a log y axis is used when ``log_scale`` is True, or when it is None
+    and the positive values span more than two decades.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    mean = result.mean
+    L = len(result.layers)
+    xs = np.arange(L)
+    if log_scale is None:
+        log_scale = wants_log_scale(mean)
+    width = min(16.0, max(8.5, 0.45 * L + 4.5))
+    fig = Figure(figsize=(width, 5.2), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    mvl = result.mvl(eta) if eta is not None else {}
+    acc = result.accuracy
+    markers = "osD^v<>ph*"
+    for p, name in enumerate(result.perturbations):
+        ys = mean[p].copy()
+        if log_scale:
+            ys = np.where(ys > 0, ys, np.nan)
+        label = name if acc is None else f"{name} (acc {100 * acc[name]:.1f}%)"
+        (line,) = ax.plot(xs, ys, marker=markers[p % len(markers)], ms=5, lw=1.8,
+                          label=label)
+        if mvl.get(name):
+            idx = [result.layers.index(s) for s in mvl[name]]
+            ax.scatter(xs[idx], ys[idx], s=150, facecolors="none",
+                       edgecolors=line.get_color(), linewidths=1.6, zorder=3)
+    if log_scale:
+        ax.set_yscale("log")
+    ax.set_xticks(xs)
+    rot = 0 if L <= 6 and max(len(s) for s in result.layers) <= 12 else 45
+    ax.set_xticklabels(result.layers, rotation=rot, ha="right" if rot else "center",
+                       fontsize=8 if L > 12 else 9)
+    ax.set_xlabel("layer (execution order)")
+    ax.set_ylabel(f"mean {result.measure.replace('_', ' ')} (CM)")
+    ax.set_title(title or f"Layer sustainability: {result.measure.replace('_', ' ')} per "
+                 "layer\nclean vs perturbed", fontsize=11)
+    ax.grid(True, which="major", alpha=0.35)
+    if log_scale:
+        ax.grid(True, which="minor", alpha=0.12)
+    handles, labels = ax.get_legend_handles_labels()
+    if eta is not None and any(mvl.values()):
+        from matplotlib.lines import Line2D
+
+        handles.append(Line2D([], [], ls="none", marker="o", ms=10, mfc="none", mec="0.3"))
+        labels.append(f"in MVL (η={eta:g})")
+    ax.legend(handles, labels, loc="center left", bbox_to_anchor=(1.01, 0.5),
+              frameon=False, fontsize=9)
+    fig.tight_layout()
+    atomic_write_with(path, lambda fh: fig.savefig(fh, format="png"))

@@ -1,0 +1,430 @@
+"""The paper's experiment protocol (Tables 2 and 3, Figs. 6 and 7) in one call.
+
+For a dataset, train: ``Normal``; each base AT method; each base AT method with LR on each
+learnable layer (``AT-<M>-LR-L<k>``). Evaluate every model against FGSM on the paper's ε grid,
+sum the accuracies into the R&G score, and write a table (paper layout), a CSV, a JSON, a bar
+chart of R&G (Fig. 6) and, for two-moons, the decision boundary of every model (Fig. 7).
+
+Settings (:data:`PROTOCOLS`; the paper does not state them, so they are our choices):
+
+* ``moons``: Model A, 2000 train / 1000 test points (noise 0.2), Adam lr 1e-3, batch 128,
+  50 epochs, training ε = 0.3, γ = 1 on one layer, methods FGSM, PGD-10, TRADES (β = 6,
+  10 steps), FAST; LR on L0…L2 (the hidden learnable layers, as the paper's rows).
+* ``digits`` (scikit-learn 8×8 digits, the offline stand-in for MNIST): Model B ("same"
+  padding), 1437 train / 360 test, Adam lr 1e-3, batch 128, 20 epochs, training ε = 0.2,
+  γ = 1, methods APGD-CE (10 iterations) as in Table 3; LR on L0…L3.
+
+Every run is cached under ``out/runs/<name>-s<seed>.{pt,json}``: a rerun with the same
+settings skips finished runs (so a killed reproduction continues where it stopped).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lsa_ext.errors import LsaUserError
+from lsa_ext.io import atomic_write_json, atomic_write_text, atomic_write_with
+from lsa_ext.progress import progress as progress_bar
+
+log = logging.getLogger("lsa_ext.reproduce")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """Settings of one reproduction (see the module docstring)."""
+
+    dataset: str
+    model: str
+    methods: tuple[str, ...]
+    eps: float
+    epochs: int
+    batch_size: int = 128
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    gamma: float = 1.0
+    eval_eps: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
+    attack_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    data_options: dict[str, Any] = field(default_factory=dict)
+    lr_layers: tuple[str, ...] | None = None  # None: every learnable layer
+
+
+PROTOCOLS: dict[str, Protocol] = {
+    "moons": Protocol("moons", "model_a", ("fgsm", "pgd", "trades", "fast"), eps=0.3,
+                      epochs=50),
+    "digits": Protocol("digits", "model_b", ("apgd",), eps=0.2, epochs=20),
+}
+
+# The paper's numbers (PAPER.md Tables 2 and 3) for side-by-side reports.
+PAPER: dict[str, dict[str, list[float]]] = {
+    "moons": {
+        "Normal": [97.07, 93.63, 82.5, 76.83, 63.79, 52.35],
+        "AT-FGSM": [95.86, 91.98, 87.88, 81.33, 70.54, 58.69],
+        "AT-PGD": [86.5, 83.89, 80.87, 76.61, 72.57, 60.02],
+        "AT-TRADES": [96.17, 93.06, 85.78, 74.2, 68.62, 59.68],
+        "AT-FAST": [94.32, 89.72, 84.91, 78.35, 70.18, 61.65],
+        "AT-FGSM-LR-L2": [93.98, 93.01, 89.12, 84.01, 75.15, 63.25],
+        "AT-PGD-LR-L2": [88.78, 86.93, 81.25, 77.01, 72.81, 66.58],
+        "AT-FAST-LR-L2": [92.91, 90.31, 86.26, 81.53, 75.09, 67.65],
+        "AT-TRADES-LR-L2": [96.67, 93.2, 86.56, 81.25, 79.5, 68.65],
+    },
+    "digits": {  # MNIST in the paper
+        "Normal": [98.82, 82.1, 47.2, 17.87, 6.96, 4.25],
+        "AT-APGD": [99.36, 98.54, 97.67, 96.97, 71.72, 33.73],
+        "AT-APGD-LR-L0": [98.97, 98.11, 97.36, 97.17, 94.6, 55.52],
+    },
+}
+
+
+@dataclass
+class RunResult:
+    """One trained and evaluated model."""
+
+    name: str
+    method: str
+    lr_layer: str | None
+    seed: int
+    accuracies: list[float]
+    rg: float
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class ReproduceResult:
+    """All runs of one reproduction; :meth:`summary` averages over seeds."""
+
+    protocol: Protocol
+    seeds: list[int]
+    runs: list[RunResult]
+    settings: dict[str, Any]
+
+    @property
+    def names(self) -> list[str]:
+        out: list[str] = []
+        for r in self.runs:
+            if r.name not in out:
+                out.append(r.name)
+        return out
+
+    def summary(self) -> list[dict[str, Any]]:
+        """Per run name: mean accuracies and R&G over seeds, and the R&G std."""
+        rows = []
+        for name in self.names:
+            rs = [r for r in self.runs if r.name == name]
+            acc = np.mean([r.accuracies for r in rs], axis=0)
+            rg = np.array([r.rg for r in rs])
+            rows.append({"name": name, "method": rs[0].method, "lr_layer": rs[0].lr_layer,
+                         "accuracies": [float(a) for a in acc], "rg": float(rg.mean()),
+                         "rg_std": float(rg.std()) if len(rg) > 1 else 0.0, "seeds": len(rs)})
+        return rows
+
+    def table(self) -> str:
+        """A Markdown table in the paper's layout (FGSM accuracy % per ε, then R&G)."""
+        eps = self.protocol.eval_eps
+        multi = len(self.seeds) > 1
+        head = ["training", *[_fmt_eps(e) for e in eps], "R&G"] + (["± std"] if multi else [])
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for row in self.summary():
+            cells = [row["name"], *[f"{a:.2f}" for a in row["accuracies"]], f"{row['rg']:.2f}"]
+            if multi:
+                cells.append(f"{row['rg_std']:.2f}")
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+    def comparison(self) -> str:
+        """Our R&G next to the paper's for the runs the paper reports."""
+        paper = PAPER.get(self.protocol.dataset, {})
+        ours = {r["name"]: r for r in self.summary()}
+        lines = ["| training | R&G here | R&G paper | Δ vs own base (here) | Δ vs base (paper) |",
+                 "|---|---|---|---|---|"]
+        for name, accs in paper.items():
+            mine = ours.get(name)
+            base = name.split("-LR-")[0]
+            d_here = (f"{mine['rg'] - ours[base]['rg']:+.2f}"
+                      if mine is not None and "-LR-" in name and base in ours else "")
+            d_paper = (f"{sum(accs) - sum(paper[base]):+.2f}"
+                       if "-LR-" in name and base in paper else "")
+            lines.append(f"| {name} | {mine['rg']:.2f} | {sum(accs):.2f} | {d_here} | "
+                         f"{d_paper} |" if mine else f"| {name} | — | {sum(accs):.2f} | | |")
+        return "\n".join(lines)
+
+    def to_csv(self, path: str | os.PathLike) -> None:
+        """One row per (run, seed): name, method, lr_layer, seed, acc@ε…, rg, seconds."""
+        eps = self.protocol.eval_eps
+        head = ["name", "method", "lr_layer", "seed", *[f"acc@{e:g}" for e in eps], "rg",
+                "seconds"]
+        lines = [",".join(head)]
+        for r in self.runs:
+            lines.append(",".join([r.name, r.method, r.lr_layer or "", str(r.seed),
+                                   *[f"{a:.4f}" for a in r.accuracies], f"{r.rg:.4f}",
+                                   f"{r.seconds:.2f}"]))
+        atomic_write_text(path, "\n".join(lines) + "\n")
+
+    def to_json(self, path: str | os.PathLike) -> None:
+        atomic_write_json(path, {
+            "protocol": _jsonable(dataclasses.asdict(self.protocol)),
+            "seeds": self.seeds, "settings": self.settings,
+            "runs": [r.to_dict() for r in self.runs], "summary": self.summary(),
+            "paper": PAPER.get(self.protocol.dataset, {}),
+        })
+
+
+def _fmt_eps(e: float) -> str:
+    return f"{e:g}"
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
+
+
+# --------------------------------------------------------------------------- evaluation
+def fgsm_accuracies(model: torch.nn.Module, test: Any, eps_grid: Sequence[float],
+                    clip: tuple[float, float] | None, device: str = "cpu") -> list[float]:
+    """FGSM accuracy (%) at each ε of ``eps_grid`` (ε = 0: clean), via lsa_ext.evaluation."""
+    from lsa_ext import evaluation
+
+    grid = evaluation.fgsm_accuracy_grid(model, test, eps_grid, clip=clip, device=device)
+    return [float(a) for a in grid.values()]
+
+
+# --------------------------------------------------------------------------- protocol
+def plan(protocol: Protocol, model: torch.nn.Module,
+         methods: Sequence[str] | None = None,
+         layers: Sequence[str] | None = None) -> list[tuple[str, str, str | None]]:
+    """``[(name, method, lr_layer)]``: Normal, each method, each method × each LR layer.
+
+    Default LR layers: every learnable layer except the output layer (the paper's rows for
+    Model A are L0–L2; the CM of a one-logit output is unbounded near the decision boundary).
+    """
+    from lsa_ext.probes import select_layers
+
+    methods = list(methods or protocol.methods)
+    if layers is None:
+        n = len(select_layers(model, "learnable"))
+        layers = protocol.lr_layers or [f"L{k}" for k in range(max(1, n - 1))]
+    out: list[tuple[str, str, str | None]] = [("Normal", "none", None)]
+    for m in methods:
+        out.append((f"AT-{m.upper()}", m, None))
+    for m in methods:
+        for layer in layers:
+            out.append((f"AT-{m.upper()}-LR-{layer}", m, layer))
+    return out
+
+
+def reproduce(
+    dataset: str,
+    *,
+    out: str | os.PathLike,
+    seeds: Sequence[int] = (0,),
+    quick: bool = False,
+    methods: Sequence[str] | None = None,
+    layers: Sequence[str] | None = None,
+    epochs: int | None = None,
+    eps: float | None = None,
+    gamma: float | None = None,
+    device: str = "cpu",
+    progress: bool | None = None,
+    figures: bool = True,
+    on_run: Callable[[RunResult, bool], None] | None = None,
+) -> ReproduceResult:
+    """Runs the paper's protocol for ``dataset`` (``"moons"`` or ``"digits"``).
+
+    Args:
+        out: output folder (``results.csv``, ``results.json``, ``table.md``, ``rg.png``,
+            ``boundaries.png`` for moons, ``runs/`` cache).
+        seeds: training seeds; the table averages over them (default ``(0,)``).
+        quick: a tiny version for tests (2 epochs, 256 training / 200 test samples).
+        methods, layers, epochs, eps, gamma: override the protocol's.
+        on_run: called as ``on_run(result, cached)`` after each run.
+
+    Returns:
+        :class:`ReproduceResult`.
+    """
+    from lsa_ext.data import load_dataset
+    from lsa_ext.models import build_model
+    from lsa_ext.training import TrainConfig, Trainer
+
+    key = dataset.strip().lower()
+    if key not in PROTOCOLS:
+        raise LsaUserError(f"no reproduction protocol for {dataset!r}; choose one of "
+                           f"{', '.join(PROTOCOLS)}")
+    proto = PROTOCOLS[key]
+    changes: dict[str, Any] = {}
+    if quick:
+        changes.update(epochs=2, data_options={"limit_train": 256, "limit_test": 200})
+    if epochs is not None:
+        changes["epochs"] = int(epochs)
+    if eps is not None:
+        changes["eps"] = float(eps)
+    if gamma is not None:
+        changes["gamma"] = float(gamma)
+    if methods is not None:
+        bad = [m for m in methods if m not in ("fgsm", "pgd", "fast", "trades", "apgd")]
+        if bad:
+            raise LsaUserError(f"unknown method(s) {bad}; choose from fgsm, pgd, fast, trades, "
+                               "apgd")
+        changes["methods"] = tuple(methods)
+    proto = dataclasses.replace(proto, **changes)
+    out = Path(out)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    data = load_dataset(proto.dataset, seed=0, **proto.data_options)
+    clip = data.info.data_range
+    runs_plan = plan(proto, build_model(proto.model, data.info, seed=0), proto.methods, layers)
+    seeds = [int(s) for s in seeds]
+    results: list[RunResult] = []
+    models: dict[str, torch.nn.Module] = {}
+    jobs = [(name, method, layer, seed) for seed in seeds for name, method, layer in runs_plan]
+    for name, method, layer, seed in progress_bar(jobs, desc=f"reproduce {key}",
+                                                   total=len(jobs), enabled=progress):
+        model = build_model(proto.model, data.info, seed=seed)
+        cfg = TrainConfig(
+            at=method, eps=proto.eps, attack_kwargs=dict(proto.attack_kwargs.get(method, {})),
+            clip=None if clip is None else list(clip),
+            lr_layers=[layer] if layer else [], gamma=proto.gamma if layer else 1.0,
+            epochs=proto.epochs,
+            batch_size=proto.batch_size, optimizer=proto.optimizer, lr=proto.lr, seed=seed,
+            device=device,
+        )
+        stem = out / "runs" / f"{name}-s{seed}"
+        settings = {"config": cfg.to_dict(), "model": proto.model, "dataset": proto.dataset,
+                    "data_options": proto.data_options, "eval_eps": list(proto.eval_eps)}
+        cached = _load_cached(stem, settings)
+        if cached is not None:
+            model.load_state_dict(cached[0])
+            result = cached[1]
+        else:
+            t0 = time.perf_counter()
+            Trainer(model, data.train, cfg, progress=progress).fit()
+            seconds = time.perf_counter() - t0
+            model.eval()
+            accs = fgsm_accuracies(model, data.test, proto.eval_eps, clip, device)
+            result = RunResult(name, method, layer, seed, accs, float(sum(accs)), seconds)
+            atomic_write_with(stem.with_suffix(".pt"),
+                              lambda fh, m=model: torch.save(m.state_dict(), fh))
+            atomic_write_json(stem.with_suffix(".json"),
+                              {"settings": _jsonable(settings), "result": result.to_dict()})
+        model.eval()
+        results.append(result)
+        if seed == seeds[0]:
+            models[name] = model.cpu()
+        if on_run is not None:
+            on_run(result, cached is not None)
+    res = ReproduceResult(proto, seeds, results, {"device": device, "quick": quick,
+                                                  "torch": torch.__version__})
+    res.to_csv(out / "results.csv")
+    res.to_json(out / "results.json")
+    atomic_write_text(out / "table.md", res.table() + "\n\n" + res.comparison() + "\n")
+    if figures:
+        plot_rg(res, out / "rg.png")
+        if data.info.name == "moons":
+            layout = [["Normal"]] + [[n for n, m, _ in runs_plan if m == method]
+                                     for method in proto.methods]
+            plot_boundaries(models, data.test, out / "boundaries.png", rows=layout)
+    return res
+
+
+def _load_cached(stem: Path, settings: dict[str, Any]) -> tuple[dict, RunResult] | None:
+    js, pt = stem.with_suffix(".json"), stem.with_suffix(".pt")
+    if not (js.is_file() and pt.is_file()):
+        return None
+    try:
+        saved = json.loads(js.read_text())
+        if saved.get("settings") != _jsonable(settings):
+            return None
+        state = torch.load(pt, map_location="cpu", weights_only=True)
+        return state, RunResult(**saved["result"])
+    except Exception as exc:  # noqa: BLE001 - a damaged cache entry is simply recomputed
+        log.warning("ignoring cached run %s: %s", stem, exc)
+        return None
+
+
+# --------------------------------------------------------------------------- figures
+_COLORS = {"none": "#7f7f7f", "fgsm": "#1f77b4", "pgd": "#d62728", "trades": "#2ca02c",
+           "fast": "#ff7f0e", "apgd": "#9467bd"}
+
+
+def plot_rg(res: ReproduceResult, path: str | os.PathLike) -> None:
+    """Bar chart of R&G per training (mean over seeds, std as error bar), like Fig. 6."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = res.summary()
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(rows) + 2), 4.2))
+    xs = np.arange(len(rows))
+    ax.bar(xs, [r["rg"] for r in rows], yerr=[r["rg_std"] for r in rows] if len(res.seeds) > 1
+           else None, color=[_COLORS.get(r["method"], "#333") for r in rows],
+           edgecolor=["black" if r["lr_layer"] else "none" for r in rows], capsize=2)
+    ax.set_xticks(xs, [r["name"].replace("AT-", "") for r in rows], rotation=60, ha="right",
+                  fontsize=8)
+    lo = min(r["rg"] for r in rows)
+    ax.set_ylim(max(0.0, lo - 40), max(r["rg"] for r in rows) + 15)
+    ax.set_ylabel("R&G (sum of FGSM accuracies, %)")
+    ax.set_title(f"R&G on {res.protocol.dataset} (ε = "
+                 f"{', '.join(_fmt_eps(e) for e in res.protocol.eval_eps)}; "
+                 f"{len(res.seeds)} seed{'s' if len(res.seeds) > 1 else ''})")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    atomic_write_with(path, lambda fh: fig.savefig(fh, format="png", dpi=120))
+    plt.close(fig)
+
+
+def plot_boundaries(models: dict[str, torch.nn.Module], test: Any,
+                    path: str | os.PathLike, resolution: int = 200,
+                    rows: Sequence[Sequence[str]] | None = None) -> None:
+    """Decision boundary of each two-moons model, one panel per model (like Fig. 7).
+
+    ``rows``: names per figure row (default: five per row in the given order)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lsa_ext.losses import log_probs
+
+    x, y = test.tensors[0], test.tensors[1]
+    lo = x.min(dim=0).values - 0.5
+    hi = x.max(dim=0).values + 0.5
+    gx, gy = torch.meshgrid(torch.linspace(float(lo[0]), float(hi[0]), resolution),
+                            torch.linspace(float(lo[1]), float(hi[1]), resolution), indexing="xy")
+    grid = torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=1)
+    names = list(models)
+    if rows is None:
+        rows = [names[i:i + 5] for i in range(0, len(names), 5)]
+    rows = [[n for n in r if n in models] for r in rows]
+    rows = [r for r in rows if r]
+    ncols = max(len(r) for r in rows)
+    nrows = len(rows)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.6 * ncols, 2.3 * nrows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    cells = [(axes[i, j], name) for i, r in enumerate(rows) for j, name in enumerate(r)]
+    for ax, name in cells:
+        with torch.no_grad():
+            p1 = log_probs(models[name](grid))[:, 1].exp().reshape(resolution, resolution)
+        ax.contourf(gx.numpy(), gy.numpy(), p1.numpy(), levels=20, cmap="RdBu_r", vmin=0,
+                    vmax=1, alpha=0.8)
+        ax.contour(gx.numpy(), gy.numpy(), p1.numpy(), levels=[0.5], colors="k", linewidths=1)
+        ax.scatter(x[:, 0].numpy(), x[:, 1].numpy(), c=y.numpy(), cmap="RdBu_r", s=2,
+                   edgecolors="none")
+        ax.set_title(name, fontsize=8)
+        ax.axis("on")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    atomic_write_with(path, lambda fh: fig.savefig(fh, format="png", dpi=110))
+    plt.close(fig)

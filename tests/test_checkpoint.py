@@ -1,0 +1,110 @@
+"""Checkpoints: round trip with weights_only=True, RNG states, corrupt files, previous copy."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lsa_ext import checkpoint as ckpt
+from lsa_ext import training
+from lsa_ext.errors import LsaUserError
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread is fastest (and fair on a shared machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _trainer(out, epochs=1, seed=0):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 8), nn.ELU(), nn.Linear(8, 1))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(48, 2, generator=g)
+    y = (x[:, 0] > 0).long()
+    cfg = training.TrainConfig(epochs=epochs, batch_size=16, scheduler="cosine", seed=seed)
+    return training.Trainer(model, (x, y), cfg, out=out, progress=False)
+
+
+def test_rng_state_round_trip_restores_every_generator():
+    gen = torch.Generator().manual_seed(5)
+    torch.manual_seed(1)
+    np.random.seed(2)
+    random.seed(3)
+    state = ckpt.capture_rng_state(gen)
+    want = (torch.rand(3), np.random.rand(3), random.random(), torch.rand(3, generator=gen))
+    torch.manual_seed(99)
+    np.random.seed(99)
+    random.seed(99)
+    gen.manual_seed(99)
+    ckpt.restore_rng_state(state, gen)
+    got = (torch.rand(3), np.random.rand(3), random.random(), torch.rand(3, generator=gen))
+    assert torch.equal(want[0], got[0])
+    assert np.array_equal(want[1], got[1])
+    assert want[2] == got[2]
+    assert torch.equal(want[3], got[3])
+
+
+def test_checkpoint_round_trip_weights_only(tmp_path):
+    tr = _trainer(tmp_path, epochs=2)
+    tr.fit()
+    state = torch.load(tmp_path / "last.pt", weights_only=True)  # plain types only
+    assert state["format"] == "lsa_ext.checkpoint" and state["epoch"] == 2
+    assert set(state) >= {"model", "optimizer", "scheduler", "rng", "config", "history"}
+    prev = ckpt.load_checkpoint(tmp_path / "prev.pt")
+    assert prev["epoch"] == 1
+    tr2 = _trainer(tmp_path / "other", epochs=2)
+    tr2.resume(tmp_path / "last.pt")
+    assert tr2.epoch == 2 and len(tr2.history) == 2
+    for k, v in tr.module.state_dict().items():
+        assert torch.equal(tr2.module.state_dict()[k], v)
+    assert tr2.scheduler.state_dict() == tr.scheduler.state_dict()
+    assert torch.equal(tr2.loader_generator.get_state(), tr.loader_generator.get_state())
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_corrupt_checkpoint_is_a_clear_user_error_and_prev_survives(tmp_path, damage):
+    tr = _trainer(tmp_path, epochs=2)
+    tr.fit()
+    last = tmp_path / "last.pt"
+    raw = last.read_bytes()
+    if damage == "truncate":
+        last.write_bytes(raw[: len(raw) // 2])
+    elif damage == "garbage":
+        last.write_bytes(b"not a checkpoint" * 10)
+    else:
+        last.write_bytes(b"")
+    with pytest.raises(LsaUserError, match=r"truncated or corrupt.*prev\.pt"):
+        ckpt.load_checkpoint(last)
+    assert ckpt.load_checkpoint(tmp_path / "prev.pt")["epoch"] == 1
+
+
+def test_failed_write_leaves_previous_checkpoint_intact(tmp_path):
+    tr = _trainer(tmp_path, epochs=1)
+    tr.fit()
+    before = (tmp_path / "last.pt").read_bytes()
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        ckpt.save_checkpoint(tmp_path / "last.pt", {"model": Boom()}, keep_previous=False)
+    assert (tmp_path / "last.pt").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+def test_not_a_checkpoint_and_missing_file(tmp_path):
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "plain.pt")
+    with pytest.raises(LsaUserError, match="not an lsa_ext training checkpoint"):
+        ckpt.load_checkpoint(tmp_path / "plain.pt")
+    assert set(ckpt.model_state_from_file(tmp_path / "plain.pt")) == {"weight"}
+    with pytest.raises(LsaUserError, match="does not exist"):
+        ckpt.load_checkpoint(tmp_path / "nope.pt")

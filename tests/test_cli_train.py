@@ -1,0 +1,157 @@
+"""`lsa train` / `lsa evaluate` end to end on tiny settings (in-process, exit codes, files)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lsa_ext import checkpoint as ckpt
+from lsa_ext.cli import main
+
+TINY = ["--dataset", "moons", "--limit-train", "200", "--limit-test", "100", "--batch-size",
+        "50", "--seed", "1"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread is fastest (and fair on a shared machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_train_writes_checkpoint_config_history_and_weights(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["train", *TINY, "--at", "fgsm", "--eps", "0.2", "--lr-layers", "L1,fc3",
+               "--gamma", "0.5,2", "--epochs", "2", "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "AT-FGSM-LR-L1+L2" in text and "clean test acc" in text
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["config"]["lr_layers"] == ["fc2", "fc3"]
+    assert cfg["config"]["gamma"] == [0.5, 2.0]
+    assert cfg["meta"]["dataset"] == "moons" and cfg["meta"]["model"] == "model_a"
+    hist = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in hist] == [1, 2] and all(h["lr_loss"] > 0 for h in hist)
+    state = ckpt.load_checkpoint(out / "last.pt")
+    weights = torch.load(out / "model.pt", weights_only=True)
+    assert state["epoch"] == 2
+    for k, v in weights.items():
+        assert torch.equal(state["model"][k], v)
+    assert ckpt.load_checkpoint(out / "prev.pt")["epoch"] == 1
+
+
+def test_train_user_errors_exit_2_without_traceback(tmp_path, capsys):
+    cases = [
+        (["--at", "pgd", "--lr-layers", "L9"], "4 learnable layers"),
+        (["--at", "pgd", "--lr-layers", "nope"], "no layer named 'nope'"),
+        (["--lr-layers", "L0"], "needs adversarial examples"),
+        (["--at", "pgd", "--lr-layers", "L0", "--gamma", "1,2"], "gamma has 2 values"),
+        (["--at", "pgd", "--gamma", "x", "--lr-layers", "L0"], "--gamma must be a number"),
+        (["--optimizer", "sgd", "--lr", "1e12", "--epochs", "3"], "training diverged"),
+    ]
+    for extra, msg in cases:
+        rc = main(["train", *TINY, "--epochs", "1", "--out", str(tmp_path / "e"), *extra])
+        err = capsys.readouterr().err
+        assert rc == 2, (extra, err)
+        assert msg in err and "Traceback" not in err, (extra, err)
+
+
+def _fgsm_accuracy(model, x, y, eps):
+    """Independent FGSM (float64 model copy, plain autograd) accuracy in %."""
+    import copy
+
+    from lsa_ext.losses import cross_entropy, predict
+
+    m = copy.deepcopy(model).double().eval()
+    xd = x.double().requires_grad_()
+    (g,) = torch.autograd.grad(cross_entropy(m(xd), y, reduction="sum"), xd)
+    with torch.no_grad():
+        return 100.0 * float((predict(m(x.double() + eps * g.sign())) == y).double().mean())
+
+
+def test_evaluate_checkpoint_prints_table_and_writes_json_csv(tmp_path, capsys):
+    from lsa_ext.data import load_dataset
+    from lsa_ext.models import build_model
+
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "2", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(out / "last.pt"), "--limit-test", "100",
+                 "--out", str(tmp_path / "ev")]) == 0
+    text = capsys.readouterr().out
+    assert "R&G" in text and "FGSM" in text
+    rep = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
+    accs = [r["accuracy"] for r in rep["fgsm"]]
+    assert [r["eps"] for r in rep["fgsm"]] == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
+    assert abs(rep["rg_score"] - sum(accs)) < 1e-9
+    data = load_dataset("moons", limit_test=100)
+    model = build_model("model_a", data.info)
+    model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
+    x, y = data.test.tensors
+    for eps, acc in zip([0.0, 0.3], [accs[0], accs[3]], strict=True):
+        assert abs(_fgsm_accuracy(model, x, y, eps) - acc) <= 1.0  # ≤ 1 sample in 100
+    assert (tmp_path / "ev" / "evaluation.csv").read_text().startswith("metric,eps")
+
+
+def test_evaluate_errors(tmp_path, capsys):
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "none.pt")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    torch.save({"w": torch.zeros(1)}, tmp_path / "plain.pt")
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "plain.pt")]) == 2
+    assert "--dataset" in capsys.readouterr().err
+
+
+def test_lr_layers_from_an_analyze_report(tmp_path, capsys):
+    """Algorithm 1 on a hand-made report: means [.1, .1, .9, .1], std 0 → μ = .3,
+    σ = √(.21 − .09) ≈ .346; only fc3 exceeds μ + 1·σ."""
+    report = {"schema": "lsa_ext.analysis/1", "layers": ["fc1", "fc2", "fc3", "fc4"],
+              "perturbations": {"gaussian:std=0.1": {"mean": [0.01] * 4, "std": [0.0] * 4,
+                                                     "count": [10] * 4},
+                                "pgd:eps=0.3": {"mean": [0.1, 0.1, 0.9, 0.1],
+                                                "std": [0.0] * 4, "count": [10] * 4}}}
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(report))
+    out = tmp_path / "run"
+    rc = main(["train", *TINY, "--at", "pgd", "--lr-layers", "mvl", "--mvl-report", str(path),
+               "--eta", "1.0", "--epochs", "1", "--out", str(out)])
+    assert rc == 0
+    assert json.loads((out / "config.json").read_text())["config"]["lr_layers"] == ["fc3"]
+    assert "AT-PGD-LR-L2" in capsys.readouterr().out
+    rc = main(["train", *TINY, "--at", "pgd", "--lr-layers", "mvl", "--mvl-report", str(path),
+               "--eta", "5", "--epochs", "1", "--out", str(out)])
+    assert rc == 2 and "lower --eta" in capsys.readouterr().err
+
+
+def test_lr_layers_mvl_on_the_fly(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["train", *TINY, "--at", "fgsm", "--lr-layers", "mvl", "--eta", "0",
+               "--epochs", "1", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    layers = json.loads((out / "config.json").read_text())["config"]["lr_layers"]
+    assert layers and set(layers) <= {"fc1", "fc2", "fc3", "fc4"}
+    assert "most vulnerable layers" in capsys.readouterr().err
+
+
+def test_mvl_from_a_real_analysis_report_matches_the_analysis(tmp_path):
+    from lsa_ext import analysis
+    from lsa_ext.attacks import FGSM
+    from lsa_ext.data import load_dataset
+    from lsa_ext.models import build_model
+    from lsa_ext.training import mvl_from_report
+
+    data = load_dataset("moons", limit_train=128)
+    model = build_model("model_a", data.info, seed=0)
+    res = analysis.analyze(model, data.train, {"fgsm": FGSM(model, 0.3, clip=None)},
+                           layers="learnable", progress=False)
+    res.to_json(tmp_path / "report.json", eta=0.0)
+    checked = 0
+    for eta in (-0.5, 0.0, 0.5):
+        want = res.mvl(eta)["fgsm"]
+        if want:
+            assert mvl_from_report(tmp_path / "report.json", eta) == want
+            checked += 1
+    assert checked >= 2

@@ -1,0 +1,57 @@
+import numpy as np
+import pytest
+import torch
+
+from lsa_ext.errors import LsaUserError
+from lsa_ext.mvl import most_vulnerable_layers, mvl_detail, rank_layers
+
+
+def _numpy_mvl(cm, eta):
+    """Algorithm 1 written out: mu, sigma over all M*L values; layer mean compared."""
+    M, L = cm.shape
+    mu = cm.sum() / (M * L)
+    sigma = np.sqrt(((cm - mu) ** 2).sum() / (M * L))
+    return [l for l in range(L) if cm[:, l].mean() - mu > eta * sigma], mu, sigma
+
+
+def test_hand_built_table():
+    # 4 samples x 5 layers; layers 1 and 3 clearly above the rest
+    cm = np.array([
+        [0.10, 0.90, 0.20, 0.70, 0.10],
+        [0.12, 0.80, 0.22, 0.75, 0.11],
+        [0.08, 0.85, 0.18, 0.72, 0.09],
+        [0.10, 0.95, 0.20, 0.69, 0.10],
+    ])
+    # mu = 0.398, sigma = 0.33134; layer means 0.1, 0.875, 0.2, 0.715, 0.1
+    d = mvl_detail(cm, eta=0.5)
+    assert d.mu == pytest.approx(0.398)
+    assert d.sigma == pytest.approx(np.std(cm))
+    assert d.layers == [1, 3]
+    assert most_vulnerable_layers(cm, eta=1.0) == [1]  # 0.715 - 0.398 < sigma
+    assert most_vulnerable_layers(cm, eta=-0.5) == [1, 3]  # 0.2 - 0.398 < -sigma/2
+    assert most_vulnerable_layers(cm, eta=-1.0) == [0, 1, 2, 3, 4]
+    assert rank_layers(cm) == [1, 3, 2, 0, 4]  # tie 0/4 broken by index
+
+
+@pytest.mark.parametrize("eta", [-1.0, 0.0, 0.3, 1.0, 2.0])
+def test_random_tables_match_numpy_and_stats_form(eta):
+    rng = np.random.default_rng(int(eta * 10) + 30)
+    cm = rng.gamma(2.0, size=(37, 9)) * rng.uniform(0.2, 3.0, size=9)
+    want, mu, sigma = _numpy_mvl(cm, eta)
+    assert most_vulnerable_layers(cm, eta) == want
+    stats = {"count": np.full(9, 37.0), "sum": cm.sum(0), "sumsq": (cm**2).sum(0)}
+    d = mvl_detail(stats, eta)
+    assert d.layers == want
+    assert d.mu == pytest.approx(mu, rel=1e-12) and d.sigma == pytest.approx(sigma, rel=1e-10)
+    assert d.threshold == pytest.approx(mu + eta * sigma)
+    assert most_vulnerable_layers(torch.from_numpy(cm), eta) == want
+    assert rank_layers(stats) == list(np.argsort(-cm.mean(0), kind="stable"))
+
+
+def test_bad_tables():
+    with pytest.raises(LsaUserError, match=r"\[M samples, L layers\]"):
+        most_vulnerable_layers(np.ones(4))
+    with pytest.raises(LsaUserError, match="no CM values"):
+        mvl_detail({"count": np.array([1.0, 0.0]), "sum": np.ones(2), "sumsq": np.ones(2)})
+    with pytest.raises(LsaUserError, match="eta"):
+        mvl_detail(np.ones((2, 2)), eta=float("nan"))
