@@ -6,14 +6,14 @@ Usage::
     .venv/bin/python benchmarks/bench_distributed.py --procs 1 2 4 --threads 1
 
 Each configuration is a fresh ``torchrun --nproc_per_node=P`` (``OMP_NUM_THREADS=T``) on
-loopback running this file as a worker. The worker builds a Model-B-style CNN (paper Table 1)
-on MNIST-shaped random data and times, between barriers, after one warm-up round:
+loopback running this file as a worker. The worker builds Model B (paper Table 1) for
+MNIST-shaped random data and times, between barriers, after one warm-up round:
 
-- ``analysis``: the LSA pass of ``--samples`` test samples: clean and FGSM-perturbed forward
-  with every ReLU captured and the fused relative error reduced to per-layer statistics
-  (batches dealt round-robin to ranks, statistics all-reduced exactly);
-- ``train``: ``--steps`` AT-LR steps (FGSM + CE + γ·CM on the ReLUs) with DDP, global batch
-  ``--batch`` split over the ranks.
+- ``analysis``: ``lsa_ext.analyze`` of ``--samples`` samples under Gaussian noise, FGSM and
+  PGD-5 (ε = 0.1), every ReLU probed (batches dealt round-robin to the ranks, statistics
+  summed exactly);
+- ``train``: one ``Trainer.train_epoch`` of AT-FGSM-LR-L2 over ``--steps`` global batches of
+  ``--batch`` samples (DDP, each rank trains on its slice of every global batch).
 
 Each time is the slowest rank's (between barriers), best of ``--repeat`` rounds.
 Printed: one table (time, samples/s, speed-up against the first row) and a JSON line per run.
@@ -33,78 +33,40 @@ from pathlib import Path
 HERE = Path(__file__).resolve()
 
 
-def _model():
-    from torch import nn
-
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 5), nn.ReLU(), nn.Conv2d(16, 32, 5), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-        nn.Linear(64 * 3 * 3, 100), nn.ReLU(), nn.Linear(100, 10),
-    )
-
-
 def _worker(args: argparse.Namespace) -> None:
     import torch
-    from torch.utils.data import BatchSampler, SequentialSampler
 
-    from lsa_ext import distributed, losses, ops
-    from lsa_ext.probes import Capture, select_layers
+    import lsa_ext
+    from lsa_ext import distributed
+    from lsa_ext.data import DatasetInfo
+    from lsa_ext.models import build_model
+    from lsa_ext.training import TrainConfig, Trainer
 
     ctx = distributed.init_from_env(device="cpu")
-    torch.manual_seed(0)
-    inner = _model()
-    layers = select_layers(inner, "activations")
+    info = DatasetInfo("mnist", (1, 28, 28), 10, (0.0, 1.0))
     g = torch.Generator().manual_seed(1)
-    x_all = torch.rand(max(args.samples, args.batch), 1, 28, 28, generator=g)
-    y_all = torch.randint(0, 10, (len(x_all),), generator=g)
-
-    def fgsm(model, x, y, eps=0.1):
-        xa = x.clone().requires_grad_(True)
-        (grad,) = torch.autograd.grad(losses.cross_entropy(model(xa), y), xa)
-        return (x + eps * grad.sign()).clamp(0, 1).detach()
+    n = max(args.samples, args.batch)
+    x_all = torch.rand(n, 1, 28, 28, generator=g)
+    y_all = torch.randint(0, 10, (n,), generator=g)
+    model = build_model("model_b", info, seed=0)
 
     def analysis() -> int:
-        inner.eval()
-        batches = BatchSampler(SequentialSampler(range(args.samples)), args.batch, False)
-        sampler = distributed.ShardedBatchSampler(batches)
-        stats = distributed.Moments.zeros(len(layers))
-        for idx in sampler:
-            x, y = x_all[idx], y_all[idx]
-            x_hat = fgsm(inner, x, y)
-            with torch.no_grad(), Capture(inner, layers, detach=True) as cap:
-                inner(x)
-                clean = [cap.outputs[n] for n in layers]
-                cap.reset()
-                inner(x_hat)
-                pert = [cap.outputs[n] for n in layers]
-                stats.update(ops.relative_error_multi(clean, pert))
-        stats = distributed.all_reduce_stats(stats)
-        assert int(stats.count[0].item()) == args.samples
+        res = lsa_ext.analyze(model, (x_all[: args.samples], y_all[: args.samples]),
+                              "gaussian,fgsm,pgd:steps=5", layers="activations",
+                              batch_size=args.batch, device="cpu", clip=(0.0, 1.0),
+                              progress=False)
+        assert int(res.count.min()) == args.samples
         return args.samples
 
-    model = distributed.wrap_model(inner)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    cfg = TrainConfig(at="fgsm", eps=0.3, clip=[0.0, 1.0], lr_layers=["L2"], epochs=1,
+                      batch_size=args.batch, optimizer="sgd", lr=0.01, device="cpu")
+    n_train = args.steps * args.batch
+    trainer = Trainer(build_model("model_b", info, seed=0),
+                      (x_all[:n_train], y_all[:n_train]), cfg, progress=False)
 
     def train() -> int:
-        inner.train()
-        for step in range(args.steps):
-            start = (step * args.batch) % (len(x_all) - args.batch + 1)
-            part = distributed.shard_batch(x_all[start : start + args.batch],
-                                           y_all[start : start + args.batch])
-            (x, y), weight = part
-            x_hat = fgsm(inner, x, y)
-            with Capture(inner, layers) as cap:
-                model(x)
-                clean = [cap.outputs[n] for n in layers]
-                cap.reset()
-                logits = model(x_hat)
-                pert = [cap.outputs[n] for n in layers]
-            loss = losses.cross_entropy(logits, y) + 0.1 * ops.relative_error_multi(
-                clean, pert).mean(1).sum()
-            opt.zero_grad()
-            (loss * weight).backward()
-            opt.step()
-        return args.steps * args.batch
+        trainer.train_epoch()  # AT-FGSM-LR-L2, DDP over the ranks
+        return n_train
 
     results = {}
     for name, fn in (("analysis", analysis), ("train", train)):

@@ -360,6 +360,89 @@ def test_a_rank_stuck_outside_a_collective_times_out_instead_of_hanging(tmp_path
 
 
 # --------------------------------------------------------------------------------------------
+# `lsa analyze` / `lsa train` under torchrun vs one process
+# --------------------------------------------------------------------------------------------
+
+
+def _assert_json_close(a, b, path="", rel=1e-6):
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and list(a) == list(b), path
+        for k in a:
+            _assert_json_close(a[k], b[k], f"{path}/{k}", rel)
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), path
+        for i, (u, v) in enumerate(zip(a, b, strict=True)):
+            _assert_json_close(u, v, f"{path}[{i}]", rel)
+    elif isinstance(a, float) and not isinstance(b, bool):
+        assert b == pytest.approx(a, rel=rel, abs=1e-12), path
+    else:
+        assert a == b, path
+
+
+def test_lsa_analyze_under_torchrun_writes_the_one_process_report(tmp_path):
+    from lsa_ext import cli
+    from lsa_ext.data import load_dataset
+    from lsa_ext.models import build_model
+
+    info = load_dataset("digits", seed=0).info
+    model = build_model("model_b", info, seed=1)  # untrained weights are fine for equality
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    # 200 samples in batches of 32: 7 batches, dealt 4 + 3, the last one partial; random
+    # perturbations (noise, PGD random start) must not depend on the split
+    args = ["analyze", "--dataset", "digits", "--checkpoint", str(tmp_path / "model.pt"),
+            "--perturbations", "gaussian,salt_pepper,fgsm,pgd:steps=3", "--max-samples", "200",
+            "--batch-size", "32", "--device", "cpu", "--no-plot"]
+    assert cli.main([*args, "--out", str(tmp_path / "one")]) == 0
+    proc = _torchrun(["-m", "lsa_ext.cli", *args, "--out", str(tmp_path / "two")])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("Most vulnerable layers") == 1  # rank 0 prints, rank 1 does not
+    one = json.loads((tmp_path / "one" / "report.json").read_text())
+    two = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert "2 processes" in proc.stderr
+    for table in two["perturbations"].values():
+        assert table["count"] == [200] * len(two["layers"])  # every sample once, no padding
+    _assert_json_close(one, two)  # tables (mean/std/count), MVL, ranking, accuracy, config
+
+
+def test_lsa_train_on_two_nodes_then_resumed_under_torchrun_matches_one_process(tmp_path):
+    from lsa_ext import cli
+
+    # Model A (no BatchNorm), AT-FGSM-LR; 301 samples in global batches of 64: the last batch
+    # (45) splits 23 + 22, weighted so DDP's average is the mean over all 45
+    args = ["train", "--dataset", "moons", "--limit-train", "301", "--at", "fgsm",
+            "--lr-layers", "L1", "--batch-size", "64", "--optimizer", "sgd", "--lr", "0.05",
+            "--device", "cpu"]
+    assert cli.main([*args, "--epochs", "2", "--out", str(tmp_path / "one")]) == 0
+    two = tmp_path / "two"
+    # epoch 1: 2 "machines" (torchrun agents) meeting at a c10d rendezvous endpoint
+    procs = _torchrun_nodes(["-m", "lsa_ext.cli", *args, "--epochs", "1", "--out", str(two)])
+    for p in procs:
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert json.loads((two / "history.json").read_text())[-1]["epoch"] == 1
+    # epoch 2: --resume under single-node torchrun
+    proc = _torchrun(["-m", "lsa_ext.cli", "train", "--out", str(two), "--resume", "--epochs",
+                      "2", "--device", "cpu"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ref = torch.load(tmp_path / "one" / "model.pt", weights_only=True)
+    got = torch.load(two / "model.pt", weights_only=True)
+    for name, p in ref.items():
+        torch.testing.assert_close(got[name], p, rtol=1e-4, atol=1e-5, msg=name)
+    h1 = json.loads((tmp_path / "one" / "history.json").read_text())
+    h2 = json.loads((two / "history.json").read_text())
+    for r1, r2 in zip(h1, h2, strict=True):  # epoch records are totals over the ranks
+        for key in ("loss", "base", "lr_loss", "accuracy"):
+            assert r2[key] == pytest.approx(r1[key], rel=1e-5), key
+
+
+def test_a_user_error_under_torchrun_names_the_rank_and_fails(tmp_path):
+    proc = _torchrun(["-m", "lsa_ext.cli", "train", "--dataset", "mnist", "--data-dir",
+                      str(tmp_path / "missing"), "--out", str(tmp_path / "out")], timeout=60)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "[rank 1] lsa train: error:" in out and "[rank 0] lsa train: error:" in out
+
+
+# --------------------------------------------------------------------------------------------
 # worker side (run by torchrun)
 # --------------------------------------------------------------------------------------------
 
