@@ -99,6 +99,19 @@ class _Summed:
         return _Summed(self.total + other.total)
 
 
+def _tiny_analysis() -> dict:
+    """lsa_ext.analyze of 40 samples in one batch of 64 (a rank with no batch under torchrun)."""
+    import lsa_ext
+    from lsa_ext.noise import Gaussian
+
+    x, y = _tiny_data()
+    res = lsa_ext.analyze(_tiny_model(), (x[:40], y[:40]),
+                          {"gauss": Gaussian(std=0.3, clip=None, seed=2)}, layers="activations",
+                          batch_size=64, device="cpu", progress=False)
+    return {"layers": res.layers, "mean": res.mean.tolist(), "std": res.std.tolist(),
+            "count": res.count.tolist()}
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -335,6 +348,11 @@ def test_two_ranks_reduce_exactly_and_train_like_one_process(tmp_path):
     assert got["only_rank0"] == [1.0, 1.0]  # None = no contribution from rank 1
     assert got["merged"] == [3.0]  # objects with merge(): 1 (rank 0) merged with 2 (rank 1)
 
+    tiny = _tiny_analysis()
+    assert got["tiny"]["layers"] == tiny["layers"] and got["tiny"]["count"] == tiny["count"]
+    np.testing.assert_allclose(got["tiny"]["mean"], tiny["mean"], rtol=1e-12)
+    np.testing.assert_allclose(got["tiny"]["std"], tiny["std"], rtol=1e-9)
+
     # DDP: 2 ranks x B/2 (uneven last batch) == 1 process x B
     ref = _train_tiny()
     ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
@@ -481,6 +499,7 @@ def _worker_primitives(out: Path) -> None:
     bcast = distributed.broadcast_object(f"from rank {ctx.rank}")
     n_batches = distributed.all_gather_objects(len(sampler))
     model = _train_tiny()
+    tiny = _tiny_analysis()  # one batch: rank 1 has nothing to analyse
     if distributed.is_main():
         m = red["noise"]["moments"]
         atomic_write_json(out / "primitives.json", {
@@ -491,6 +510,7 @@ def _worker_primitives(out: Path) -> None:
             "same_on_ranks": red["name"] == "same-everywhere", "mismatch_raised": mism,
             "sampler_indices": [i for part in indices for i in part], "broadcast": bcast,
             "only_rank0": red["only_rank0"].tolist(), "merged": red["merged"].total.tolist(),
+            "tiny": tiny,
         })
         atomic_write_with(out / "ddp.pt", lambda f: torch.save(model.state_dict(), f))
     distributed.barrier()
