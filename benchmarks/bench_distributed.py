@@ -2,7 +2,7 @@
 
 Usage::
 
-    .venv/bin/python benchmarks/bench_distributed.py            # 1x2 threads, 1x1, 2x1 procs
+    .venv/bin/python benchmarks/bench_distributed.py            # 1x1, 1x2 threads, 2x1 procs
     .venv/bin/python benchmarks/bench_distributed.py --procs 1 2 4 --threads 1
 
 Each configuration is a fresh ``torchrun --nproc_per_node=P`` (``OMP_NUM_THREADS=T``) on
@@ -124,8 +124,8 @@ def main() -> None:
         _worker(args)
         return
     cores = os.cpu_count() or 1
-    if args.procs is None:  # same cores: 1 proc x all threads, then 1x1 and P x 1
-        configs = [(1, cores)] + [(n, 1) for n in sorted({1, cores})]
+    if args.procs is None:  # 1 x 1 (the base), then the same cores as threads or processes
+        configs = [(1, 1)] + ([(1, cores), (cores, 1)] if cores > 1 else [])
     else:
         configs = [(n, args.threads or max(1, cores // n)) for n in args.procs]
     load_before = os.getloadavg()[0]
