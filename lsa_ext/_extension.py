@@ -26,11 +26,17 @@ except ImportError as exc:  # pragma: no cover - exercised only without a build
     )
 
 
-def has_kernel(device_type: str) -> bool:
-    """True when a compiled kernel of ``lsa_ext::sq_sums`` is registered for ``device_type``."""
+def _registered(dispatch_key: str) -> bool:
     if not LOADED:
         return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    if key is None:
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key("lsa_ext::sq_sums", key)
+    return torch._C._dispatch_has_kernel_for_dispatch_key("lsa_ext::sq_sums", dispatch_key)
+
+
+# Looked up once at import (kernels register when the library loads), so that has_kernel() is a
+# plain dict lookup that torch.compile (dynamo) can trace without a graph break.
+_KERNELS: dict[str, bool] = {"cpu": _registered("CPU"), "cuda": _registered("CUDA")}
+
+
+def has_kernel(device_type: str) -> bool:
+    """True when a compiled kernel of ``lsa_ext::sq_sums`` is registered for ``device_type``."""
+    return _KERNELS.get(device_type, False)

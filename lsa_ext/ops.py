@@ -12,6 +12,7 @@ gradient of ``sqrt`` at 0 is taken as 0. NaN in a sample's inputs gives NaN in t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -56,11 +57,13 @@ def _check_pair(a: object, b: object, prefix: str = "") -> None:
 
 
 def _check_options(reduction: object, eps: object) -> None:
-    if reduction not in REDUCTIONS:
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
         choices = ", ".join(REDUCTIONS)
         raise ValueError(f"unknown reduction {reduction!r}; expected one of {choices}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a number, got {type(eps).__name__}")
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
 
 
 def _check_lists(cleans: object, perturbeds: object) -> tuple[list, list]:
@@ -100,19 +103,23 @@ def _check_lists(cleans: object, perturbeds: object) -> tuple[list, list]:
 # --------------------------------------------------------------------------- registrations
 if _extension.LOADED:
 
+    # Fake (meta) kernels: output metadata for torch.compile / FakeTensor tracing. They validate
+    # like the compiled kernels, so a bad call fails the same way when traced.
     @torch.library.register_fake("lsa_ext::sq_sums")
     def _sq_sums_fake(clean, perturbed):
-        torch._check(clean.shape == perturbed.shape, lambda: "shape mismatch")
+        _check_pair(clean, perturbed)
         acc = acc_dtype(clean.dtype)
         shape = (clean.shape[0],)
         return clean.new_empty(shape, dtype=acc), clean.new_empty(shape, dtype=acc)
 
     @torch.library.register_fake("lsa_ext::sq_sums_backward")
     def _sq_sums_backward_fake(grad_diff, grad_norm, clean, perturbed):
+        _check_pair(clean, perturbed)
         return torch.empty_like(clean), torch.empty_like(clean)
 
     @torch.library.register_fake("lsa_ext::sq_sums_multi")
     def _sq_sums_multi_fake(cleans, perturbeds):
+        cleans, perturbeds = _check_lists(cleans, perturbeds)
         acc = acc_dtype(cleans[0].dtype)
         shape = (len(cleans), cleans[0].shape[0])
         first = cleans[0]
@@ -120,7 +127,50 @@ if _extension.LOADED:
 
     @torch.library.register_fake("lsa_ext::sq_sums_multi_backward")
     def _sq_sums_multi_backward_fake(grad_diff, grad_norm, cleans, perturbeds):
+        cleans, perturbeds = _check_lists(cleans, perturbeds)
         return [torch.empty_like(a) for a in cleans], [torch.empty_like(a) for a in cleans]
+
+    # Reference kernels under CompositeExplicitAutograd: they serve every device that has no
+    # compiled kernel (and calls without tensor arguments, e.g. empty lists, which then fail
+    # validation with a ValueError like everywhere else). Compiled CPU/CUDA kernels, registered
+    # for their own dispatch keys, take precedence.
+    _LIB = torch.library.Library("lsa_ext", "IMPL")
+
+    def _sq_sums_ref(clean, perturbed):
+        _check_pair(clean, perturbed)
+        return reference.sq_sums(clean, perturbed)
+
+    def _sq_sums_multi_ref(cleans, perturbeds):
+        cleans, perturbeds = _check_lists(cleans, perturbeds)
+        return reference.sq_sums_multi(cleans, perturbeds)
+
+    def _grads_ref(grad_diff, grad_norm, clean, perturbed):
+        acc = acc_dtype(clean.dtype)
+        view = (-1,) + (1,) * (clean.dim() - 1)
+        a, b = clean.to(acc), perturbed.to(acc)
+        gd, gn = grad_diff.to(acc).reshape(view), grad_norm.to(acc).reshape(view)
+        t = (a - b) * (2 * gd)
+        return (
+            torch.empty_like(clean).copy_(t + a * (2 * gn)),
+            torch.empty_like(clean).copy_(-t),
+        )
+
+    def _sq_sums_backward_ref(grad_diff, grad_norm, clean, perturbed):
+        _check_pair(clean, perturbed)
+        return _grads_ref(grad_diff, grad_norm, clean, perturbed)
+
+    def _sq_sums_multi_backward_ref(grad_diff, grad_norm, cleans, perturbeds):
+        cleans, perturbeds = _check_lists(cleans, perturbeds)
+        pairs = [
+            _grads_ref(grad_diff[i], grad_norm[i], a, b)
+            for i, (a, b) in enumerate(zip(cleans, perturbeds, strict=True))
+        ]
+        return [p[0] for p in pairs], [p[1] for p in pairs]
+
+    _LIB.impl("sq_sums", _sq_sums_ref, "CompositeExplicitAutograd")
+    _LIB.impl("sq_sums_multi", _sq_sums_multi_ref, "CompositeExplicitAutograd")
+    _LIB.impl("sq_sums_backward", _sq_sums_backward_ref, "CompositeExplicitAutograd")
+    _LIB.impl("sq_sums_multi_backward", _sq_sums_multi_backward_ref, "CompositeExplicitAutograd")
 
     def _sq_sums_setup(ctx, inputs, output):
         ctx.save_for_backward(*inputs)

@@ -6,6 +6,7 @@ input's size, several passes over memory).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -16,11 +17,16 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as ``[B, numel / B]`` (also for B = 0 and for samples with no elements)."""
+    return t.reshape(t.shape[0], math.prod(t.shape[1:]))
+
+
 def sq_sums(clean: torch.Tensor, perturbed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample ``(sum (clean - perturbed)^2, sum clean^2)``, each ``[B]``, in ``acc_dtype``."""
     acc = acc_dtype(clean.dtype)
-    a = clean.reshape(clean.shape[0], -1).to(acc)
-    b = perturbed.reshape(perturbed.shape[0], -1).to(acc)
+    a = _rows(clean).to(acc)
+    b = _rows(perturbed).to(acc)
     return (a - b).square().sum(dim=1), a.square().sum(dim=1)
 
 
@@ -35,12 +41,17 @@ def sq_sums_multi(
 def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
     """``sqrt(x)`` whose gradient at ``x == 0`` is 0 instead of inf (NaN still propagates)."""
     zero = x == 0
-    return torch.where(zero, torch.zeros_like(x), torch.where(zero, torch.ones_like(x), x).sqrt())
+    return torch.where(zero, 0.0, torch.where(zero, 1.0, x).sqrt())
 
 
 def ratio(diff: torch.Tensor, norm: torch.Tensor, eps: float) -> torch.Tensor:
     """``sqrt(diff) / max(sqrt(norm), eps)``, elementwise, with finite gradients everywhere."""
-    return safe_sqrt(diff) / safe_sqrt(norm).clamp_min(eps)
+    if eps * eps >= torch.finfo(norm.dtype).tiny:
+        # sqrt(max(norm, eps^2)) == max(sqrt(norm), eps); its gradient is 0 where clamped.
+        den = norm.clamp_min(eps * eps).sqrt()
+    else:  # eps^2 would underflow in norm's dtype
+        den = safe_sqrt(norm).clamp_min(eps)
+    return safe_sqrt(diff) / den
 
 
 def reduce(diff: torch.Tensor, norm: torch.Tensor, reduction: str, eps: float) -> torch.Tensor:

@@ -1,219 +1,391 @@
 // CPU kernels of the relative-error op family: per-sample squared sums and their backward.
 //
-// Work is split into (layer, sample, chunk) items so that one parallel region covers every
-// layer of a multi-layer call, a single huge sample (B = 1) is split inside the sample, and many
-// tiny samples are grouped by at::parallel_for's grain. Each item reads its slice of clean and
-// perturbed once. Partial sums of a sample's chunks are combined in float64 in a fixed order,
-// so results do not depend on the number of threads.
+// Plan: every (layer, sample) is cut into work items of about kChunk elements. A sample larger
+// than kChunk is split into equal chunks (so B = 1 with one huge sample uses all threads); samples
+// smaller than kChunk are grouped, several whole samples per item (so B = 4096 tiny samples does
+// not pay per-sample scheduling). One parallel region serves every layer of a multi-layer call;
+// threads take items from a shared counter (dynamic scheduling, robust on a busy machine). Work
+// under ~1M elements runs on the calling thread. Each item reads its slice of clean and perturbed
+// once.
+//
+// Determinism: whole samples are summed inside one item; a split sample's chunk partials are
+// stored per item and combined in float64 in chunk order afterwards. Results therefore do not
+// depend on the number of threads or on scheduling.
+//
+// Layouts: any tensor whose samples are dense blocks of memory (contiguous, channels_last,
+// channels_last_3d, ...) is read in place; perturbed is copied only when its layout differs from
+// clean's, and a clean tensor that is not sample-major dense (slices, batch-transposed views) is
+// copied once. Gradients have the layout of at::empty_like(clean) (what the fake kernel returns).
+//
+// Inner loops (span_kernels.h) are compiled twice: portable (SSE2 on x86-64) and, on x86-64 with
+// GCC/Clang, AVX2+FMA+F16C, chosen at run time with __builtin_cpu_supports. Set the environment
+// variable LSA_EXT_CPU_ISA=generic to force the portable loops.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+#if defined(__unix__) || defined(__APPLE__)
+#include <unistd.h>
+#endif
+
 #include "relative_error.h"
+
+#define LSA_ISA_NS generic
+#define LSA_VEC_BYTES 16
+#include "cpu/span_kernels.h"
+#undef LSA_ISA_NS
+#undef LSA_VEC_BYTES
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#include <immintrin.h>
+#define LSA_HAVE_AVX2_VARIANT 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#define LSA_ISA_NS avx2
+#define LSA_VEC_BYTES 32
+#define LSA_USE_F16C 1
+#include "cpu/span_kernels.h"
+#undef LSA_ISA_NS
+#undef LSA_VEC_BYTES
+#undef LSA_USE_F16C
+#pragma GCC pop_options
+#else
+#define LSA_HAVE_AVX2_VARIANT 0
+#endif
 
 namespace lsa_ext {
 namespace {
 
-constexpr int64_t kChunk = 32768;  // elements per work item
-constexpr int kLanes = 16;         // independent accumulators (vectorisable, better rounding)
+constexpr int64_t kChunk = 32768;          // target elements per work item
+constexpr int64_t kAlign = 64;             // chunk boundaries are multiples of this
+// Total elements (per input) under which one thread does all the work: below ~1M elements the
+// second thread's wake-up costs about what it saves (measured on the 2-core dev machine), and
+// on a busy machine waiting for it to be scheduled can cost far more.
+constexpr int64_t kSerialBelow = 1 << 20;
+constexpr int64_t kGroupMax = 256;         // samples per kernel call (stack buffer size)
 
-struct LayerView {
-  const void* a;
-  const void* b;
-  int64_t per_sample;    // elements per sample
-  int64_t sample_step;   // distance between samples in elements
-  int64_t chunks;        // chunks per sample
-  int64_t first_item;    // index of this layer's first work item
+// (a, b, elements per sample, step between samples, samples, out diff[], out norm[])
+using SumsFn = void (*)(const void*, const void*, int64_t, int64_t, int64_t, double*, double*);
+// (a, b, grad_a, grad_b, elements per sample, step, samples, grad_diff[], grad_norm[])
+using BackwardFn = void (*)(const void*, const void*, void*, void*, int64_t, int64_t, int64_t,
+                            const double*, const double*);
+
+struct Kernels {
+  SumsFn sums;
+  BackwardFn backward;
 };
 
-// Builds the work plan; returns the total number of items.
-int64_t plan(const std::vector<at::Tensor>& as, const std::vector<at::Tensor>& bs, int64_t batch,
-             std::vector<LayerView>& views) {
-  int64_t items = 0;
-  views.resize(as.size());
-  for (size_t l = 0; l < as.size(); ++l) {
-    const int64_t per = batch == 0 ? 0 : as[l].numel() / batch;
-    LayerView& v = views[l];
-    v.a = as[l].const_data_ptr();
-    v.b = bs[l].const_data_ptr();
-    v.per_sample = per;
-    v.sample_step = batch > 1 ? as[l].stride(0) : per;
-    v.chunks = std::max<int64_t>(1, (per + kChunk - 1) / kChunk);
-    v.first_item = items;
-    items += v.chunks * batch;
-  }
-  return items;
+bool cpu_has_avx2() {
+#if LSA_HAVE_AVX2_VARIANT
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         __builtin_cpu_supports("f16c");
+  return ok;
+#else
+  return false;
+#endif
 }
 
-// Locates item `it`: layer index, sample, chunk.
-inline void locate(const std::vector<LayerView>& views, int64_t it, size_t& l, int64_t& i,
-                   int64_t& c) {
-  // Layers are few; a linear scan from a binary search start keeps this cheap.
-  size_t lo = 0, hi = views.size();
-  while (hi - lo > 1) {
-    size_t mid = (lo + hi) / 2;
-    if (views[mid].first_item <= it) lo = mid; else hi = mid;
-  }
-  l = lo;
-  const int64_t local = it - views[l].first_item;
-  i = local / views[l].chunks;
-  c = local % views[l].chunks;
+// The ISA variant for this call: AVX2 when the CPU has it, unless LSA_EXT_CPU_ISA=generic.
+bool use_avx2() {
+  if (!cpu_has_avx2()) return false;
+  const char* env = std::getenv("LSA_EXT_CPU_ISA");
+  return env == nullptr || std::strcmp(env, "generic") != 0;
 }
 
-template <typename scalar_t>
-void chunk_sums(const scalar_t* a, const scalar_t* b, int64_t n, double& d_out, double& n_out) {
-  using acc_t = at::opmath_type<scalar_t>;
-  acc_t d[kLanes] = {}, s[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    for (int k = 0; k < kLanes; ++k) {
-      const acc_t x = static_cast<acc_t>(a[j + k]);
-      const acc_t t = x - static_cast<acc_t>(b[j + k]);
-      d[k] += t * t;
-      s[k] += x * x;
+Kernels kernels_for(at::ScalarType t) {
+  const bool avx2 = use_avx2();
+#if LSA_HAVE_AVX2_VARIANT
+#define LSA_PICK(NAME)                                                              \
+  return avx2 ? Kernels{cpu::avx2::sums_##NAME, cpu::avx2::backward_##NAME}         \
+              : Kernels{cpu::generic::sums_##NAME, cpu::generic::backward_##NAME}
+#else
+  (void)avx2;
+#define LSA_PICK(NAME) return Kernels{cpu::generic::sums_##NAME, cpu::generic::backward_##NAME}
+#endif
+  switch (t) {
+    case at::kFloat:
+      LSA_PICK(f32);
+    case at::kDouble:
+      LSA_PICK(f64);
+    case at::kHalf:
+      LSA_PICK(f16);
+    case at::kBFloat16:
+      LSA_PICK(bf16);
+    default:
+      TORCH_CHECK_TYPE(false, "lsa_ext: unsupported dtype ", t);
+  }
+#undef LSA_PICK
+}
+
+// One work item: whole samples [s0, s1) of a layer, or (part >= 0) the element range [e0, e1)
+// of sample s0, whose partial sums go to partials[part].
+struct Item {
+  int64_t layer;
+  int64_t s0, s1;
+  int64_t e0, e1;
+  int64_t part;
+};
+
+struct Layer {
+  const char* a;
+  const char* b;
+  char* ga = nullptr;
+  char* gb = nullptr;
+  int64_t per_sample;  // elements per sample
+  int64_t step;        // elements between consecutive samples
+};
+
+struct Split {        // a sample that spans several items
+  int64_t layer, sample;
+  int64_t first_part, parts;
+};
+
+struct Plan {
+  std::vector<Item> items;
+  std::vector<Split> splits;
+  int64_t parts = 0;
+  int64_t total = 0;  // elements per input, all layers
+};
+
+Plan make_plan(const std::vector<Layer>& layers, int64_t batch) {
+  Plan p;
+  for (int64_t l = 0; l < static_cast<int64_t>(layers.size()); ++l) {
+    const int64_t per = layers[l].per_sample;
+    p.total += per * batch;
+    if (batch == 0) continue;
+    if (per <= kChunk) {
+      const int64_t group = std::max<int64_t>(1, kChunk / std::max<int64_t>(per, 1));
+      for (int64_t s = 0; s < batch; s += group) {
+        p.items.push_back({l, s, std::min(batch, s + group), 0, per, -1});
+      }
+      continue;
+    }
+    const int64_t nchunks = (per + kChunk - 1) / kChunk;
+    int64_t len = (per + nchunks - 1) / nchunks;
+    len = (len + kAlign - 1) / kAlign * kAlign;
+    const int64_t parts = (per + len - 1) / len;
+    for (int64_t s = 0; s < batch; ++s) {
+      p.splits.push_back({l, s, p.parts, parts});
+      for (int64_t c = 0; c < parts; ++c) {
+        p.items.push_back({l, s, s + 1, c * len, std::min(per, (c + 1) * len), p.parts++});
+      }
     }
   }
-  for (int k = 0; j < n; ++j, ++k) {
-    const acc_t x = static_cast<acc_t>(a[j]);
-    const acc_t t = x - static_cast<acc_t>(b[j]);
-    d[k] += t * t;
-    s[k] += x * x;
+  return p;
+}
+
+// In a process forked after this library was loaded (DataLoader workers...), the work runs on the
+// calling thread: OpenMP (libgomp) thread pools do not survive fork.
+bool in_forked_child() {
+#if defined(__unix__) || defined(__APPLE__)
+  static const pid_t load_pid = getpid();
+  return getpid() != load_pid;
+#else
+  return false;
+#endif
+}
+const bool kInitPid = (in_forked_child(), true);  // records the pid when the library loads
+
+// Runs fn(item_index) for every item: serially for small work (or in a forked child), else on
+// all intra-op threads (at::parallel_for, i.e. PyTorch's OpenMP pool, whose threads are usually
+// still spinning from the previous op) pulling items from a shared counter: dynamic scheduling,
+// so a thread that starts late simply takes fewer items.
+template <class Fn>
+void run_items(const Plan& plan, const Fn& fn) {
+  const int64_t n = static_cast<int64_t>(plan.items.size());
+  const int64_t helpers = std::min<int64_t>(at::get_num_threads(), n) - 1;
+  if (plan.total < kSerialBelow || helpers <= 0 || at::in_parallel_region() ||
+      in_forked_child()) {
+    for (int64_t it = 0; it < n; ++it) fn(it);
+    return;
   }
-  double dd = 0, ss = 0;
-  for (int k = 0; k < kLanes; ++k) {
-    dd += static_cast<double>(d[k]);
-    ss += static_cast<double>(s[k]);
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, helpers + 1, 1, [&](int64_t, int64_t) {
+    for (int64_t it = next.fetch_add(1, std::memory_order_relaxed); it < n;
+         it = next.fetch_add(1, std::memory_order_relaxed)) {
+      fn(it);
+    }
+  });
+}
+
+// Asks Linux to back the fresh, not yet touched buffer of `t` with transparent huge pages
+// (when THP is in "madvise" mode, as on many distributions): the gradients are written once, and
+// first-touch page faults on 4 KiB pages otherwise cost more than the kernel itself. Only the
+// 2 MiB-aligned interior of the buffer is advised; small buffers are left alone. Opt out with
+// LSA_EXT_HUGEPAGES=0.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
+  const uintptr_t bytes = static_cast<uintptr_t>(t.numel()) * t.element_size();
+  if (bytes < 4 * kHuge) return;
+  static const bool enabled = [] {
+    const char* env = std::getenv("LSA_EXT_HUGEPAGES");
+    return env == nullptr || std::strcmp(env, "0") != 0;
+  }();
+  if (!enabled) return;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t hi = (begin + bytes) & ~(kHuge - 1);
+  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);  // advisory only
+#else
+  (void)t;
+#endif
+}
+
+// Same element -> memory offset map: equal strides on every dimension of size > 1.
+bool same_dense_layout(const at::Tensor& ref, const at::Tensor& t) {
+  if (!t.is_non_overlapping_and_dense()) return false;
+  for (int64_t d = 0; d < ref.dim(); ++d) {
+    if (ref.size(d) > 1 && ref.stride(d) != t.stride(d)) return false;
   }
-  d_out = dd;
-  n_out = ss;
+  return true;
+}
+
+// `t` in the memory layout of the dense tensor `ref` (no copy when it already is).
+at::Tensor as_layout_of(const at::Tensor& ref, const at::Tensor& t) {
+  if (same_dense_layout(ref, t)) return t;
+  return at::empty_like(ref).copy_(t);
+}
+
+Layer layer_view(const at::Tensor& a, const at::Tensor& b, int64_t batch) {
+  Layer v;
+  v.a = static_cast<const char*>(a.const_data_ptr());
+  v.b = static_cast<const char*>(b.const_data_ptr());
+  v.per_sample = batch == 0 ? 0 : a.numel() / batch;
+  v.step = batch > 1 ? a.stride(0) : v.per_sample;
+  return v;
 }
 
 // Forward for L layers sharing batch size B; returns (diff, norm) of shape [L, B].
-std::tuple<at::Tensor, at::Tensor> sq_sums_impl(std::vector<at::Tensor> as,
-                                                std::vector<at::Tensor> bs) {
-  const int64_t batch = as[0].size(0);
-  const auto dtype = as[0].scalar_type();
-  const auto acc = acc_type_for(dtype);
-  const int64_t L = static_cast<int64_t>(as.size());
-  for (size_t l = 0; l < as.size(); ++l) {
-    auto p = same_layout(as[l], bs[l]);
-    as[l] = p.first;
-    bs[l] = p.second;
+std::tuple<at::Tensor, at::Tensor> sq_sums_impl(at::TensorList cleans,
+                                                at::TensorList perturbeds) {
+  const int64_t batch = cleans[0].size(0);
+  const int64_t L = static_cast<int64_t>(cleans.size());
+  const auto dtype = cleans[0].scalar_type();
+  const int64_t esize = static_cast<int64_t>(c10::elementSize(dtype));
+  std::vector<at::Tensor> keep;  // owns any copies made below
+  std::vector<Layer> layers(L);
+  for (int64_t l = 0; l < L; ++l) {
+    at::Tensor a = sample_major_dense(cleans[l]) ? cleans[l] : cleans[l].contiguous();
+    at::Tensor b = as_layout_of(a, perturbeds[l]);
+    layers[l] = layer_view(a, b, batch);
+    keep.push_back(std::move(a));
+    keep.push_back(std::move(b));
   }
-  std::vector<LayerView> views;
-  const int64_t items = plan(as, bs, batch, views);
-  std::vector<double> pd(items), pn(items);
+  const Plan plan = make_plan(layers, batch);
+  const Kernels k = kernels_for(dtype);
+  const auto acc = acc_type_for(dtype);
+  at::Tensor diff = at::empty({L, batch}, cleans[0].options().dtype(acc));
+  at::Tensor norm = at::empty({L, batch}, cleans[0].options().dtype(acc));
+  std::vector<double> part_d(plan.parts), part_n(plan.parts);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "lsa_ext_sq_sums_cpu", [&] {
-    at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t it = begin; it < end; ++it) {
-        size_t l;
-        int64_t i, c;
-        locate(views, it, l, i, c);
-        const LayerView& v = views[l];
-        const int64_t start = c * kChunk;
-        const int64_t len = std::min(kChunk, v.per_sample - start);
-        const int64_t off = i * v.sample_step + start;
-        if (len <= 0) {
-          pd[it] = 0;
-          pn[it] = 0;
-          continue;
+  AT_DISPATCH_FLOATING_TYPES(acc, "lsa_ext_sq_sums_cpu", [&] {
+    scalar_t* dp = diff.data_ptr<scalar_t>();
+    scalar_t* np = norm.data_ptr<scalar_t>();
+    run_items(plan, [&](int64_t it) {
+      const Item& item = plan.items[it];
+      const Layer& v = layers[item.layer];
+      const int64_t off = (item.s0 * v.step + item.e0) * esize;
+      const int64_t count = item.s1 - item.s0;
+      if (item.part >= 0) {
+        k.sums(v.a + off, v.b + off, item.e1 - item.e0, v.step, 1, &part_d[item.part],
+               &part_n[item.part]);
+        return;
+      }
+      double d[kGroupMax], n[kGroupMax];
+      for (int64_t s0 = 0; s0 < count; s0 += kGroupMax) {
+        const int64_t c = std::min(kGroupMax, count - s0);
+        k.sums(v.a + off + s0 * v.step * esize, v.b + off + s0 * v.step * esize,
+               item.e1 - item.e0, v.step, c, d, n);
+        scalar_t* dout = dp + item.layer * batch + item.s0 + s0;
+        scalar_t* nout = np + item.layer * batch + item.s0 + s0;
+        for (int64_t i = 0; i < c; ++i) {
+          dout[i] = static_cast<scalar_t>(d[i]);
+          nout[i] = static_cast<scalar_t>(n[i]);
         }
-        chunk_sums<scalar_t>(static_cast<const scalar_t*>(v.a) + off,
-                             static_cast<const scalar_t*>(v.b) + off, len, pd[it], pn[it]);
       }
     });
-  });
-
-  auto opts = as[0].options().dtype(at::kDouble);
-  at::Tensor diff = at::empty({L, batch}, opts);
-  at::Tensor norm = at::empty({L, batch}, opts);
-  double* dp = diff.data_ptr<double>();
-  double* np = norm.data_ptr<double>();
-  for (int64_t l = 0; l < L; ++l) {
-    const LayerView& v = views[l];
-    for (int64_t i = 0; i < batch; ++i) {
-      double d = 0, s = 0;
-      const int64_t base = v.first_item + i * v.chunks;
-      for (int64_t c = 0; c < v.chunks; ++c) {
-        d += pd[base + c];
-        s += pn[base + c];
+    for (const Split& sp : plan.splits) {
+      double d = 0, n = 0;
+      for (int64_t c = 0; c < sp.parts; ++c) {
+        d += part_d[sp.first_part + c];
+        n += part_n[sp.first_part + c];
       }
-      dp[l * batch + i] = d;
-      np[l * batch + i] = s;
+      dp[sp.layer * batch + sp.sample] = static_cast<scalar_t>(d);
+      np[sp.layer * batch + sp.sample] = static_cast<scalar_t>(n);
     }
-  }
-  if (acc != at::kDouble) {
-    diff = diff.to(acc);
-    norm = norm.to(acc);
-  }
+  });
   return {diff, norm};
 }
 
-template <typename scalar_t>
-void chunk_backward(const scalar_t* a, const scalar_t* b, scalar_t* ga, scalar_t* gb, int64_t n,
-                    at::opmath_type<scalar_t> gd, at::opmath_type<scalar_t> gn) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const acc_t two_gd = 2 * gd, two_gn = 2 * gn;
-  for (int64_t j = 0; j < n; ++j) {
-    const acc_t x = static_cast<acc_t>(a[j]);
-    const acc_t t = (x - static_cast<acc_t>(b[j])) * two_gd;
-    ga[j] = static_cast<scalar_t>(t + x * two_gn);
-    gb[j] = static_cast<scalar_t>(-t);
-  }
-}
-
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sq_sums_backward_impl(
-    const at::Tensor& grad_diff, const at::Tensor& grad_norm, std::vector<at::Tensor> as,
-    std::vector<at::Tensor> bs) {
-  const int64_t batch = as[0].size(0);
-  const int64_t L = static_cast<int64_t>(as.size());
-  const auto dtype = as[0].scalar_type();
-  const auto acc = acc_type_for(dtype);
+    const at::Tensor& grad_diff, const at::Tensor& grad_norm, at::TensorList cleans,
+    at::TensorList perturbeds) {
+  const int64_t batch = cleans[0].size(0);
+  const int64_t L = static_cast<int64_t>(cleans.size());
+  const auto dtype = cleans[0].scalar_type();
+  const int64_t esize = static_cast<int64_t>(c10::elementSize(dtype));
   TORCH_CHECK_VALUE(
       grad_diff.numel() == L * batch && grad_norm.numel() == L * batch,
       "grad_diff and grad_norm must have L * B = ", L * batch, " elements, got ",
       grad_diff.numel(), " and ", grad_norm.numel());
-  const at::Tensor gd = grad_diff.to(acc).contiguous();
-  const at::Tensor gn = grad_norm.to(acc).contiguous();
-  std::vector<at::Tensor> gas(L), gbs(L);
-  for (int64_t l = 0; l < L; ++l) {
-    auto p = same_layout(as[l], bs[l]);
-    as[l] = p.first;
-    bs[l] = p.second;
-    gas[l] = at::empty_like(as[l]);
-    gbs[l] = at::empty_like(as[l]);
-    TORCH_INTERNAL_ASSERT(gas[l].strides() == as[l].strides());
-  }
-  std::vector<LayerView> views;
-  const int64_t items = plan(as, bs, batch, views);
+  const at::Tensor gd = grad_diff.to(at::kDouble).contiguous();
+  const at::Tensor gn = grad_norm.to(at::kDouble).contiguous();
+  const double* gdp = gd.const_data_ptr<double>();
+  const double* gnp = gn.const_data_ptr<double>();
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "lsa_ext_sq_sums_bwd_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const acc_t* gdp = gd.const_data_ptr<acc_t>();
-    const acc_t* gnp = gn.const_data_ptr<acc_t>();
-    at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t it = begin; it < end; ++it) {
-        size_t l;
-        int64_t i, c;
-        locate(views, it, l, i, c);
-        const LayerView& v = views[l];
-        const int64_t start = c * kChunk;
-        const int64_t len = std::min(kChunk, v.per_sample - start);
-        if (len <= 0) continue;
-        const int64_t off = i * v.sample_step + start;
-        chunk_backward<scalar_t>(static_cast<const scalar_t*>(v.a) + off,
-                                 static_cast<const scalar_t*>(v.b) + off,
-                                 gas[l].data_ptr<scalar_t>() + off,
-                                 gbs[l].data_ptr<scalar_t>() + off, len,
-                                 gdp[l * batch + i], gnp[l * batch + i]);
-      }
-    });
+  std::vector<at::Tensor> gas(L), gbs(L), keep;
+  std::vector<at::Tensor> out_a(L), out_b(L);  // written by the kernel (may be temporaries)
+  std::vector<Layer> layers(L);
+  for (int64_t l = 0; l < L; ++l) {
+    gas[l] = at::empty_like(cleans[l]);
+    gbs[l] = at::empty_like(cleans[l]);
+    at::Tensor a;
+    if (sample_major_dense(gas[l])) {
+      a = as_layout_of(gas[l], cleans[l]);
+      out_a[l] = gas[l];
+      out_b[l] = gbs[l];
+    } else {  // e.g. a batch-transposed dense clean: compute contiguous, copy back below
+      a = cleans[l].contiguous();
+      out_a[l] = at::empty_like(a);
+      out_b[l] = at::empty_like(a);
+    }
+    at::Tensor b = as_layout_of(a, perturbeds[l]);
+    layers[l] = layer_view(a, b, batch);
+    advise_huge_pages(out_a[l]);
+    advise_huge_pages(out_b[l]);
+    layers[l].ga = static_cast<char*>(out_a[l].data_ptr());
+    layers[l].gb = static_cast<char*>(out_b[l].data_ptr());
+    keep.push_back(std::move(a));
+    keep.push_back(std::move(b));
+  }
+  const Plan plan = make_plan(layers, batch);
+  const Kernels k = kernels_for(dtype);
+  run_items(plan, [&](int64_t it) {
+    const Item& item = plan.items[it];
+    const Layer& v = layers[item.layer];
+    const int64_t off = (item.s0 * v.step + item.e0) * esize;
+    const int64_t g = item.layer * batch + item.s0;
+    k.backward(v.a + off, v.b + off, v.ga + off, v.gb + off, item.e1 - item.e0, v.step,
+               item.s1 - item.s0, gdp + g, gnp + g);
   });
+  for (int64_t l = 0; l < L; ++l) {
+    if (!out_a[l].is_same(gas[l])) {
+      gas[l].copy_(out_a[l]);
+      gbs[l].copy_(out_b[l]);
+    }
+  }
   return {gas, gbs};
 }
 
@@ -227,7 +399,7 @@ std::tuple<at::Tensor, at::Tensor> sq_sums_cpu(const at::Tensor& clean,
 std::tuple<at::Tensor, at::Tensor> sq_sums_multi_cpu(at::TensorList cleans,
                                                      at::TensorList perturbeds) {
   check_lists(cleans, perturbeds);
-  return sq_sums_impl(cleans.vec(), perturbeds.vec());
+  return sq_sums_impl(cleans, perturbeds);
 }
 
 std::tuple<at::Tensor, at::Tensor> sq_sums_backward_cpu(const at::Tensor& grad_diff,
@@ -243,7 +415,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sq_sums_multi_backw
     const at::Tensor& grad_diff, const at::Tensor& grad_norm, at::TensorList cleans,
     at::TensorList perturbeds) {
   check_lists(cleans, perturbeds);
-  return sq_sums_backward_impl(grad_diff, grad_norm, cleans.vec(), perturbeds.vec());
+  return sq_sums_backward_impl(grad_diff, grad_norm, cleans, perturbeds);
 }
 
 }  // namespace

@@ -1,0 +1,139 @@
+"""Benchmark cases for the fused relative-error ops: data and contenders, shared by
+bench_ops.py (pytest-benchmark) and ops_table.py (one table, all contenders interleaved).
+
+Every case holds one set of inputs; its contenders are zero-argument callables on that data:
+``fused`` (lsa_ext), ``naive`` (the expression a user would write), ``compiled`` (torch.compile
+of that expression), ``loop`` (one fused call per layer), ``bandwidth`` (``a.sum() + b.sum()``:
+reads both inputs once).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+import lsa_ext
+
+# Output shapes of the 16 conv layers of VGG-19 on a 3x32x32 (CIFAR) input: blocks of 2, 2, 4, 4,
+# 4 convs with 64, 128, 256, 512, 512 channels, each block followed by a 2x2 max-pool.
+VGG19_CIFAR_CONV_SHAPES: list[tuple[int, int, int]] = (
+    [(64, 32, 32)] * 2 + [(128, 16, 16)] * 2 + [(256, 8, 8)] * 4 + [(512, 4, 4)] * 4
+    + [(512, 2, 2)] * 4
+)
+
+
+def naive(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The expression a user would write."""
+    return (a - b).flatten(1).norm(dim=1) / a.flatten(1).norm(dim=1)
+
+
+def naive_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return naive(a, b).sum()
+
+
+def naive_multi(cleans: list[torch.Tensor], perturbeds: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([naive(a, b) for a, b in zip(cleans, perturbeds, strict=True)])
+
+
+def _pair(shape, seed=0, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(shape, generator=g)
+    b = a + 0.1 * torch.randn(shape, generator=g)
+    return a.requires_grad_(requires_grad), b.requires_grad_(requires_grad)
+
+
+def _backward(loss_fn: Callable[[], torch.Tensor], leaves: list[torch.Tensor]):
+    def run():
+        for t in leaves:
+            t.grad = None
+        loss_fn().backward()
+
+    return run
+
+
+@dataclass
+class Case:
+    name: str
+    contenders: dict[str, Callable[[], object]]
+    bytes_read: int  # bytes of input the op must read at least once
+    targets: dict[str, float] = field(default_factory=dict)  # contender -> min speedup of fused
+
+
+_COMPILED: dict[str, Callable] = {}
+
+
+def _compiled(kind: str) -> Callable:
+    """torch.compile of the naive expression (compiled once per process and kind)."""
+    if kind not in _COMPILED:
+        fn = {"fwd": naive, "loss": naive_loss, "multi": naive_multi}[kind]
+        _COMPILED[kind] = torch.compile(fn, fullgraph=True, dynamic=False)
+    return _COMPILED[kind]
+
+
+def forward_case(name: str, shape, targets=None) -> Case:
+    a, b = _pair(shape)
+    return Case(
+        name=name,
+        contenders={
+            "fused": lambda: lsa_ext.relative_error(a, b),
+            "naive": lambda: naive(a, b),
+            "compiled": lambda: _compiled("fwd")(a, b),
+            "bandwidth": lambda: a.sum() + b.sum(),
+        },
+        bytes_read=2 * a.numel() * a.element_size(),
+        targets=targets or {},
+    )
+
+
+def backward_case(name: str, shape, targets=None) -> Case:
+    a, b = _pair(shape, requires_grad=True)
+    return Case(
+        name=name,
+        contenders={
+            "fused": _backward(lambda: lsa_ext.relative_error(a, b).sum(), [a, b]),
+            "naive": _backward(lambda: naive_loss(a, b), [a, b]),
+            "compiled": _backward(lambda: _compiled("loss")(a, b), [a, b]),
+        },
+        bytes_read=2 * a.numel() * a.element_size(),
+        targets=targets or {},
+    )
+
+
+def multi_case(name: str, batch: int, targets=None) -> Case:
+    pairs = [_pair((batch, *s), seed=i) for i, s in enumerate(VGG19_CIFAR_CONV_SHAPES)]
+    cleans = [a for a, _ in pairs]
+    perturbeds = [b for _, b in pairs]
+    return Case(
+        name=name,
+        contenders={
+            "fused": lambda: lsa_ext.relative_error_multi(cleans, perturbeds),
+            "loop": lambda: torch.stack(
+                [lsa_ext.relative_error(a, b) for a, b in zip(cleans, perturbeds, strict=True)]
+            ),
+            "naive": lambda: naive_multi(cleans, perturbeds),
+            "compiled": lambda: _compiled("multi")(cleans, perturbeds),
+            "bandwidth": lambda: sum(a.sum() + b.sum() for a, b in pairs),
+        },
+        bytes_read=sum(2 * a.numel() * a.element_size() for a in cleans),
+        targets=targets or {},
+    )
+
+
+def all_cases() -> list[Case]:
+    """The table's rows (issue #2 targets on [128, 64, 32, 32] float32 and VGG-19/CIFAR)."""
+    return [
+        forward_case(
+            "forward [128,64,32,32] f32", (128, 64, 32, 32),
+            targets={"naive": 5.0, "compiled": 1.0, "bandwidth": 1 / 1.2},
+        ),
+        backward_case(
+            "fwd+bwd [128,64,32,32] f32", (128, 64, 32, 32), targets={"naive": 3.0}
+        ),
+        multi_case("multi VGG-19 16 convs B=128", 128, targets={"loop": 1.5}),
+        multi_case("multi VGG-19 16 convs B=8", 8, targets={"loop": 1.5}),
+        multi_case("multi VGG-19 16 convs B=1", 1, targets={"loop": 1.5}),
+        forward_case("forward B=1 [1,8388608] f32", (1, 8_388_608)),
+        forward_case("forward B=4096 [4096,3,4,4] f32", (4096, 3, 4, 4)),
+    ]

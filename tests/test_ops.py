@@ -1,0 +1,431 @@
+"""Compiled relative-error ops against the float64 pure-PyTorch reference.
+
+Covers randomized shapes, dtypes and memory layouts (hypothesis), every reduction, large and tiny
+samples, both CPU instruction-set paths, NaN and zero-norm samples, thread-count determinism,
+backend() and the reference fallback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import lsa_ext
+from lsa_ext import _extension, ops, reference
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+REDUCTIONS = ["none", "mean", "sum", "batch"]
+# rtol of the squared sums against float64 on the same (exactly representable) input values:
+# accumulation error only, float32 accumulation for all but float64.
+SUM_RTOL = {torch.float16: 2e-6, torch.bfloat16: 2e-6, torch.float32: 2e-6, torch.float64: 1e-13}
+# Gradients are rounded once to the input dtype: about half an ulp, plus float32 arithmetic.
+GRAD_RTOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-6, torch.float64: 1e-13}
+
+HYPO = settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+
+@contextlib.contextmanager
+def cpu_isa(isa: str):
+    """Selects the CPU kernels' instruction-set path ("default" = best available, "generic")."""
+    old = os.environ.get("LSA_EXT_CPU_ISA")
+    if isa == "generic":
+        os.environ["LSA_EXT_CPU_ISA"] = "generic"
+    else:
+        os.environ.pop("LSA_EXT_CPU_ISA", None)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("LSA_EXT_CPU_ISA", None)
+        else:
+            os.environ["LSA_EXT_CPU_ISA"] = old
+
+
+def random_pair(shape, dtype, device, seed=0, mean=0.0, noise=0.3):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(shape, generator=g, dtype=torch.float64) + mean
+    b = a + noise * torch.randn(shape, generator=g, dtype=torch.float64)
+    return a.to(dtype).to(device), b.to(dtype).to(device)
+
+
+def relayout(t: torch.Tensor, kind: str, perm: list[int]) -> torch.Tensor:
+    """``t``'s values in another memory layout."""
+    if kind == "contiguous":
+        return t.contiguous()
+    if kind == "permuted":  # dense, strides permuted (channels_last-like or batch not outermost)
+        inv = [perm.index(i) for i in range(t.dim())]
+        return t.permute(perm).contiguous().permute(inv)
+    if kind == "sliced":  # not dense: every other element of a wider tensor
+        return torch.stack([t, torch.full_like(t, float("nan"))], dim=-1)[..., 0]
+    if kind == "offset":  # dense, but starting one sample into its storage
+        pad = torch.full_like(t[:1] if t.shape[0] else t.new_empty((1, *t.shape[1:])), 7.0)
+        return torch.cat([pad, t])[1:]
+    raise AssertionError(kind)
+
+
+def ref_sums(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return reference.sq_sums(a.double().cpu(), b.double().cpu())
+
+
+@st.composite
+def layouts(draw, ndim: int):
+    kind = draw(st.sampled_from(["contiguous", "permuted", "sliced", "offset"]))
+    perm = draw(st.permutations(list(range(ndim))))
+    return kind, perm
+
+
+@st.composite
+def cases(draw):
+    ndim = draw(st.integers(1, 5))
+    batch = draw(st.sampled_from([0, 1, 1, 2, 3, 5, 8]))
+    rest = [draw(st.sampled_from([0, 1, 2, 3, 5, 7] if i == 0 else [1, 2, 3, 4, 6])) for i in
+            range(ndim - 1)]
+    return dict(
+        shape=[batch, *rest],
+        dtype=draw(st.sampled_from(DTYPES)),
+        layout_a=draw(layouts(ndim)),
+        layout_b=draw(layouts(ndim)),
+        isa=draw(st.sampled_from(["default", "generic"])),
+        mean=draw(st.sampled_from([0.0, 2.0])),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+# ----------------------------------------------------------------------------- forward
+@HYPO
+@given(case=cases())
+def test_sq_sums_matches_float64_reference(device, case):
+    a, b = random_pair(case["shape"], case["dtype"], device, case["seed"], case["mean"])
+    a = relayout(a, *case["layout_a"])
+    b = relayout(b, *case["layout_b"])
+    with cpu_isa(case["isa"]):
+        d, n = lsa_ext.sq_sums(a, b)
+    want_d, want_n = ref_sums(a, b)
+    acc = reference.acc_dtype(case["dtype"])
+    assert d.dtype == n.dtype == acc and d.shape == n.shape == (case["shape"][0],)
+    rtol = SUM_RTOL[case["dtype"]]
+    torch.testing.assert_close(d.double().cpu(), want_d, rtol=rtol, atol=1e-30)
+    torch.testing.assert_close(n.double().cpu(), want_n, rtol=rtol, atol=1e-30)
+
+
+@HYPO
+@given(case=cases(), reduction=st.sampled_from(REDUCTIONS))
+def test_relative_error_all_reductions_match_reference(device, case, reduction):
+    a, b = random_pair(case["shape"], case["dtype"], device, case["seed"], case["mean"])
+    a = relayout(a, *case["layout_a"])
+    with cpu_isa(case["isa"]):
+        got = lsa_ext.relative_error(a, b, reduction=reduction)
+    want = reference.relative_error(a.double().cpu(), b.double().cpu(), reduction=reduction)
+    assert got.shape == want.shape
+    assert got.dtype == reference.acc_dtype(case["dtype"])
+    torch.testing.assert_close(got.double().cpu(), want, rtol=2e-6 if got.dtype != torch.float64
+                               else 1e-12, atol=0, equal_nan=True)
+
+
+@st.composite
+def multi_cases(draw):
+    batch = draw(st.sampled_from([1, 2, 3, 6]))
+    layers = []
+    for _ in range(draw(st.integers(1, 6))):
+        rest = draw(st.lists(st.integers(1, 6), min_size=0, max_size=3))
+        layers.append(([batch, *rest], draw(layouts(1 + len(rest)))))
+    return dict(layers=layers, dtype=draw(st.sampled_from(DTYPES)),
+                isa=draw(st.sampled_from(["default", "generic"])),
+                reduction=draw(st.sampled_from(REDUCTIONS)), seed=draw(st.integers(0, 2**16)))
+
+
+@HYPO
+@given(case=multi_cases())
+def test_multi_matches_per_layer_reference(device, case):
+    cleans, perturbeds = [], []
+    for i, (shape, layout) in enumerate(case["layers"]):
+        a, b = random_pair(shape, case["dtype"], device, case["seed"] + i, mean=1.0)
+        cleans.append(relayout(a, *layout))
+        perturbeds.append(b)
+    with cpu_isa(case["isa"]):
+        d, n = lsa_ext.sq_sums_multi(cleans, perturbeds)
+        got = lsa_ext.relative_error_multi(cleans, perturbeds, reduction=case["reduction"])
+    pairs = [ref_sums(a, b) for a, b in zip(cleans, perturbeds, strict=True)]
+    rtol = SUM_RTOL[case["dtype"]]
+    torch.testing.assert_close(d.double().cpu(), torch.stack([p[0] for p in pairs]), rtol=rtol,
+                               atol=1e-30)
+    torch.testing.assert_close(n.double().cpu(), torch.stack([p[1] for p in pairs]), rtol=rtol,
+                               atol=1e-30)
+    want = torch.stack([
+        reference.relative_error(a.double().cpu(), b.double().cpu(), case["reduction"])
+        for a, b in zip(cleans, perturbeds, strict=True)
+    ])
+    torch.testing.assert_close(got.double().cpu(), want, rtol=max(rtol, 1e-12), atol=0)
+
+
+# ----------------------------------------------------------------------------- backward
+@HYPO
+@given(case=cases())
+def test_sq_sums_backward_matches_float64_formula(device, case):
+    a, b = random_pair(case["shape"], case["dtype"], device, case["seed"], case["mean"])
+    a = relayout(a, *case["layout_a"])
+    b = relayout(b, *case["layout_b"])
+    g = torch.Generator().manual_seed(case["seed"] + 1)
+    acc = reference.acc_dtype(case["dtype"])
+    gd = torch.randn(case["shape"][0], generator=g, dtype=torch.float64).to(acc).to(device)
+    gn = torch.randn(case["shape"][0], generator=g, dtype=torch.float64).to(acc).to(device)
+    with cpu_isa(case["isa"]):
+        ga, gb = torch.ops.lsa_ext.sq_sums_backward(gd, gn, a, b)
+    # layout contract: gradients are laid out like torch.empty_like(clean)
+    assert ga.stride() == torch.empty_like(a).stride() == gb.stride()
+    assert ga.dtype == gb.dtype == case["dtype"]
+    view = (-1,) + (1,) * (a.dim() - 1)
+    a64, b64 = a.double().cpu(), b.double().cpu()
+    gd64, gn64 = gd.double().cpu().view(view), gn.double().cpu().view(view)
+    want_a = 2 * (a64 - b64) * gd64 + 2 * a64 * gn64
+    want_b = -2 * (a64 - b64) * gd64
+    rtol = GRAD_RTOL[case["dtype"]]
+    scale = max(want_a.abs().max().item(), want_b.abs().max().item()) if a.numel() else 0.0
+    torch.testing.assert_close(ga.double().cpu(), want_a, rtol=rtol, atol=rtol * scale + 1e-30)
+    torch.testing.assert_close(gb.double().cpu(), want_b, rtol=rtol, atol=rtol * scale + 1e-30)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_gradients_round_like_torch(device, dtype):
+    """The kernels' float -> float16/bfloat16 rounding equals PyTorch's (nearest even)."""
+    a, b = random_pair([4, 3, 33], dtype, device, seed=5)
+    gd = torch.tensor([1.0, -0.5, 3.0, 1e-3], device=device)
+    gn = torch.tensor([0.25, 2.0, -1.0, 7.0], device=device)
+    ga, gb = torch.ops.lsa_ext.sq_sums_backward(gd, gn, a, b)
+    af, bf = a.float(), b.float()
+    t = (af - bf) * (2 * gd).view(-1, 1, 1)
+    torch.testing.assert_close(ga, (t + af * (2 * gn).view(-1, 1, 1)).to(dtype), rtol=0, atol=0)
+    torch.testing.assert_close(gb, (-t).to(dtype), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- sizes
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_multi_million_element_samples_are_accurate(device, dtype):
+    """4M-element samples of nonzero mean: float32 accumulation stays near float64."""
+    a, b = random_pair([2, 4_000_000], dtype, device, seed=1, mean=3.0, noise=1e-2)
+    d, n = lsa_ext.sq_sums(a, b)
+    want_d, want_n = ref_sums(a, b)
+    torch.testing.assert_close(d.double().cpu(), want_d, rtol=1e-6, atol=0)
+    torch.testing.assert_close(n.double().cpu(), want_n, rtol=1e-6, atol=0)
+
+
+def test_one_huge_sample_and_many_tiny_samples(device):
+    for shape in ([1, 3_000_001], [4096, 3, 2], [4096, 1]):
+        a, b = random_pair(shape, torch.float32, device, seed=2, mean=1.0)
+        got = lsa_ext.relative_error(a, b)
+        want = reference.relative_error(a.double().cpu(), b.double().cpu())
+        torch.testing.assert_close(got.double().cpu(), want, rtol=2e-6, atol=0)
+
+
+def test_results_do_not_depend_on_thread_count():
+    threads = torch.get_num_threads()
+    a, b = random_pair([1, 2_000_003], torch.float32, "cpu", seed=3, mean=1.0)
+    layers = [random_pair([3, *s], torch.float32, "cpu", seed=i) for i, s in
+              enumerate([(64, 40, 40), (7,), (300, 300)])]
+    try:
+        torch.set_num_threads(1)
+        one = lsa_ext.sq_sums(a, b), lsa_ext.sq_sums_multi(*zip(*layers, strict=True))
+        torch.set_num_threads(max(2, threads))
+        many = lsa_ext.sq_sums(a, b), lsa_ext.sq_sums_multi(*zip(*layers, strict=True))
+    finally:
+        torch.set_num_threads(threads)
+    for x, y in zip(one, many, strict=True):
+        assert torch.equal(x[0], y[0]) and torch.equal(x[1], y[1])
+
+
+def test_empty_batch_and_empty_samples(device):
+    for shape in ([0, 3, 4], [3, 0], [2, 5, 0, 2]):
+        a = torch.randn(shape, device=device, requires_grad=True)
+        b = torch.randn(shape, device=device, requires_grad=True)
+        out = lsa_ext.relative_error(a, b)
+        assert out.shape == (shape[0],)
+        assert torch.equal(out.cpu(), torch.zeros(shape[0]))
+        out.sum().backward()
+        assert a.grad.shape == a.shape and b.grad.shape == b.shape
+    assert lsa_ext.relative_error(torch.ones(0, 3), torch.ones(0, 3), "mean").isnan()
+    assert lsa_ext.relative_error(torch.ones(0, 3), torch.ones(0, 3), "sum").item() == 0
+
+
+# ----------------------------------------------------------------------------- special values
+@pytest.mark.parametrize("shape", [[4096, 5], [3, 100_000], [2, 3, 7, 7]])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_nan_only_in_its_sample(device, shape, dtype):
+    a, b = random_pair(shape, dtype, device, seed=4, mean=1.0)
+    bad = shape[0] // 2
+    a.view(shape[0], -1)[bad, -1] = float("nan")
+    b.view(shape[0], -1)[bad - 1, 0] = float("inf")
+    got = lsa_ext.relative_error(a, b).cpu()
+    assert got[bad].isnan()
+    assert got[bad - 1].isinf()
+    keep = torch.ones(shape[0], dtype=torch.bool)
+    keep[[bad - 1, bad]] = False
+    assert got[keep].isfinite().all()
+    want = reference.relative_error(a.double().cpu(), b.double().cpu())
+    torch.testing.assert_close(got[keep].double(), want[keep], rtol=2e-6, atol=0)
+
+
+def test_zero_norm_clean_sample_gives_finite_value_and_grads(device):
+    a, b = random_pair([3, 4, 5], torch.float64, device, seed=6)
+    a[1] = 0
+    b[2] = a[2]  # D = 0 as well
+    a.requires_grad_(True)
+    b.requires_grad_(True)
+    eps = 1e-6
+    out = lsa_ext.relative_error(a, b, eps=eps)
+    assert out.isfinite().all()
+    torch.testing.assert_close(out[1], b[1].detach().norm() / eps)  # sqrt(D) / eps
+    assert out[2].item() == 0
+    out.sum().backward()
+    assert a.grad.isfinite().all() and b.grad.isfinite().all()
+    assert torch.equal(a.grad[2], torch.zeros_like(a[2]))  # sqrt'(0) taken as 0
+    ra, rb = a.detach().clone().requires_grad_(True), b.detach().clone().requires_grad_(True)
+    reference.relative_error(ra, rb, eps=eps).sum().backward()
+    torch.testing.assert_close(a.grad, ra.grad)
+    torch.testing.assert_close(b.grad, rb.grad)
+
+
+def test_broadcast_perturbed_and_batch_transposed_clean(device):
+    """Overlapping (expanded) and batch-not-outermost inputs are handled (copied) correctly."""
+    base, _ = random_pair([1, 3, 4], torch.float32, device, seed=11)
+    a, _ = random_pair([3, 5, 4], torch.float32, device, seed=12)
+    a_t = a.transpose(0, 1).contiguous().transpose(0, 1)  # dense, batch stride 4, not outermost
+    b = base.expand(5, 3, 4).transpose(0, 1)  # stride 0 along dim 1
+    a_t.requires_grad_(True)
+    got = lsa_ext.relative_error(a_t, b)
+    want = reference.relative_error(a.double().cpu(), b.double().cpu())
+    torch.testing.assert_close(got.double().cpu(), want, rtol=2e-6, atol=0)
+    got.sum().backward()
+    assert a_t.grad.stride() == torch.empty_like(a_t).stride()
+    ref_a = a.double().cpu().requires_grad_(True)
+    reference.relative_error(ref_a, b.double().cpu()).sum().backward()
+    torch.testing.assert_close(a_t.grad.double().cpu(), ref_a.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_channels_last_grads_keep_layout(device):
+    a, b = random_pair([2, 3, 4, 5], torch.float32, device, seed=7)
+    a = a.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    b = b.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    lsa_ext.relative_error(a, b, reduction="batch").backward()
+    assert a.grad.is_contiguous(memory_format=torch.channels_last)
+    assert b.grad.is_contiguous(memory_format=torch.channels_last)
+
+
+# ----------------------------------------------------------------------------- backends
+def test_backend_reports_compiled_kernels():
+    info = lsa_ext.backend()
+    assert _extension.LOADED, info
+    assert info["cpu"] == "compiled-cpu"
+    if torch.cuda.is_available():
+        assert info["cuda"] == ("compiled-cuda" if _extension.has_kernel("cuda") else "reference")
+    else:
+        assert info["cuda"] == "unavailable"
+    assert "load_error" not in info
+
+
+def test_reference_is_used_when_no_kernel_for_device(device, monkeypatch):
+    calls = []
+    real = reference.sq_sums
+
+    def spy(a, b):
+        calls.append(a.device.type)
+        return real(a, b)
+
+    a, b = random_pair([3, 2, 5], torch.float32, device, seed=8)
+    compiled = lsa_ext.relative_error_multi([a, a[:, :1]], [b, b[:, :1]], reduction="mean")
+    monkeypatch.setattr(_extension, "has_kernel", lambda device_type: False)
+    monkeypatch.setattr(reference, "sq_sums", spy)
+    assert lsa_ext.backend()["cpu"] == "reference"
+    ar, br = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    fallback = lsa_ext.relative_error_multi([ar, ar[:, :1]], [br, br[:, :1]], reduction="mean")
+    single = ops.relative_error(ar, br)
+    assert calls == [device] * 3
+    torch.testing.assert_close(fallback, compiled, rtol=1e-6, atol=0)
+    torch.testing.assert_close(single, reference.relative_error(a, b))
+    fallback.sum().backward()
+    assert ar.grad is not None and ar.grad.isfinite().all()
+
+
+def test_fallback_when_extension_cannot_load():
+    """Without lsa_ext._C: one RuntimeWarning saying how to build, reference backend, same API."""
+    code = textwrap.dedent("""
+        import sys, warnings
+        sys.modules["lsa_ext._C"] = None  # makes `from lsa_ext import _C` raise ImportError
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import torch, lsa_ext
+        msgs = [str(w.message) for w in caught if w.category is RuntimeWarning]
+        assert len(msgs) == 1 and "make build" in msgs[0], msgs
+        info = lsa_ext.backend()
+        assert info["cpu"] == "reference" and "load_error" in info, info
+        a = torch.randn(4, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+        b = a.detach() + 0.1
+        out = lsa_ext.relative_error(a, b)
+        torch.testing.assert_close(out, (a - b).flatten(1).norm(dim=1) / a.flatten(1).norm(dim=1))
+        out.sum().backward()
+        print("ok")
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr
+
+
+def test_composite_reference_kernels_match_compiled():
+    """The CompositeExplicitAutograd kernels (devices without a compiled kernel) agree."""
+    a, b = random_pair([3, 4, 5, 2], torch.float32, "cpu", seed=9)
+    a = a.contiguous(memory_format=torch.channels_last)
+    gd, gn = torch.randn(3), torch.randn(3)
+    for got, want in (
+        (ops._sq_sums_ref(a, b), torch.ops.lsa_ext.sq_sums(a, b)),
+        (ops._sq_sums_multi_ref([a, b], [b, a]), torch.ops.lsa_ext.sq_sums_multi([a, b], [b, a])),
+        (ops._sq_sums_backward_ref(gd, gn, a, b),
+         torch.ops.lsa_ext.sq_sums_backward(gd, gn, a, b)),
+    ):
+        for x, y in zip(got, want, strict=True):
+            assert x.stride() == y.stride()
+            torch.testing.assert_close(x, y, rtol=2e-6, atol=1e-6)
+    ga, gb = ops._sq_sums_multi_backward_ref(gd[None], gn[None], [a], [b])
+    torch.testing.assert_close(ga[0], torch.ops.lsa_ext.sq_sums_backward(gd, gn, a, b)[0])
+    with pytest.raises(ValueError, match="empty list"):
+        torch.ops.lsa_ext.sq_sums_multi([], [])
+
+
+def _forked_child(a, b, want, want_ga, queue):
+    # Only lsa_ext ops and numpy here: PyTorch's own OpenMP-parallel ops (torch.equal on large
+    # tensors...) hang in a forked child once the parent used them (libgomp is not fork-safe).
+    got = lsa_ext.sq_sums(a, b)
+    ga, _ = torch.ops.lsa_ext.sq_sums_backward(torch.ones(2), torch.zeros(2), a, b)
+    same = np.array_equal(got[0].numpy(), want[0].numpy())
+    queue.put(bool(same and np.array_equal(ga.numpy(), want_ga.numpy())))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fork start method")
+def test_parallel_kernels_work_in_a_forked_child():
+    """DataLoader-style fork after the parallel kernels ran: no hang, same results."""
+    import multiprocessing as mp
+
+    a, b = random_pair([2, 1_500_000], torch.float32, "cpu", seed=10)
+    want = lsa_ext.sq_sums(a, b)  # runs the multi-threaded path in the parent first
+    want_ga, _ = torch.ops.lsa_ext.sq_sums_backward(torch.ones(2), torch.zeros(2), a, b)
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_forked_child, args=(a, b, want, want_ga, queue))
+    proc.start()
+    proc.join(timeout=60)
+    if proc.exitcode is None:
+        proc.kill()
+        proc.join()
+    assert proc.exitcode == 0, "forked child hung or failed"
+    assert queue.get(timeout=5)
