@@ -36,6 +36,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime
+import gc
 import hashlib
 import logging
 import math
@@ -348,6 +349,9 @@ def cleanup() -> None:
     # after a failure the process is on its way out: a collective-based teardown could wait
     # on the dead peer (nccl), so the group is left to process exit and torchrun
     if _OWNS_GROUP and not _FAILED and dist.is_available() and dist.is_initialized():
+        # free unreachable DDP wrappers (their reducers hold the group) before the group goes,
+        # so no communication object is torn down late, during interpreter shutdown
+        gc.collect()
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
     _OWNS_GROUP = False

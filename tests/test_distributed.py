@@ -540,6 +540,8 @@ if __name__ == "__main__":
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     scenario, out_dir = sys.argv[1], Path(sys.argv[2])
-    {"primitives": _worker_primitives, "fail": _worker_fail, "stuck": _worker_stuck}[scenario](
-        out_dir
-    )
+    try:
+        {"primitives": _worker_primitives, "fail": _worker_fail, "stuck": _worker_stuck}[
+            scenario](out_dir)
+    finally:
+        distributed.cleanup()
