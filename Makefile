@@ -38,7 +38,7 @@ demo: build
 	$(VENV)/bin/lsa analyze
 
 bench: build
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/ops_table.py --repeats 21
 
 clean:
 	rm -rf build *.egg-info lsa_ext/*.so $(VENV)

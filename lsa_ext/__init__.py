@@ -5,7 +5,11 @@ Fused ops (C++/CUDA, registered as ``torch.ops.lsa_ext.*``) under a thin Python 
 
 from __future__ import annotations
 
+from lsa_ext import attacks, measures, noise, probes
 from lsa_ext.analysis import AnalysisResult, analyze
+from lsa_ext.data import DatasetInfo, DataSplits, load_dataset
+from lsa_ext.evaluation import EvaluationResult, evaluate
+from lsa_ext.models import build_model, load_weights
 from lsa_ext.ops import (
     backend,
     relative_error,
@@ -20,7 +24,18 @@ __version__ = "0.1.0"
 __all__ = [
     "__version__",
     "AnalysisResult",
+    "DataSplits",
+    "DatasetInfo",
+    "EvaluationResult",
     "analyze",
+    "attacks",
+    "build_model",
+    "evaluate",
+    "load_dataset",
+    "load_weights",
+    "measures",
+    "noise",
+    "probes",
     "backend",
     "relative_error",
     "relative_error_multi",

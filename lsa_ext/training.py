@@ -562,7 +562,9 @@ class Trainer:
         return loss, parts
 
     def train_epoch(self) -> dict[str, Any]:
-        """Runs one epoch; returns its record (mean losses, training accuracy, seconds)."""
+        """Runs one epoch; returns its record: ``loss`` (total), ``base`` and ``lr_loss`` (the
+        two parts, AT only), ``accuracy`` (% on the training batches — on x̂ for AT),
+        ``learning_rate`` (during the epoch), ``epoch`` and ``seconds``; sample-weighted means."""
         cfg = self.config
         epoch = self.epoch
         attack = self._attack_for_epoch(epoch)

@@ -80,3 +80,12 @@ def test_reproduce_unknown_dataset_and_method(tmp_path):
         rp.reproduce("cifar10", out=tmp_path)
     with pytest.raises(LsaUserError, match="unknown method"):
         rp.reproduce("moons", out=tmp_path, methods=["mim"])
+
+
+def test_reproduce_digits_quick_apgd_table(tmp_path):
+    res = rp.reproduce("digits", out=tmp_path, quick=True, layers=["L0"], progress=False)
+    assert [r.name for r in res.runs] == ["Normal", "AT-APGD", "AT-APGD-LR-L0"]
+    assert res.protocol.model == "model_b" and res.protocol.eps == 0.2
+    assert all(abs(r.rg - sum(r.accuracies)) < 1e-9 for r in res.runs)
+    assert (tmp_path / "rg.png").exists() and not (tmp_path / "boundaries.png").exists()
+    assert "| AT-APGD-LR-L0 |" in res.table() and "541.73" in res.comparison()

@@ -577,6 +577,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sq_sums_backward_im
     const at::Tensor& grad_diff, const at::Tensor& grad_norm, std::vector<at::Tensor> as,
     std::vector<at::Tensor> bs) {
   const c10::cuda::CUDAGuard guard(as[0].device());
+  const std::vector<at::Tensor> cleans_in = as;
   const int64_t batch = as[0].size(0);
   const int L = static_cast<int>(as.size());
   const auto dtype = as[0].scalar_type();
@@ -592,8 +593,13 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sq_sums_backward_im
   const at::Tensor gd = grad_diff.to(acc).contiguous();
   const at::Tensor gn = grad_norm.to(acc).contiguous();
   std::vector<at::Tensor> gas(L), gbs(L);
+  // Dense inputs that are not sample-major (e.g. a transposed [B, C]) are computed in a contiguous
+  // copy; their gradients are copied back to at::empty_like(clean)'s layout at the end, which is
+  // what the fake kernel and the CPU kernel return.
+  std::vector<bool> relayout(L);
   int64_t numel = 0;
   for (int l = 0; l < L; ++l) {
+    relayout[l] = as[l].is_non_overlapping_and_dense() && !sample_major_dense(as[l]);
     auto p = same_layout(as[l], bs[l]);
     as[l] = p.first;
     bs[l] = p.second;
@@ -625,6 +631,12 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sq_sums_backward_im
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
+  for (int l = 0; l < L; ++l) {
+    if (relayout[l]) {
+      gas[l] = at::empty_like(cleans_in[l]).copy_(gas[l]);
+      gbs[l] = at::empty_like(cleans_in[l]).copy_(gbs[l]);
+    }
+  }
   return {gas, gbs};
 }
 
