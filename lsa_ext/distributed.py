@@ -349,8 +349,11 @@ def cleanup() -> None:
     # after a failure the process is on its way out: a collective-based teardown could wait
     # on the dead peer (nccl), so the group is left to process exit and torchrun
     if _OWNS_GROUP and not _FAILED and dist.is_available() and dist.is_initialized():
-        # free unreachable DDP wrappers (their reducers hold the group) before the group goes,
-        # so no communication object is torn down late, during interpreter shutdown
+        # leave together: a rank tearing its group down while a peer is still working (rank 0
+        # writing the report) can abort in gloo's teardown; then free unreachable DDP wrappers
+        # (their reducers hold the group) so none is torn down late, at interpreter shutdown
+        with contextlib.suppress(Exception):
+            barrier()
         gc.collect()
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
