@@ -47,6 +47,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from lsa_ext import distributed
 from lsa_ext import mvl as _mvl
 from lsa_ext.devices import resolve_device
 from lsa_ext.errors import LsaUserError
@@ -557,11 +558,20 @@ def accumulate(
     max_samples: int | None = None,
     total: int | None = None,
     progress_enabled: bool | None = None,
+    reseed: Callable[[int], None] | None = None,
 ) -> tuple[list[str], CMStats]:
     """Streams ``batches`` and returns ``(sites, stats)`` (:class:`CMStats` ``[P, L]`` on device).
 
     The model should already be in eval mode (:func:`analyze` takes care of it). Attacks run with
     gradients enabled; the paired forwards under ``torch.no_grad``.
+
+    ``reseed``: called with the global batch index ``k`` before batch ``k`` is perturbed
+    (:func:`lsa_ext.distributed.batch_seeding` makes one), so randomness does not depend on how
+    the batches are split over processes.
+
+    Under torchrun (a process group with N > 1 ranks) batch ``k`` is processed by rank
+    ``k mod N`` only (every rank reads all batches, nothing is padded) and the statistics are
+    summed over the ranks; every rank returns the full result.
 
     Raises:
         LsaUserError: a perturbation returns a wrong shape, or a CM value is NaN/inf (the message
@@ -575,14 +585,20 @@ def accumulate(
     seen = 0
     training = model.training
     warned = False
+    rank, world = distributed.rank(), distributed.world_size()
     bar = progress(batches, desc="LSA", total=total, enabled=progress_enabled)
     for bi, batch in enumerate(bar):
+        if max_samples is not None and seen >= max_samples:
+            break
+        if bi % world != rank:  # another rank's batch
+            seen += _batch_len(batch)
+            continue
         x, y = _unpack(batch, model, dev)
         if max_samples is not None:
-            if seen >= max_samples:
-                break
             x, y = x[: max_samples - seen], y[: max_samples - seen]
         seen += x.shape[0]
+        if reseed is not None:
+            reseed(bi)
         x_hats = []
         for name in names:
             xh = perturbations[name](x, y)
@@ -621,9 +637,17 @@ def accumulate(
         for p in range(len(names)):
             stats.update(p, vals[p])
         stats.update_correct(preds, y)
+    if world > 1:  # exact sums over ranks (a rank without batches contributes None)
+        sites, stats = distributed.all_reduce_stats((sites, stats))
     if stats is None or sites is None:
         raise LsaUserError("the data is empty: no batch to analyze")
     return sites, stats
+
+
+def _batch_len(batch: Any) -> int:
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0])
+    return int(batch[0].shape[0])
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -862,7 +886,10 @@ def analyze(
         batch_size: batch size when ``data`` is not already a loader (default 128).
         device: where to run (default: the model's device).
         seed: seeds PyTorch's global RNG inside the call (restored afterwards) and the built-in
-            perturbations (``seed + i``), so the same seed gives the same result.
+            perturbations (``seed + i``), so the same seed gives the same result. Randomness is
+            reseeded per batch ``k`` from ``(seed, k)`` and each perturbation's own seed
+            (:func:`lsa_ext.distributed.batch_seeding`), so a run split over several processes
+            (torchrun) gives the same result as one process.
         clip: data range for spec-built perturbations, e.g. ``(0.0, 1.0)`` for images; default
             ``None`` (no clipping).
         eps: ε of spec-built attacks that do not set their own (default 0.1).
@@ -902,14 +929,16 @@ def analyze(
         forward_batch = getattr(loader, "batch_size", None) or batch_size
     was_training = model.training
     fork_devices = [dev.index or 0] if dev.type == "cuda" else []
+    descriptions = {n: repr(p) for n, p in perts.items()}  # before per-batch reseeding
     try:
-        with torch.random.fork_rng(devices=fork_devices):
+        with torch.random.fork_rng(devices=fork_devices), \
+                distributed.batch_seeding(perts, seed) as reseed_batch:
             torch.manual_seed(seed)
             model.eval()
             sites, stats = accumulate(
                 model, loader, perts, layer_names, meas, device=dev, mode=mode,
                 forward_batch=forward_batch, max_samples=max_samples, total=total,
-                progress_enabled=progress,
+                progress_enabled=progress, reseed=reseed_batch,
             )
     finally:
         model.train(was_training)
@@ -918,7 +947,7 @@ def analyze(
             list(layers) if isinstance(layers, (list, tuple)) else "<predicate>"),
         "measure": meas.name,
         "measure_description": meas.description,
-        "perturbations": {n: repr(p) for n, p in perts.items()},
+        "perturbations": descriptions,
         "batch_size": batch_size,
         "forward_batch": forward_batch,
         "mode": mode,

@@ -66,6 +66,13 @@ class _Noise:
         self.seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
 
+    def reseed(self, seed: int) -> None:
+        """Restarts the noise stream from ``seed`` (like the attacks' ``reseed``)."""
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise LsaUserError(f"seed must be an int, got {seed!r}")
+        self.seed = seed
+        self._generators = {}
+
     def _gen(self, device: torch.device) -> torch.Generator | None:
         if self.seed is None:
             return None

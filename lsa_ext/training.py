@@ -61,6 +61,7 @@ import torch
 from torch import nn
 
 from lsa_ext import checkpoint as ckpt
+from lsa_ext import distributed
 from lsa_ext.devices import resolve_device
 from lsa_ext.errors import LsaUserError
 from lsa_ext.losses import cross_entropy, kl_div, predict
@@ -447,8 +448,12 @@ class Trainer:
     ) -> None:
         config.validate()
         self.config = config
-        self.device = resolve_device(config.device)
+        # under torchrun: join the job, take cuda:LOCAL_RANK on GPUs, wrap the model in DDP
+        dist_ctx = distributed.init_from_env(device=config.device)
+        self.device = dist_ctx.device if dist_ctx.distributed else resolve_device(config.device)
         self.model = model.to(self.device)
+        if dist_ctx.distributed and unwrap(self.model) is self.model:
+            self.model = distributed.wrap_model(self.model)
         self.module = unwrap(self.model)
         self.train_data = train_data
         self.num_samples = _num_samples(train_data)
@@ -508,7 +513,7 @@ class Trainer:
 
     def save(self) -> Path | None:
         """Writes ``out/last.pt`` atomically (the previous one kept as ``prev.pt``)."""
-        if self.out is None:
+        if self.out is None or not distributed.is_main():  # rank 0 writes for the job
             return None
         return ckpt.save_checkpoint(self.out / ckpt.LAST, self.state_dict())
 
@@ -580,6 +585,12 @@ class Trainer:
         desc = f"{self.run_name} epoch {epoch + 1}/{cfg.epochs}"
         for b, (x, y) in enumerate(progress_bar(batches, desc=desc, total=nb,
                                                 enabled=self.progress)):
+            # under torchrun: this rank's slice of the global batch; `weight` keeps DDP's
+            # gradient average equal to the gradient of the mean over the whole batch
+            part = distributed.shard_batch(x, y)
+            if part is None:  # fewer samples than ranks: skipped by every rank
+                continue
+            (x, y), weight = part
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
             loss, parts = self.loss(x, y, attack)
@@ -593,12 +604,13 @@ class Trainer:
                     f"(try a smaller learning rate than {cfg.lr}){kept}"
                 )
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * weight if weight != 1.0 else loss).backward()
             self.optimizer.step()
             n = int(y.shape[0])
             seen += n
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + (float(v) if k == "correct" else float(v) * n)
+        sums, seen = distributed.all_reduce_stats((sums, seen))  # totals over ranks
         record = {k: v / max(seen, 1) for k, v in sums.items() if k != "correct"}
         record["learning_rate"] = float(self.optimizer.param_groups[0]["lr"])
         if self.scheduler is not None:

@@ -15,6 +15,7 @@ from lsa_ext.analysis import (
     paired_measures,
     parse_perturbation_specs,
 )
+from lsa_ext.distributed import batch_seed
 from lsa_ext.errors import LsaUserError
 from lsa_ext.measures import Measure
 from lsa_ext.mvl import most_vulnerable_layers, rank_layers
@@ -95,6 +96,7 @@ def test_analyze_matches_reference_statistics(mode, forward_batch):
     for p, pert in enumerate([_shift, lambda xb, yb: g(xb, yb)]):
         per_sample = []
         for i in range(0, 50, 16):  # same batches, same noise draws
+            g.reseed(batch_seed(3, i // 16))  # analyze reseeds noise per batch (distributed)
             xb, yb = x[i:i + 16], y[i:i + 16]
             a = _capture_all(m, layers, xb)
             b = _capture_all(m, layers, pert(xb, yb))

@@ -137,5 +137,5 @@ def test_help_and_module_entry_point(tmp_path):
     bad = subprocess.run([*run, "train", "--device", "tpu9", "--out", str(Path(tmp_path))],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
-    assert bad.stderr.strip() == "lsa train: error: unknown device 'tpu9'; use cpu, cuda, cuda:N " \
-                                 "or auto"
+    assert len(bad.stderr.strip().splitlines()) == 1
+    assert bad.stderr.startswith("lsa train: error: unknown device 'tpu9'; use cpu, cuda")

@@ -56,14 +56,19 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from lsa_ext import distributed
+
     try:
-        return int(args.func(args) or 0)
+        with distributed.failure_guard():  # under torchrun: logs "rank R failed: ..." first
+            return int(args.func(args) or 0)
     except (LsaUserError, LsaTypeError) as exc:
-        print(f"lsa {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{distributed.rank_prefix()}lsa {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lsa: interrupted", file=sys.stderr)
         return 130
+    finally:
+        distributed.cleanup()  # destroys the process group a subcommand joined (torchrun)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,4 +1,4 @@
-"""``python -m lsa_ext.cli``: the same as the ``lsa`` command."""
+"""``python -m lsa_ext.cli ...`` runs the ``lsa`` command (e.g. under ``torchrun -m``)."""
 
 import sys
 

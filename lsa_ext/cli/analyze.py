@@ -90,6 +90,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="lsa-out", help="output folder (default: ./lsa-out)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the model cache")
     p.add_argument("--no-plot", action="store_true", help="skip lsa.png")
+    from lsa_ext import distributed
+
+    distributed.add_cli_options(p)
     p.set_defaults(func=run)
 
 
@@ -149,7 +152,10 @@ def _trained_model(args, splits, model_name: str, epochs: int, device):
         return model, "checkpoint"
     path = cache_dir() / cache_name(model_name, splits.info.name, args.seed, epochs,
                                     args.batch_size, args.data_dir)
-    if not args.no_cache and path.is_file():
+    from lsa_ext import distributed
+
+    # every rank must take the same branch (training runs as one DDP job under torchrun)
+    if not args.no_cache and all(distributed.all_gather_objects(path.is_file())):
         try:
             load_weights(model, path)
             log.info("reusing cached model %s", path)
@@ -161,7 +167,7 @@ def _trained_model(args, splits, model_name: str, epochs: int, device):
 
     fit(model, splits.train, epochs=epochs, batch_size=args.batch_size, seed=args.seed,
         device=str(device))
-    if not args.no_cache:
+    if not args.no_cache and distributed.is_main():
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         try:
             atomic_write_with(path, lambda fh: torch.save(state, fh))
@@ -176,12 +182,16 @@ def run(args: argparse.Namespace) -> int:
     _check_args(args)
     check_dir(args.out)
     import lsa_ext
+    from lsa_ext import distributed
     from lsa_ext.data import load_dataset
     from lsa_ext.measures import get_measure
     from lsa_ext.models import DEFAULT_MODEL
 
     get_measure(args.measure)  # fail on a bad name before any training
     device = _device(args.device)
+    # under torchrun: join the job (each rank on its own GPU); otherwise nothing changes
+    device = distributed.init_from_env(args.dist_backend, device, args.dist_timeout).device
+    main = distributed.is_main()  # only rank 0 prints and writes
     splits = load_dataset(args.dataset, args.data_dir, seed=args.seed)
     info = splits.info
     model_name = args.model or DEFAULT_MODEL[info.name]
@@ -200,10 +210,13 @@ def run(args: argparse.Namespace) -> int:
                                 seed=args.seed)
     n_test = len(splits.test) if args.max_samples is None else min(args.max_samples,
                                                                    len(splits.test))
-    print(f"LSA: {model_name} on {info.name} ({source}"
-          + (f", {epochs} epochs" if source != "checkpoint" else "")
-          + f"), {n_test} test samples; device {device}",
-          file=sys.stderr)
+    if main:
+        print(f"LSA: {model_name} on {info.name} ({source}"
+              + (f", {epochs} epochs" if source != "checkpoint" else "")
+              + f"), {n_test} test samples; device {device}"
+              + (f", {distributed.world_size()} processes" if distributed.world_size() > 1
+                 else ""),
+              file=sys.stderr)
     config = {
         "dataset": info.name,
         "data_dir": args.data_dir,
@@ -217,6 +230,8 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, device=device, seed=args.seed, clip=info.data_range,
         eps=eps, mode=args.mode, max_samples=args.max_samples, config=config,
     )
+    if not main:
+        return 0
     out = Path(args.out)
     result.to_json(out / JSON_NAME, eta=args.eta)
     result.to_csv(out / CSV_NAME, eta=args.eta)

@@ -129,17 +129,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
                    help="continue from CHECKPOINT (default: --out/last.pt) with its settings; "
                         "--epochs and --device may be changed")
+    from lsa_ext import distributed
+
+    distributed.add_cli_options(p)
     p.set_defaults(func=run)
 
 
 # --------------------------------------------------------------------------- run
 def run(args: argparse.Namespace) -> int:
     from lsa_ext import checkpoint as ckpt
+    from lsa_ext import distributed
     from lsa_ext.io import atomic_write_json, check_dir
     from lsa_ext.models import build_model
     from lsa_ext.training import TrainConfig, Trainer
 
     out = check_dir(args.out)
+    # under torchrun: join the job (DDP, one GPU per rank); only rank 0 prints and writes
+    distributed.init_from_env(args.dist_backend, args.device, args.dist_timeout)
+    main = distributed.is_main()
     if args.resume is not None:
         path = out / ckpt.LAST if args.resume == "auto" else Path(args.resume)
         state = ckpt.load_checkpoint(path)
@@ -154,8 +161,9 @@ def run(args: argparse.Namespace) -> int:
         trainer = Trainer(model, data.train, cfg, out=out, meta=meta,
                           on_epoch=_on_epoch(out))
         trainer.load_state_dict(state)
-        print(f"resuming {trainer.run_name} from {path} after epoch {trainer.epoch}/{cfg.epochs}",
-              file=sys.stderr)
+        if main:
+            print(f"resuming {trainer.run_name} from {path} after epoch "
+                  f"{trainer.epoch}/{cfg.epochs}", file=sys.stderr)
     else:
         data = load_data(args.dataset, args.data_dir, args.data_seed, args.limit_train,
                          args.limit_test)
@@ -178,10 +186,16 @@ def run(args: argparse.Namespace) -> int:
                 "data_seed": args.data_seed, "limit_train": args.limit_train,
                 "limit_test": args.limit_test}
         trainer = Trainer(model, data.train, cfg, out=out, meta=meta, on_epoch=_on_epoch(out))
-        atomic_write_json(out / "config.json", {"config": cfg.to_dict(), "meta": meta})
-        print(f"training {trainer.run_name} ({model_name} on {name}, {len(data.train)} samples, "
-              f"{cfg.epochs} epochs) → {out}", file=sys.stderr)
+        if main:
+            atomic_write_json(out / "config.json", {"config": cfg.to_dict(), "meta": meta})
+            procs = distributed.world_size()
+            print(f"training {trainer.run_name} ({model_name} on {name}, {len(data.train)} "
+                  f"samples, {cfg.epochs} epochs"
+                  + (f", {procs} processes" if procs > 1 else "") + f") → {out}",
+                  file=sys.stderr)
     trainer.fit()
+    if not main:
+        return 0
     import torch
 
     from lsa_ext.io import atomic_write_with
@@ -202,6 +216,10 @@ def _on_epoch(out: Path):
     from lsa_ext.io import atomic_write_json
 
     def on_epoch(trainer, record) -> None:
+        from lsa_ext import distributed
+
+        if not distributed.is_main():
+            return
         atomic_write_json(out / "history.json", trainer.history)
         print(f"epoch {record['epoch']}/{trainer.config.epochs}: "
               + ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "epoch"),

@@ -1,0 +1,919 @@
+"""torch.distributed support: torchrun detection, exact sharding and reductions, DDP, rank-0 I/O.
+
+Nothing here launches processes. Start ``lsa analyze`` / ``lsa train`` (or your own script) with
+``torchrun``; :func:`init_from_env` reads what torchrun sets (``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) and joins the process group. Without those
+variables (or with ``WORLD_SIZE=1``) the program is one plain process and every helper here is a
+no-op that returns its input, so library code calls them unconditionally.
+
+Choices (defaults):
+
+- backend: ``nccl`` when the job runs on CUDA devices, ``gloo`` otherwise; overridden by the
+  ``backend`` argument (CLI ``--dist-backend``) or the ``LSA_DIST_BACKEND`` variable.
+- device: ``cuda:LOCAL_RANK`` on GPU jobs (``torch.cuda.set_device`` is called), else CPU.
+- timeout: every collective (and the rendezvous) gives up after ``LSA_DIST_TIMEOUT`` seconds
+  (default 600, CLI ``--dist-timeout``), so a rank blocked on a dead peer raises instead of
+  hanging; with nccl ``TORCH_NCCL_ASYNC_ERROR_HANDLING=1`` is set (unless already set) so a
+  timed-out collective tears the process down.
+- non-main ranks: progress bars off (``LSA_PROGRESS=0``) and ``lsa_ext`` loggers at WARNING, so
+  a job prints one copy of everything; only rank 0 writes files (:func:`is_main`).
+
+Sharding:
+
+- analysis: whole *batches* are dealt round-robin (:class:`ShardedBatchSampler`): global batch
+  ``k`` (the same batch a 1-process run sees) goes to rank ``k % world_size``. Every sample is
+  seen exactly once, nothing is padded, and randomness seeded per global batch
+  (:func:`batch_seed`, :func:`rng_scope`) does not depend on the number of ranks, so the reduced
+  statistics equal a 1-process run up to float64 summation order. :class:`ShardSampler` is the
+  sample-level counterpart of ``DistributedSampler`` without its padding.
+- training: every rank draws the same global batch (same seed) and keeps its contiguous slice
+  (:func:`shard_batch`); DDP averages gradients, which equals the 1-process gradient of the
+  batch-mean loss (uneven slices are weighted so this stays exact).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import datetime
+import gc
+import hashlib
+import logging
+import math
+import os
+import pickle
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import Dataset, DistributedSampler, Sampler
+
+from lsa_ext.errors import LsaUserError
+
+log = logging.getLogger("lsa_ext.distributed")
+
+DEFAULT_TIMEOUT_S = 600.0
+BACKENDS = ("gloo", "nccl", "mpi", "ucc")
+_ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+# --------------------------------------------------------------------------------------------
+# Context
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process stands in the job.
+
+    Attributes:
+        rank: global rank (0 … world_size-1); 0 in a plain process.
+        world_size: number of processes; 1 in a plain process.
+        local_rank: rank on this node (selects the GPU).
+        device: the device this rank computes on.
+        backend: process-group backend (``"gloo"``, ``"nccl"``…), None in a plain process.
+        timeout_s: collective timeout in seconds, None in a plain process.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    backend: str | None = None
+    timeout_s: float | None = None
+
+    @property
+    def distributed(self) -> bool:
+        """True when more than one process takes part."""
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """True on rank 0 (the only rank that prints and writes files)."""
+        return self.rank == 0
+
+
+_CTX: DistContext | None = None
+_OWNS_GROUP = False
+_FAILED = False
+_QUIETED: list[tuple[logging.Logger, int]] = []
+
+
+def launched() -> bool:
+    """True when torchrun (or a compatible launcher) started this process with WORLD_SIZE > 1."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        return False
+
+
+def _env_int(name: str, default: int | None = None) -> int:
+    raw = os.environ.get(name)
+    if raw is None:
+        if default is None:
+            raise LsaUserError(
+                f"environment variable {name} is not set; start the job with torchrun "
+                "(it sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT)"
+            )
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise LsaUserError(f"environment variable {name}={raw!r} is not an integer") from None
+
+
+def _resolve_device(device: str | torch.device | None, local_rank: int | None) -> torch.device:
+    """The device to compute on; ``local_rank`` None (a plain process) keeps a given index."""
+    if device is None or str(device) == "auto":
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            dev = torch.device(device)
+        except RuntimeError:
+            raise LsaUserError(f"unknown device {device!r}; use cpu, cuda or auto") from None
+    kind = dev.type
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise LsaUserError("device 'cuda' was requested but CUDA is not available")
+        if local_rank is None:
+            return dev
+        count = torch.cuda.device_count()
+        if local_rank >= count:
+            raise LsaUserError(
+                f"LOCAL_RANK={local_rank} but this node has only {count} CUDA device(s); "
+                f"start at most {count} processes per node (--nproc_per_node)"
+            )
+        return torch.device("cuda", local_rank)
+    return torch.device(kind)
+
+
+def choose_backend(device: torch.device, requested: str | None = None) -> str:
+    """The process-group backend: ``requested`` > ``LSA_DIST_BACKEND`` > nccl (CUDA) / gloo.
+
+    Raises:
+        LsaUserError: an unknown or unavailable backend, or nccl without a CUDA device.
+    """
+    name = requested or os.environ.get("LSA_DIST_BACKEND") or None
+    if name is None:
+        name = "nccl" if device.type == "cuda" and dist.is_nccl_available() else "gloo"
+    name = name.lower()
+    if name not in BACKENDS:
+        raise LsaUserError(f"unknown distributed backend {name!r}; choose one of {BACKENDS}")
+    if not dist.is_backend_available(name):
+        raise LsaUserError(f"distributed backend {name!r} is not available in this torch build")
+    if name == "nccl" and device.type != "cuda":
+        raise LsaUserError("backend 'nccl' needs CUDA devices; use 'gloo' on CPU")
+    return name
+
+
+def _timeout_from_env(timeout_s: float | None) -> float:
+    if timeout_s is None:
+        raw = os.environ.get("LSA_DIST_TIMEOUT")
+        try:
+            timeout_s = float(raw) if raw else DEFAULT_TIMEOUT_S
+        except ValueError:
+            raise LsaUserError(f"LSA_DIST_TIMEOUT={raw!r} is not a number of seconds") from None
+    if not timeout_s > 0 or not math.isfinite(timeout_s):
+        raise LsaUserError(
+            f"distributed timeout must be a positive number of seconds, got {timeout_s}"
+        )
+    return float(timeout_s)
+
+
+def init_from_env(
+    backend: str | None = None,
+    device: str | torch.device | None = None,
+    timeout_s: float | None = None,
+    quiet_non_main: bool = True,
+) -> DistContext:
+    """Joins the torchrun job described by the environment, or returns a 1-process context.
+
+    Idempotent: a second call returns the context of the first. A process group the caller
+    initialised already is adopted (and left to the caller to destroy); one created here is
+    destroyed by :func:`cleanup`, which also runs at interpreter exit.
+
+    Args:
+        backend: ``"gloo"``, ``"nccl"``…; None: ``LSA_DIST_BACKEND`` or automatic.
+        device: ``"cpu"``, ``"cuda"`` or None/``"auto"`` (CUDA when available). On CUDA each
+            rank takes ``cuda:LOCAL_RANK``.
+        timeout_s: collective timeout; None: ``LSA_DIST_TIMEOUT`` or 600 s.
+        quiet_non_main: on ranks ≠ 0 switch progress bars off and raise ``lsa_ext`` logging to
+            WARNING.
+
+    Returns:
+        The :class:`DistContext` (also kept for :func:`get_context`).
+    """
+    global _CTX, _OWNS_GROUP
+    if _CTX is not None:
+        return _CTX
+    if dist.is_available() and dist.is_initialized():  # set up by the caller
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local = _env_int("LOCAL_RANK", rank)
+        dev = _resolve_device(device, local)
+        _CTX = DistContext(rank, world, local, dev, dist.get_backend(), timeout_s)
+        _quiet(_CTX, quiet_non_main)
+        return _CTX
+    if not launched():
+        _CTX = DistContext(device=_resolve_device(device, None))
+        return _CTX
+    if not dist.is_available():
+        raise LsaUserError("this torch build has no torch.distributed support")
+    rank = _env_int("RANK")
+    world = _env_int("WORLD_SIZE")
+    local = _env_int("LOCAL_RANK", 0)
+    for var in ("MASTER_ADDR", "MASTER_PORT"):
+        if var not in os.environ:
+            raise LsaUserError(
+                f"environment variable {var} is not set; start the job with torchrun"
+            )
+    if not 0 <= rank < world:
+        raise LsaUserError(f"RANK={rank} is outside 0..WORLD_SIZE-1 ({world - 1})")
+    dev = _resolve_device(device, local)
+    name = choose_backend(dev, backend)
+    timeout = _timeout_from_env(timeout_s)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if name == "nccl":
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    log.debug("rank %d/%d joining (%s, %s, timeout %.0fs)", rank, world, name, dev, timeout)
+    try:
+        dist.init_process_group(
+            backend=name,
+            init_method="env://",
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=timeout),
+        )
+    except Exception as exc:
+        raise RuntimeError(
+            f"rank {rank} failed to join the process group at "
+            f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} ({name}): {exc}"
+        ) from exc
+    _OWNS_GROUP = True
+    atexit.register(cleanup)
+    _CTX = DistContext(rank, world, local, dev, name, timeout)
+    _quiet(_CTX, quiet_non_main)
+    log.info("rank %d/%d ready on %s (backend %s)", rank, world, dev, name)
+    return _CTX
+
+
+def _quiet(ctx: DistContext, enabled: bool) -> None:
+    if enabled and not ctx.is_main:
+        os.environ["LSA_PROGRESS"] = "0"
+        lg = logging.getLogger("lsa_ext")
+        _QUIETED.append((lg, lg.level))
+        lg.setLevel(logging.WARNING)
+
+
+def add_cli_options(parser) -> None:
+    """Adds ``--dist-backend`` and ``--dist-timeout`` to an argparse (sub)parser."""
+    group = parser.add_argument_group("distributed (under torchrun)")
+    group.add_argument(
+        "--dist-backend",
+        default=None,
+        choices=BACKENDS,
+        help="process-group backend (default: $LSA_DIST_BACKEND, else nccl on CUDA, gloo on CPU)",
+    )
+    group.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help=f"collective timeout (default: $LSA_DIST_TIMEOUT, else {DEFAULT_TIMEOUT_S:.0f})",
+    )
+
+
+def init_from_args(args) -> DistContext:
+    """:func:`init_from_env` with ``args.dist_backend``, ``args.dist_timeout``, ``args.device``."""
+    return init_from_env(
+        backend=getattr(args, "dist_backend", None),
+        device=getattr(args, "device", None),
+        timeout_s=getattr(args, "dist_timeout", None),
+    )
+
+
+def get_context() -> DistContext:
+    """The current context: the one :func:`init_from_env` made, else a 1-process CPU one."""
+    if _CTX is not None:
+        return _CTX
+    if dist.is_available() and dist.is_initialized():
+        rank = dist.get_rank()
+        return DistContext(rank, dist.get_world_size(), _env_int("LOCAL_RANK", rank),
+                           backend=dist.get_backend())
+    return DistContext()
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _current_rank() -> int:
+    return dist.get_rank() if _active() else 0
+
+
+def rank() -> int:
+    """Global rank of this process (0 in a plain process)."""
+    return _current_rank()
+
+
+def world_size() -> int:
+    """Number of processes in the job (1 in a plain process)."""
+    return dist.get_world_size() if _active() else 1
+
+
+def is_main() -> bool:
+    """True on rank 0 and in a plain process: the process that prints and writes files."""
+    return rank() == 0
+
+
+def rank_prefix() -> str:
+    """``"[rank R] "`` in a multi-process job, else ``""`` (for messages)."""
+    return f"[rank {rank()}] " if _active() else ""
+
+
+def barrier() -> None:
+    """Waits for every rank (no-op in a plain process)."""
+    if _active():
+        if get_context().device.type == "cuda" and dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier()
+
+
+def cleanup() -> None:
+    """Destroys the group :func:`init_from_env` created and forgets the context (idempotent)."""
+    global _CTX, _OWNS_GROUP, _FAILED
+    # after a failure the process is on its way out: a collective-based teardown could wait
+    # on the dead peer (nccl), so the group is left to process exit and torchrun
+    if _OWNS_GROUP and not _FAILED and dist.is_available() and dist.is_initialized():
+        # leave together: a rank tearing its group down while a peer is still working (rank 0
+        # writing the report) can abort in gloo's teardown; then free unreachable DDP wrappers
+        # (their reducers hold the group) so none is torn down late, at interpreter shutdown
+        with contextlib.suppress(Exception):
+            barrier()
+        gc.collect()
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+    _OWNS_GROUP = False
+    _FAILED = False
+    while _QUIETED:
+        lg, level = _QUIETED.pop()
+        lg.setLevel(level)
+    _CTX = None
+
+
+@contextlib.contextmanager
+def failure_guard() -> Iterator[None]:
+    """Logs ``rank R failed: <error>`` when the body raises in a multi-process job, re-raises.
+
+    torchrun then stops the other ranks and exits non-zero, naming the failed rank too.
+    """
+    global _FAILED
+    try:
+        yield
+    except BaseException as exc:
+        _FAILED = True
+        if _active() or launched():
+            r = rank() if _active() else os.environ.get("RANK", "?")
+            log.error("rank %s failed: %s: %s", r, type(exc).__name__, exc)
+        raise
+
+
+# --------------------------------------------------------------------------------------------
+# Sharding
+# --------------------------------------------------------------------------------------------
+
+
+def shard_range(n: int, rank_: int | None = None, world: int | None = None) -> range:
+    """Indices ``rank, rank+world, …`` of ``range(n)``: each index on one rank, no padding."""
+    r = rank() if rank_ is None else rank_
+    w = world_size() if world is None else world
+    return range(r, n, w)
+
+
+class ShardSampler(DistributedSampler):
+    """``DistributedSampler`` without padding: every sample is drawn by exactly one rank.
+
+    ``DistributedSampler`` repeats samples so all ranks get the same count (double counting in
+    statistics) or drops the tail (``drop_last``). Here rank ``r`` gets positions
+    ``r, r+W, r+2W, …`` of the (optionally shuffled with ``seed + epoch``) order, so shard sizes
+    differ by at most one. Use with ``shuffle=False`` for evaluation-style passes.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        shuffle: bool = False,
+        seed: int = 0,
+    ) -> None:
+        num_replicas = world_size() if num_replicas is None else num_replicas
+        rank = _current_rank() if rank is None else rank
+        super().__init__(dataset, num_replicas, rank, shuffle=shuffle, seed=seed, drop_last=False)
+        n = len(dataset)  # type: ignore[arg-type]
+        self.num_samples = len(range(self.rank, n, self.num_replicas))
+        self.total_size = n
+
+    def __iter__(self) -> Iterator[int]:
+        n = len(self.dataset)  # type: ignore[arg-type]
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(n, generator=g).tolist()
+        else:
+            order = list(range(n))
+        return iter(order[self.rank : n : self.num_replicas])
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class ShardedBatchSampler(Sampler[list[int]]):
+    """Deals whole batches of a batch sampler round-robin: batch ``k`` goes to rank ``k % W``.
+
+    The batches are exactly those a 1-process run sees (same composition, same order within a
+    rank), nothing is padded or dropped; ranks differ by at most one batch.
+    :meth:`batch_ids` gives the global index ``k`` of each batch this rank yields (for per-batch
+    seeds, :func:`batch_seed`).
+
+    Example::
+
+        batches = BatchSampler(SequentialSampler(ds), batch_size, drop_last=False)
+        sampler = distributed.ShardedBatchSampler(batches)
+        loader = DataLoader(ds, batch_sampler=sampler)
+        for k, (x, y) in zip(sampler.batch_ids(), loader): ...
+    """
+
+    def __init__(
+        self, batch_sampler: Iterable[list[int]], num_replicas: int | None = None,
+        rank: int | None = None,
+    ) -> None:
+        self.batch_sampler = batch_sampler
+        self.num_replicas = world_size() if num_replicas is None else num_replicas
+        self.rank = _current_rank() if rank is None else rank
+        if not 0 <= self.rank < self.num_replicas:
+            raise LsaUserError(f"rank {self.rank} outside 0..{self.num_replicas - 1}")
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for k, batch in enumerate(self.batch_sampler):
+            if k % self.num_replicas == self.rank:
+                yield batch
+
+    def __len__(self) -> int:
+        return len(range(self.rank, len(self.batch_sampler), self.num_replicas))  # type: ignore[arg-type]
+
+    def batch_ids(self) -> range:
+        """Global indices of the batches this rank yields, in order."""
+        return range(self.rank, len(self.batch_sampler), self.num_replicas)  # type: ignore[arg-type]
+
+
+def my_batches(iterable: Iterable[Any]) -> Iterator[tuple[int, Any]]:
+    """``(k, item)`` for the items of ``iterable`` whose index ``k`` belongs to this rank.
+
+    The simplest sharding for a loop over batches (each rank still *produces* every batch, so
+    prefer :class:`ShardedBatchSampler` when loading is costly). One process: ``enumerate``.
+    """
+    r, w = rank(), world_size()
+    for k, item in enumerate(iterable):
+        if k % w == r:
+            yield k, item
+
+
+def batch_seed(seed: int, index: int, salt: str = "") -> int:
+    """A 63-bit seed derived from ``(seed, index, salt)``, independent of the number of ranks.
+
+    Seed a generator per global batch (or sample) with it so random perturbations do not
+    depend on how the data is sharded.
+    """
+    h = hashlib.blake2b(f"{seed}:{index}:{salt}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+@contextlib.contextmanager
+def rng_scope(seed: int, device: torch.device | str | None = None) -> Iterator[None]:
+    """Seeds torch's global RNG (CPU, and ``device`` if CUDA) inside, restores it after.
+
+    For perturbations that draw from the global RNG (e.g. other libraries' attacks)::
+
+        with distributed.rng_scope(distributed.batch_seed(seed, k)):
+            x_hat = attack(x, y)
+    """
+    dev = torch.device(device) if device is not None else None
+    cuda = [dev.index if dev.index is not None else torch.cuda.current_device()] if (
+        dev is not None and dev.type == "cuda") else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        yield
+
+
+def reseed(perturbation: Any, seed: int) -> bool:
+    """Restarts a perturbation's private generator from ``seed`` if it has one.
+
+    Calls ``perturbation.reseed(seed)`` (lsa_ext attacks and noises). Returns False when the
+    object has no such method (it then draws from the global RNG: seed that with
+    :func:`rng_scope` or ``torch.manual_seed``).
+    """
+    fn = getattr(perturbation, "reseed", None)
+    if callable(fn):
+        fn(seed)
+        return True
+    return False
+
+
+@contextlib.contextmanager
+def batch_seeding(
+    perturbations: Mapping[str, Any], seed: int
+) -> Iterator[Callable[[int], None]]:
+    """Makes each batch's randomness a function of ``(seed, batch index)`` only.
+
+    Yields ``reseed_batch(k)``; call it before perturbing global batch ``k``. It reseeds each
+    perturbation ``i`` that has a ``reseed`` method (lsa_ext noises and attacks) with
+    ``batch_seed(s_i, k)`` — ``s_i`` is the perturbation's own integer ``seed`` attribute as
+    it was on entry, else ``seed + i`` — and torch's global RNG (all devices) with
+    ``batch_seed(seed, k, "global")`` (for callables drawing from it). Then a run whose batches
+    are split over any number of ranks draws exactly the noise and attack random starts of a
+    1-process run. On exit the perturbations are reseeded with their own seeds (a fresh
+    stream, as when built); use inside ``torch.random.fork_rng`` to keep the caller's global
+    RNG.
+    """
+    items = list(perturbations.values())
+    owns = [getattr(p, "seed", None) for p in items]
+    owns = [o if isinstance(o, int) and not isinstance(o, bool) else None for o in owns]
+    bases = [seed + i if o is None else o for i, o in enumerate(owns)]
+
+    def reseed_batch(index: int) -> None:
+        for p, base in zip(items, bases, strict=True):
+            reseed(p, batch_seed(base, index))
+        torch.manual_seed(batch_seed(seed, index, "global"))
+
+    try:
+        yield reseed_batch
+    finally:
+        for p, own in zip(items, owns, strict=True):
+            if own is not None:
+                reseed(p, own)
+
+
+def batch_slice(n: int, rank_: int | None = None, world: int | None = None) -> slice:
+    """This rank's contiguous part of a global batch of ``n`` samples (sizes differ by ≤ 1)."""
+    r = rank() if rank_ is None else rank_
+    w = world_size() if world is None else world
+    base, extra = divmod(n, w)
+    start = r * base + min(r, extra)
+    return slice(start, start + base + (1 if r < extra else 0))
+
+
+def shard_batch(
+    *tensors: torch.Tensor, rank_: int | None = None, world: int | None = None
+) -> tuple[tuple[torch.Tensor, ...], float] | None:
+    """This rank's slice of a global batch, and the weight that keeps DDP's gradient exact.
+
+    DDP averages gradients over W ranks. With a batch-mean loss on ``n_r`` of the ``n`` samples,
+    multiplying the loss by ``weight = W · n_r / n`` makes the average equal the gradient of the
+    mean over all ``n`` samples (weight 1.0 when ``n`` is divisible by W).
+
+    Returns:
+        ``(tensors_slice, weight)``; ``(tensors, 1.0)`` in a plain process; None when the
+        global batch has fewer samples than ranks (every rank skips it, consistently).
+
+    Raises:
+        LsaUserError: tensors with different first dimensions.
+    """
+    if not tensors:
+        raise LsaUserError("shard_batch needs at least one tensor")
+    n = tensors[0].shape[0]
+    for t in tensors[1:]:
+        if t.shape[0] != n:
+            raise LsaUserError(
+                f"shard_batch: tensors have different batch sizes ({n} and {t.shape[0]})"
+            )
+    r = rank() if rank_ is None else rank_
+    w = world_size() if world is None else world
+    if w == 1:
+        return tuple(tensors), 1.0
+    if n < w:
+        return None
+    sl = batch_slice(n, r, w)
+    return tuple(t[sl] for t in tensors), w * (sl.stop - sl.start) / n
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------
+
+
+def wrap_model(model: nn.Module, **ddp_kwargs: Any) -> nn.Module:
+    """``DistributedDataParallel(model)`` in a multi-process job, else ``model`` unchanged.
+
+    The model must already be on this rank's device (``get_context().device``). DDP broadcasts
+    rank 0's parameters and buffers at construction, so all ranks start identical. Hooks
+    (:class:`lsa_ext.probes.Capture`) go on :func:`unwrap` (the inner module); they fire when
+    the wrapper is called. Run attacks on the inner module too, so their gradient computations
+    do not trigger DDP's gradient all-reduce.
+    """
+    if not _active():
+        return model
+    ctx = get_context()
+    if ctx.device.type == "cuda":
+        ddp_kwargs.setdefault("device_ids", [ctx.device.index])
+        ddp_kwargs.setdefault("output_device", ctx.device.index)
+    return nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The inner module of a DDP (or DataParallel) wrapper; ``model`` itself otherwise."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# Exact reductions
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Moments:
+    """Count, mean and sum of squared deviations (M2) per entry, in float64.
+
+    Streams values with :meth:`update`; merges with Chan et al.'s parallel formula
+    (:meth:`merge`), which is exact up to rounding and stable (no sum-of-squares cancellation).
+
+    Attributes:
+        count: float64 ``[*shape]`` numbers of values.
+        mean: float64 ``[*shape]``.
+        m2: float64 ``[*shape]``, Σ (v − mean)².
+    """
+
+    count: torch.Tensor
+    mean: torch.Tensor
+    m2: torch.Tensor
+
+    @classmethod
+    def zeros(cls, *shape: int, device: torch.device | str = "cpu") -> Moments:
+        """Empty moments of the given shape."""
+        z = torch.zeros(shape, dtype=torch.float64, device=device)
+        return cls(z.clone(), z.clone(), z.clone())
+
+    @classmethod
+    def of(cls, values: torch.Tensor) -> Moments:
+        """Moments of ``values`` ``[*shape, n]`` over the last dimension."""
+        v = values.detach().to(torch.float64)
+        n = v.shape[-1]
+        mean = v.mean(-1) if n else torch.zeros(v.shape[:-1], dtype=torch.float64, device=v.device)
+        m2 = ((v - mean.unsqueeze(-1)) ** 2).sum(-1)
+        return cls(torch.full_like(mean, float(n)), mean, m2)
+
+    def update(self, values: torch.Tensor) -> Moments:
+        """Adds ``values`` ``[*shape, n]`` (n new values per entry); returns self."""
+        other = Moments.of(values.to(self.mean.device))
+        merged = self.merge(other)
+        self.count, self.mean, self.m2 = merged.count, merged.mean, merged.m2
+        return self
+
+    def merge(self, other: Moments) -> Moments:
+        """The moments of both sets of values (Chan et al. 1979)."""
+        n = self.count + other.count
+        delta = other.mean - self.mean
+        safe = torch.where(n > 0, n, torch.ones_like(n))
+        mean = torch.where(n > 0, self.mean + delta * (other.count / safe), self.mean)
+        m2 = self.m2 + other.m2 + delta * delta * (self.count * other.count / safe)
+        return Moments(n, mean, m2)
+
+    def var(self, ddof: int = 0) -> torch.Tensor:
+        """Variance (population with ``ddof=0``); NaN where count ≤ ddof."""
+        denom = self.count - ddof
+        nan = torch.full_like(self.m2, math.nan)
+        return torch.where(denom > 0, self.m2 / denom.clamp_min(1), nan)
+
+    def std(self, ddof: int = 0) -> torch.Tensor:
+        """Standard deviation (population with ``ddof=0``)."""
+        return self.var(ddof).sqrt()
+
+    def cpu(self) -> Moments:
+        """A copy on the CPU."""
+        return Moments(self.count.cpu(), self.mean.cpu(), self.m2.cpu())
+
+    def to(self, device: torch.device | str) -> Moments:
+        """A copy on ``device``."""
+        return Moments(self.count.to(device), self.mean.to(device), self.m2.to(device))
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, Moments):
+        return obj.cpu()
+    if callable(getattr(obj, "merge", None)) and callable(getattr(obj, "to", None)):
+        return obj.to("cpu")  # e.g. analysis.CMStats
+    if isinstance(obj, Mapping):
+        return type(obj)((k, _to_cpu(v)) for k, v in obj.items()) if isinstance(obj, dict) else {
+            k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(_to_cpu(v) for v in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable; tensors are moved to the CPU first), in rank order."""
+    if not _active():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, _to_cpu(obj))
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank (``obj`` itself in a plain process)."""
+    if not _active():
+        return obj
+    box = [_to_cpu(obj) if rank() == src else None]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def _combine(values: Sequence[Any], where: str) -> Any:
+    present = [v for v in values if v is not None]
+    if not present:
+        return None
+    if len(present) < len(values):  # None: this rank saw nothing here
+        return _combine(present, where)
+    first = values[0]
+    merge = getattr(first, "merge", None)
+    if callable(merge) and not isinstance(first, (Mapping, torch.Tensor)):
+        acc = first  # Moments, lsa_ext.analysis.CMStats, anything with merge(other) -> merged
+        for v in values[1:]:
+            acc = acc.merge(v)
+        return acc
+    if isinstance(first, torch.Tensor):
+        shapes = {tuple(v.shape) for v in values}
+        if len(shapes) != 1:
+            raise RuntimeError(f"all_reduce_stats: {where} has different shapes on ranks: {shapes}")
+        if first.is_floating_point() or first.is_complex():
+            acc = first.to(torch.float64 if first.is_floating_point() else torch.complex128)
+            for v in values[1:]:
+                acc = acc + v.to(acc.dtype)
+            return acc.to(first.dtype)
+        if first.dtype == torch.bool:
+            raise RuntimeError(f"all_reduce_stats: {where} is a bool tensor; cannot sum it")
+        acc = first.clone()
+        for v in values[1:]:
+            acc = acc + v
+        return acc
+    if isinstance(first, bool) or isinstance(first, (str, bytes)):
+        if any(v != first for v in values[1:]):
+            raise RuntimeError(f"all_reduce_stats: {where} differs between ranks: {list(values)}")
+        return first
+    if isinstance(first, int):
+        return sum(values)
+    if isinstance(first, float):
+        return math.fsum(values)
+    if isinstance(first, Mapping):
+        keys = list(first.keys())
+        for v in values[1:]:
+            if list(v.keys()) != keys:
+                raise RuntimeError(
+                    f"all_reduce_stats: {where or 'stats'} has different keys on ranks: "
+                    f"{keys} vs {list(v.keys())}"
+                )
+        items = [(k, _combine([v[k] for v in values], f"{where}[{k!r}]")) for k in keys]
+        return type(first)(items) if isinstance(first, dict) else dict(items)
+    if isinstance(first, (list, tuple)):
+        if any(len(v) != len(first) for v in values[1:]):
+            raise RuntimeError(f"all_reduce_stats: {where} has different lengths on ranks")
+        parts = [_combine([v[i] for v in values], f"{where}[{i}]") for i in range(len(first))]
+        if isinstance(first, tuple) and hasattr(first, "_fields"):
+            return type(first)(*parts)
+        return type(first)(parts)
+    raise TypeError(f"all_reduce_stats: cannot reduce {where} of type {type(first).__name__}")
+
+
+def _to_device_like(reduced: Any, original: Any) -> Any:
+    if reduced is None or original is None:
+        return reduced
+    if isinstance(original, torch.Tensor):
+        return reduced.to(original.device)
+    if isinstance(original, Moments):
+        return reduced.to(original.mean.device)
+    if callable(getattr(original, "merge", None)) and not isinstance(original, Mapping):
+        return reduced  # merge-able objects keep the device of the first rank's value
+    if isinstance(original, Mapping):
+        items = [(k, _to_device_like(reduced[k], original[k])) for k in original]
+        return type(reduced)(items) if isinstance(reduced, dict) else dict(items)
+    if isinstance(original, (list, tuple)):
+        parts = [_to_device_like(r, o) for r, o in zip(reduced, original, strict=True)]
+        if isinstance(original, tuple) and hasattr(original, "_fields"):
+            return type(original)(*parts)
+        return type(original)(parts)
+    return reduced
+
+
+def all_reduce_stats(stats: Any) -> Any:
+    """Sums (exactly) a nested structure of statistics over all ranks; same structure back.
+
+    Leaves: floating tensors are summed in float64 (returned in their dtype, on their device),
+    integer tensors and ints summed exactly, floats with ``math.fsum``, objects with a
+    ``merge(other)`` method (:class:`Moments`: Chan's formula; ``analysis.CMStats``) merged with
+    it, strings/bools must agree on every rank. ``None`` means "nothing from this rank": it is
+    skipped (a rank whose shard was empty passes None). Containers: dict (keys in the same order
+    on every rank), list, tuple, namedtuple. Ranks are combined in rank order, so every rank
+    gets bit-identical results. In a plain process ``stats`` is returned as is.
+
+    Stats are small (perturbations × layers), so they travel pickled in one all-gather.
+    """
+    if not _active():
+        return stats
+    gathered = all_gather_objects(stats)
+    return _to_device_like(_combine(gathered, ""), stats)
+
+
+def gather_ordered(items: Iterable[tuple[int, Any]]) -> list[Any]:
+    """All ranks' ``(key, value)`` items, sorted by key, values only, on every rank.
+
+    With keys = global batch indices this rebuilds the 1-process order of per-batch results
+    (e.g. per-sample CM values) from a :class:`ShardedBatchSampler` run.
+
+    Raises:
+        RuntimeError: the same key on two ranks.
+    """
+    local = list(items)
+    if not _active():
+        return [v for _, v in sorted(local, key=lambda kv: kv[0])]
+    merged = [kv for part in all_gather_objects(local) for kv in part]
+    merged.sort(key=lambda kv: kv[0])
+    keys = [k for k, _ in merged]
+    if len(set(keys)) != len(keys):
+        raise RuntimeError("gather_ordered: the same key came from several ranks")
+    return [v for _, v in merged]
+
+
+def _canonical(obj: Any) -> Any:
+    """Tensors as (dtype, shape, bytes) so equal values hash equal (tensor pickles do not)."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous().reshape(-1)
+        return ("tensor", str(obj.dtype), tuple(obj.shape), t.view(torch.uint8).numpy().tobytes())
+    if isinstance(obj, Moments):
+        return ("moments", _canonical(obj.count), _canonical(obj.mean), _canonical(obj.m2))
+    if isinstance(obj, Mapping):
+        return ("map", [(k, _canonical(v)) for k, v in obj.items()])
+    if isinstance(obj, (list, tuple)):
+        return (type(obj).__name__, [_canonical(v) for v in obj])
+    return obj
+
+
+def check_same(value: Any, what: str) -> None:
+    """Raises on every rank if ``value`` (picklable) differs between ranks.
+
+    A cheap guard for things that must agree (a configuration, the first global batch's
+    labels). No-op in a plain process.
+    """
+    if not _active():
+        return
+    digest = hashlib.blake2b(pickle.dumps(_canonical(value)), digest_size=16).hexdigest()
+    digests = all_gather_objects(digest)
+    if len(set(digests)) != 1:
+        bad = [r for r, d in enumerate(digests) if d != digests[0]]
+        raise RuntimeError(f"{what} differs between ranks (ranks {bad} disagree with rank 0)")
+
+
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_TIMEOUT_S",
+    "DistContext",
+    "Moments",
+    "ShardSampler",
+    "ShardedBatchSampler",
+    "add_cli_options",
+    "all_gather_objects",
+    "all_reduce_stats",
+    "barrier",
+    "batch_seed",
+    "batch_slice",
+    "broadcast_object",
+    "check_same",
+    "choose_backend",
+    "cleanup",
+    "failure_guard",
+    "gather_ordered",
+    "get_context",
+    "init_from_args",
+    "init_from_env",
+    "is_main",
+    "launched",
+    "my_batches",
+    "rank",
+    "rank_prefix",
+    "reseed",
+    "batch_seeding",
+    "rng_scope",
+    "shard_batch",
+    "shard_range",
+    "unwrap",
+    "wrap_model",
+    "world_size",
+]
