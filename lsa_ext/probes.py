@@ -36,6 +36,8 @@ def select_layers(model: nn.Module, spec: LayerSpec = "activations") -> list[str
     Args:
         spec: ``"activations"`` (ReLU, ELU, LeakyReLU, GELU, SiLU, Sigmoid, Tanh, …),
             ``"learnable"`` (Conv*, ConvTranspose*, Linear — the paper's "learnable layers"),
+            ``"L<k>"`` (the k-th learnable layer in registration order, the paper's "LR-L<k>";
+            a module literally named ``L<k>`` takes precedence),
             ``"leaves"`` (every module without children), a qualified name or glob
             (``"features.*"``), a comma-separated mix of those, a list of names/globs/kinds,
             or a predicate ``(name, module) -> bool``.
@@ -56,6 +58,15 @@ def select_layers(model: nn.Module, spec: LayerSpec = "activations") -> list[str
                 hits = [n for n, m in named if isinstance(m, KINDS[item])]
             elif item == "leaves":
                 hits = [n for n, m in named if not any(True for _ in m.children())]
+            elif _is_learnable_index(item) and not any(n == item for n, _ in named):
+                learnable = [n for n, m in named if isinstance(m, LEARNABLE)]
+                k = int(item[1:])
+                if k >= len(learnable):
+                    raise LsaUserError(
+                        f"{item}: {type(model).__name__} has {len(learnable)} learnable layers "
+                        f"(L0..L{len(learnable) - 1}: {', '.join(learnable)})"
+                    )
+                hits = [learnable[k]]
             else:
                 hits = [n for n, _ in named if fnmatch.fnmatchcase(n, item)]
                 if not hits:
@@ -70,6 +81,11 @@ def select_layers(model: nn.Module, spec: LayerSpec = "activations") -> list[str
     if not chosen:
         raise LsaUserError(f"no layer of {type(model).__name__} matches {spec!r}")
     return chosen
+
+
+def _is_learnable_index(item: str) -> bool:
+    """``"L<k>"`` / ``"l<k>"``: the k-th learnable layer (the paper's "LR-L<k>" naming)."""
+    return len(item) > 1 and item[0] in "Ll" and item[1:].isdigit()
 
 
 class Capture:

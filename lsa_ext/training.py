@@ -123,23 +123,11 @@ def resolve_layers(model: nn.Module, spec: str | Sequence[str]) -> list[str]:
     items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
     if not items or any(not isinstance(s, str) or not s for s in items):
         raise LsaUserError(f"layer list must hold non-empty names, got {spec!r}")
-    learnable: list[str] | None = None
     out: list[str] = []
     for item in items:
-        if len(item) > 1 and item[0] in "Ll" and item[1:].isdigit():
-            if learnable is None:
-                learnable = select_layers(module, "learnable")
-            k = int(item[1:])
-            if k >= len(learnable):
-                raise LsaUserError(
-                    f"{item}: {type(module).__name__} has {len(learnable)} learnable layers "
-                    f"(L0..L{len(learnable) - 1}: {', '.join(learnable)})"
-                )
-            names = [learnable[k]]
-        else:
-            if item.startswith("module."):
-                item = item[len("module."):]
-            names = select_layers(module, item)
+        if item.startswith("module."):
+            item = item[len("module."):]
+        names = select_layers(module, item)
         out.extend(n for n in names if n not in out)
     return out
 

@@ -110,3 +110,16 @@ def test_detach_and_gradients():
     with Capture(m, ["stem"], detach=True) as cap:
         m(x)
     assert not cap.outputs["stem"].requires_grad
+
+
+def test_learnable_index_selects_kth_learnable_layer_and_checks_range():
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 3))
+    assert select_layers(net, "L0") == ["0"]
+    assert select_layers(net, "l1") == ["3"]
+    assert select_layers(net, "L1,1") == ["1", "3"]
+    with pytest.raises(LsaUserError, match=r"Sequential has 2 learnable layers \(L0..L1: 0, 3\)"):
+        select_layers(net, "L2")
+    named = nn.Module()
+    named.L0 = nn.ReLU()
+    named.fc = nn.Linear(2, 2)
+    assert select_layers(named, "L0") == ["L0"]  # a module literally named L0 wins

@@ -66,8 +66,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", default=None,
                    help="state dict to load (weights_only); skips training")
     p.add_argument("--layers", default="activations",
-                   help="probes: activations, learnable, leaves, names or globs, comma-separated "
-                        "(default: activations)")
+                   help="probes: activations, learnable, leaves, L<k> (k-th learnable layer), "
+                        "names or globs, comma-separated (default: activations)")
     p.add_argument("--perturbations", default=DEFAULT_PERTURBATIONS,
                    help="comma-separated specs, e.g. 'gaussian:std=0.1,fgsm:eps=0.1,pgd:steps=20' "
                         f"(default: {DEFAULT_PERTURBATIONS}); also salt_pepper, fast, trades, "
