@@ -6,6 +6,7 @@ Fused ops (C++/CUDA, registered as ``torch.ops.lsa_ext.*``) under a thin Python 
 from __future__ import annotations
 
 from lsa_ext import attacks, measures, noise, probes
+from lsa_ext._version import __version__
 from lsa_ext.analysis import AnalysisResult, analyze
 from lsa_ext.data import DatasetInfo, DataSplits, load_dataset
 from lsa_ext.evaluation import EvaluationResult, evaluate
@@ -18,8 +19,6 @@ from lsa_ext.ops import (
     sq_sums_multi,
 )
 from lsa_ext.training import TrainConfig, Trainer, lr_term, train
-
-__version__ = "0.1.0"
 
 __all__ = [
     "__version__",

@@ -45,16 +45,18 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lsa_ext import distributed
 from lsa_ext import mvl as _mvl
+from lsa_ext.batches import batches
 from lsa_ext.devices import resolve_device
 from lsa_ext.errors import LsaUserError
 from lsa_ext.measures import Measure, MeasureFn, get_measure
+from lsa_ext.modules import model_device
 from lsa_ext.noise import NOISES
 from lsa_ext.probes import Capture, LayerSpec, select_layers
 from lsa_ext.progress import progress
+from lsa_ext.seeding import batch_seeding
 
 log = logging.getLogger("lsa_ext.analysis")
 
@@ -491,39 +493,6 @@ def _predictions(outs: list, groups: int, c: int) -> torch.Tensor | None:
 
 
 # =========================================================================== data
-def _as_batches(
-    data: Any, batch_size: int, sampler: Any = None
-) -> tuple[Iterable, int | None]:
-    """An iterable of ``(x, y)`` batches and its length when known."""
-    if isinstance(data, torch.Tensor):
-        data = TensorDataset(data)
-    elif isinstance(data, (tuple, list)) and len(data) == 2 and all(
-        isinstance(t, torch.Tensor) for t in data
-    ):
-        x, y = data
-        if x.shape[0] != y.shape[0]:
-            raise LsaUserError(f"x and y have different lengths: {x.shape[0]} and {y.shape[0]}")
-        data = TensorDataset(x, y)
-    if sampler is not None and not isinstance(data, Dataset):
-        raise LsaUserError("sampler= needs data given as a Dataset, tensors or an (x, y) pair")
-    if isinstance(data, DataLoader):
-        loader: Any = data
-    elif isinstance(data, Dataset):
-        loader = DataLoader(data, batch_size=batch_size, shuffle=False, sampler=sampler)
-    elif isinstance(data, Iterable):
-        loader = data
-    else:
-        raise LsaUserError(
-            "data must be a DataLoader, a Dataset, a tensor x, a pair (x, y) of tensors or an "
-            f"iterable of (x, y) batches; got {type(data).__name__}"
-        )
-    try:
-        total = len(loader)
-    except TypeError:
-        total = None
-    return loader, total
-
-
 def _unpack(
     batch: Any, model: nn.Module, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -578,7 +547,7 @@ def accumulate(
             names the layer and the perturbation).
     """
     meas = get_measure(measure)
-    dev = resolve_device(device) if device is not None else _model_device(model)
+    dev = resolve_device(device) if device is not None else model_device(model)
     names = list(perturbations)
     stats: CMStats | None = None
     sites: list[str] | None = None
@@ -648,14 +617,6 @@ def _batch_len(batch: Any) -> int:
     if isinstance(batch, torch.Tensor):
         return int(batch.shape[0])
     return int(batch[0].shape[0])
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
 
 
 # =========================================================================== result
@@ -921,10 +882,10 @@ def analyze(
     if device is not None:
         device = resolve_device(device)
         model.to(device)
-    dev = _model_device(model) if device is None else device
+    dev = model_device(model) if device is None else device
     layer_names = select_layers(model, layers)
     perts = build_perturbations(perturbations, model=model, clip=clip, eps=eps, seed=seed)
-    loader, total = _as_batches(data, batch_size, sampler)
+    loader, total = batches(data, batch_size, sampler=sampler, allow_unlabelled=True)
     if forward_batch is None:
         forward_batch = getattr(loader, "batch_size", None) or batch_size
     was_training = model.training
@@ -932,7 +893,7 @@ def analyze(
     descriptions = {n: repr(p) for n, p in perts.items()}  # before per-batch reseeding
     try:
         with torch.random.fork_rng(devices=fork_devices), \
-                distributed.batch_seeding(perts, seed) as reseed_batch:
+                batch_seeding(perts, seed) as reseed_batch:
             torch.manual_seed(seed)
             model.eval()
             sites, stats = accumulate(

@@ -27,17 +27,15 @@ APGD-CE / APGD-DLR). :func:`build_attack` builds one by name.
 
 from __future__ import annotations
 
-import contextlib
-import math
-import numbers
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import nn
 
+from lsa_ext.checks import check_clip, check_int, check_number
 from lsa_ext.errors import LsaTypeError, LsaUserError
 from lsa_ext.losses import cross_entropy, kl_div
+from lsa_ext.modules import MODES, model_mode
 
 __all__ = [
     "APGD",
@@ -54,48 +52,7 @@ __all__ = [
 ]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-MODES = ("eval", "train", "keep")
 NORMS = {"linf": "Linf", "inf": "Linf", "l2": "L2"}
-
-
-# ----------------------------------------------------------------------------- validation helpers
-def _check_number(name: str, value: Any, *, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise LsaUserError(f"{name} must be a number, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise LsaUserError(f"{name} must be finite, got {value}")
-    if value < 0 or (positive and value == 0):
-        raise LsaUserError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value}")
-    return value
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise LsaUserError(f"{name} must be an integer, got {value!r}")
-    if int(value) < minimum:
-        raise LsaUserError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def _check_clip(clip: Any) -> tuple[float, float] | None:
-    if clip is None:
-        return None
-    try:
-        lo, hi = clip
-    except (TypeError, ValueError):
-        raise LsaUserError(f"clip must be None or a pair (lo, hi), got {clip!r}") from None
-    lo = _check_real("clip lower bound", lo)
-    hi = _check_real("clip upper bound", hi)
-    if not lo < hi:
-        raise LsaUserError(f"clip must have lo < hi, got {clip!r}")
-    return (lo, hi)
-
-
-def _check_real(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise LsaUserError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
 
 
 def _check_norm(norm: Any) -> str:
@@ -103,35 +60,6 @@ def _check_norm(norm: Any) -> str:
     if key not in NORMS:
         raise LsaUserError(f"norm must be 'Linf' or 'L2', got {norm!r}")
     return NORMS[key]
-
-
-# ----------------------------------------------------------------------------- model state
-@contextlib.contextmanager
-def model_mode(model: Any, mode: str = "eval") -> Iterator[None]:
-    """Puts ``model`` in ``mode`` and freezes its parameters; restores both on exit.
-
-    ``mode``: ``"eval"``, ``"train"`` or ``"keep"``. Every submodule's ``training`` flag and every
-    parameter's ``requires_grad`` are restored on exit, also when the body raises. A model that is
-    not an ``nn.Module`` (a plain callable) is left alone.
-    """
-    if not isinstance(model, nn.Module):
-        yield
-        return
-    flags = [(m, m.training) for m in model.modules()]
-    params = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        if mode == "eval":
-            model.eval()
-        elif mode == "train":
-            model.train()
-        for p, _ in params:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for m, training in flags:
-            m.training = training
-        for p, req in params:
-            p.requires_grad_(req)
 
 
 def _default_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -191,12 +119,12 @@ class Attack:
         if loss is not None and not callable(loss):
             raise LsaUserError(f"loss must be None or a callable (logits, y) -> [B], got {loss!r}")
         self.model = model
-        self.eps = _check_number("eps", eps)
-        self.clip = _check_clip(clip)
+        self.eps = check_number("eps", eps)
+        self.clip = check_clip(clip)
         self.mode = mode
         self.loss = loss
         self._loss_fn: LossFn = loss if loss is not None else _default_loss
-        self.seed = _check_int("seed", seed, minimum=0)
+        self.seed = check_int("seed", seed, minimum=0)
         self.generator = torch.Generator().manual_seed(self.seed)
 
     # -- public API ---------------------------------------------------------------------------
@@ -219,7 +147,7 @@ class Attack:
 
     def reseed(self, seed: int) -> None:
         """Restarts the random generator from ``seed``."""
-        self.seed = _check_int("seed", seed, minimum=0)
+        self.seed = check_int("seed", seed, minimum=0)
         self.generator.manual_seed(self.seed)
 
     def __repr__(self) -> str:
@@ -360,12 +288,12 @@ class PGD(Attack):
         **kw: Any,
     ) -> None:
         super().__init__(model, eps, **kw)
-        self.steps = _check_int("steps", steps, minimum=1)
+        self.steps = check_int("steps", steps, minimum=1)
         self.norm = _check_norm(norm)
         self.alpha = (
             2.5 * self.eps / self.steps
             if alpha is None
-            else _check_number("alpha", alpha, positive=True)
+            else check_number("alpha", alpha, positive=True)
         )
         self.random_start = bool(random_start)
         self.return_best = bool(return_best)
@@ -425,7 +353,7 @@ class FAST(Attack):
     def __init__(self, model, eps: float, alpha: float | None = None, **kw: Any) -> None:
         super().__init__(model, eps, **kw)
         self.alpha = (
-            1.25 * self.eps if alpha is None else _check_number("alpha", alpha, positive=True)
+            1.25 * self.eps if alpha is None else check_number("alpha", alpha, positive=True)
         )
 
     def _params(self):
@@ -465,13 +393,13 @@ class TRADES(Attack):
         if kw.get("loss") is not None:
             raise LsaUserError("TRADES maximises the KL divergence; its loss cannot be changed")
         super().__init__(model, eps, **kw)
-        self.steps = _check_int("steps", steps, minimum=1)
+        self.steps = check_int("steps", steps, minimum=1)
         self.alpha = (
             2.5 * self.eps / self.steps
             if alpha is None
-            else _check_number("alpha", alpha, positive=True)
+            else check_number("alpha", alpha, positive=True)
         )
-        self.beta = _check_number("beta", beta)
+        self.beta = check_number("beta", beta)
 
     def _params(self):
         return {**super()._params(), "alpha": self.alpha, "steps": self.steps, "beta": self.beta}
@@ -554,12 +482,12 @@ class APGD(Attack):
             raise LsaUserError(f"APGD loss must be 'ce', 'dlr' or a callable, got {loss!r}")
         super().__init__(model, eps, loss=loss_fn, seed=seed, **kw)
         self.loss_name = loss if isinstance(loss, str) else "callable"
-        self.steps = _check_int("steps", steps, minimum=1)
-        self.n_restarts = _check_int("n_restarts", n_restarts, minimum=1)
-        self.rho = _check_number("rho", rho, positive=True)
+        self.steps = check_int("steps", steps, minimum=1)
+        self.n_restarts = check_int("n_restarts", n_restarts, minimum=1)
+        self.rho = check_number("rho", rho, positive=True)
         if self.rho > 1:
             raise LsaUserError(f"rho must be in (0, 1], got {rho}")
-        self.momentum = _check_number("momentum", momentum, positive=True)
+        self.momentum = check_number("momentum", momentum, positive=True)
         if self.momentum > 1:
             raise LsaUserError(f"momentum must be in (0, 1], got {momentum}")
         self.norm = _check_norm(norm)

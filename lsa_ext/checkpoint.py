@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lsa_ext.checks import first_line
 from lsa_ext.errors import LsaUserError
 from lsa_ext.io import atomic_write_with, ensure_dir
 
@@ -142,19 +143,14 @@ def torch_load(path: str | os.PathLike, map_location: Any = "cpu", what: str = "
                 "state_dict instead)"
             ) from exc
         detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
-        reason = detail.group(1).strip() if detail else _first_line(exc)
+        reason = detail.group(1).strip() if detail else first_line(exc)
         cause: BaseException = exc
     except Exception as exc:  # noqa: BLE001 - a corrupt file can make torch raise nearly anything
-        reason, cause = _first_line(exc), exc
+        reason, cause = first_line(exc), exc
     raise LsaUserError(
         f"{what} {str(path)!r} is unreadable: truncated or corrupt, or not a PyTorch file "
         f"({reason})"
     ) from cause
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:

@@ -36,8 +36,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import TensorDataset
 
+from lsa_ext.batches import make_loader  # noqa: F401  (re-exported: lsa_ext.data.make_loader)
 from lsa_ext.errors import LsaUserError
 
 log = logging.getLogger("lsa_ext.data")
@@ -148,34 +149,6 @@ def load_dataset(
     test = _to_dataset(x_te, y_te, info)
     log.debug("loaded %s: %d train, %d test", key, len(train), len(test))
     return DataSplits(train=train, test=test, info=info)
-
-
-def make_loader(
-    dataset: Dataset,
-    batch_size: int,
-    *,
-    shuffle: bool,
-    seed: int = 0,
-    sampler: Any = None,
-    drop_last: bool = False,
-) -> DataLoader:
-    """A deterministic single-process ``DataLoader`` (shuffling uses a ``torch.Generator``
-    seeded with ``seed``; ``num_workers=0``). With a ``sampler`` (e.g. ``DistributedSampler``)
-    ``shuffle`` must be False — the sampler owns the order.
-    """
-    batch_size = _as_int("batch_size", batch_size, minimum=1)
-    if sampler is not None and shuffle:
-        raise LsaUserError("make_loader: pass either shuffle=True or a sampler, not both")
-    generator = torch.Generator().manual_seed(int(seed))
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        sampler=sampler,
-        drop_last=drop_last,
-        num_workers=0,
-        generator=generator,
-    )
 
 
 # --------------------------------------------------------------------------- helpers

@@ -42,7 +42,7 @@ import logging
 import math
 import os
 import pickle
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +52,8 @@ from torch import nn
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 from lsa_ext.errors import LsaUserError
+from lsa_ext.modules import unwrap
+from lsa_ext.seeding import batch_seed, batch_seeding, reseed, rng_scope
 
 log = logging.getLogger("lsa_ext.distributed")
 
@@ -482,81 +484,6 @@ def my_batches(iterable: Iterable[Any]) -> Iterator[tuple[int, Any]]:
             yield k, item
 
 
-def batch_seed(seed: int, index: int, salt: str = "") -> int:
-    """A 63-bit seed derived from ``(seed, index, salt)``, independent of the number of ranks.
-
-    Seed a generator per global batch (or sample) with it so random perturbations do not
-    depend on how the data is sharded.
-    """
-    h = hashlib.blake2b(f"{seed}:{index}:{salt}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") & ((1 << 63) - 1)
-
-
-@contextlib.contextmanager
-def rng_scope(seed: int, device: torch.device | str | None = None) -> Iterator[None]:
-    """Seeds torch's global RNG (CPU, and ``device`` if CUDA) inside, restores it after.
-
-    For perturbations that draw from the global RNG (e.g. other libraries' attacks)::
-
-        with distributed.rng_scope(distributed.batch_seed(seed, k)):
-            x_hat = attack(x, y)
-    """
-    dev = torch.device(device) if device is not None else None
-    cuda = [dev.index if dev.index is not None else torch.cuda.current_device()] if (
-        dev is not None and dev.type == "cuda") else []
-    with torch.random.fork_rng(devices=cuda):
-        torch.manual_seed(seed)
-        yield
-
-
-def reseed(perturbation: Any, seed: int) -> bool:
-    """Restarts a perturbation's private generator from ``seed`` if it has one.
-
-    Calls ``perturbation.reseed(seed)`` (lsa_ext attacks and noises). Returns False when the
-    object has no such method (it then draws from the global RNG: seed that with
-    :func:`rng_scope` or ``torch.manual_seed``).
-    """
-    fn = getattr(perturbation, "reseed", None)
-    if callable(fn):
-        fn(seed)
-        return True
-    return False
-
-
-@contextlib.contextmanager
-def batch_seeding(
-    perturbations: Mapping[str, Any], seed: int
-) -> Iterator[Callable[[int], None]]:
-    """Makes each batch's randomness a function of ``(seed, batch index)`` only.
-
-    Yields ``reseed_batch(k)``; call it before perturbing global batch ``k``. It reseeds each
-    perturbation ``i`` that has a ``reseed`` method (lsa_ext noises and attacks) with
-    ``batch_seed(s_i, k)`` — ``s_i`` is the perturbation's own integer ``seed`` attribute as
-    it was on entry, else ``seed + i`` — and torch's global RNG (all devices) with
-    ``batch_seed(seed, k, "global")`` (for callables drawing from it). Then a run whose batches
-    are split over any number of ranks draws exactly the noise and attack random starts of a
-    1-process run. On exit the perturbations are reseeded with their own seeds (a fresh
-    stream, as when built); use inside ``torch.random.fork_rng`` to keep the caller's global
-    RNG.
-    """
-    items = list(perturbations.values())
-    owns = [getattr(p, "seed", None) for p in items]
-    owns = [o if isinstance(o, int) and not isinstance(o, bool) else None for o in owns]
-    bases = [seed + i if o is None else o for i, o in enumerate(owns)]
-
-    def reseed_batch(index: int) -> None:
-        for p, base in zip(items, bases, strict=True):
-            reseed(p, batch_seed(base, index))
-        torch.manual_seed(batch_seed(seed, index, "global"))
-
-    try:
-        yield reseed_batch
-    finally:
-        for p, own in zip(items, owns, strict=True):
-            if own is not None:
-                reseed(p, own)
-
-
 def batch_slice(n: int, rank_: int | None = None, world: int | None = None) -> slice:
     """This rank's contiguous part of a global batch of ``n`` samples (sizes differ by ≤ 1)."""
     r = rank() if rank_ is None else rank_
@@ -621,13 +548,6 @@ def wrap_model(model: nn.Module, **ddp_kwargs: Any) -> nn.Module:
         ddp_kwargs.setdefault("device_ids", [ctx.device.index])
         ddp_kwargs.setdefault("output_device", ctx.device.index)
     return nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The inner module of a DDP (or DataParallel) wrapper; ``model`` itself otherwise."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,13 +26,16 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from lsa_ext.attacks import APGD, PGD, model_mode
+from lsa_ext._version import versions
+from lsa_ext.attacks import APGD, PGD
+from lsa_ext.batches import batches
+from lsa_ext.checks import check_batch_size, check_in_clip_range
 from lsa_ext.devices import resolve_device
 from lsa_ext.errors import LsaUserError
 from lsa_ext.io import atomic_write_json, atomic_write_text
 from lsa_ext.losses import cross_entropy, predict
+from lsa_ext.modules import model_mode
 from lsa_ext.progress import progress
 
 __all__ = [
@@ -66,7 +69,7 @@ Perturb = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 # ----------------------------------------------------------------------------- data handling
-def _unwrap(data: Any) -> Any:
+def _test_split(data: Any) -> Any:
     """A ``DataSplits``-like object (``.test`` and ``.info``) gives its test split."""
     if hasattr(data, "test") and hasattr(data, "info"):
         return data.test
@@ -74,45 +77,8 @@ def _unwrap(data: Any) -> Any:
 
 
 def _batches(data: Any, batch_size: int) -> tuple[Iterable, int | None]:
-    """Iterable of ``(x, y)`` batches over ``data`` and the number of batches (if known)."""
-    data = _unwrap(data)
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(
-        isinstance(t, torch.Tensor) for t in data
-    ):
-        data = TensorDataset(*data)
-    if isinstance(data, TensorDataset) and len(data.tensors) == 2:
-        x, y = data.tensors
-        if x.shape[0] != y.shape[0]:
-            raise LsaUserError(f"x and y differ in length: {x.shape[0]} vs {y.shape[0]}")
-        n = x.shape[0]
-        starts = range(0, n, batch_size)
-        return ((x[s : s + batch_size], y[s : s + batch_size]) for s in starts), len(starts)
-    if isinstance(data, DataLoader):
-        return data, _len_or_none(data)
-    if isinstance(data, Dataset) and hasattr(data, "__len__"):
-        loader = DataLoader(data, batch_size=batch_size, shuffle=False)
-        return loader, len(loader)
-    if isinstance(data, Iterable):
-        return data, _len_or_none(data)
-    raise LsaUserError(
-        "data must be a DataLoader, a Dataset of (x, y), a pair of tensors (x, y) or DataSplits; "
-        f"got {type(data).__name__}"
-    )
-
-
-def _len_or_none(obj: Any) -> int | None:
-    try:
-        return len(obj)
-    except TypeError:
-        return None
-
-
-def _check_batch_size(batch_size: Any) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
-        raise LsaUserError(f"batch_size must be an integer, got {batch_size!r}")
-    if batch_size < 1:
-        raise LsaUserError(f"batch_size must be >= 1, got {batch_size}")
-    return int(batch_size)
+    """Batches of ``data``'s test split (:func:`lsa_ext.batches.batches`)."""
+    return batches(_test_split(data), batch_size)
 
 
 def _to_device(model: Any, device: str | torch.device) -> torch.device:
@@ -157,16 +123,6 @@ def _check_grid(eps_grid: Any) -> tuple[float, ...]:
     return tuple(grid)
 
 
-def _check_clip_range(x: torch.Tensor, clip: tuple[float, float] | None) -> None:
-    if clip is not None and x.numel():
-        lo, hi = clip
-        if bool(x.min() < lo - 1e-6) or bool(x.max() > hi + 1e-6):
-            raise LsaUserError(
-                f"inputs lie outside the clip range {tuple(clip)} (min {float(x.min()):.4g}, "
-                f"max {float(x.max()):.4g}); pass clip=None or the data's range"
-            )
-
-
 # ----------------------------------------------------------------------------- metrics
 def accuracy(
     model: Callable[[torch.Tensor], torch.Tensor],
@@ -182,7 +138,7 @@ def accuracy(
     ``perturb`` is any callable ``(x, y) -> x̂`` (an attack from :mod:`lsa_ext.attacks`, a noise,
     another library's attack object). The model is in eval mode throughout (restored afterwards).
     """
-    batch_size = _check_batch_size(batch_size)
+    batch_size = check_batch_size(batch_size)
     device = _to_device(model, device)
     batches, total = _batches(dataset_or_loader, batch_size)
     correct = torch.zeros((), dtype=torch.long, device=device)
@@ -220,7 +176,7 @@ def fgsm_accuracy_grid(
 
 def _fgsm_grid(model, data, eps_grid, clip, batch_size, device) -> tuple[dict[float, float], int]:
     grid = _check_grid(eps_grid)
-    batch_size = _check_batch_size(batch_size)
+    batch_size = check_batch_size(batch_size)
     device = _to_device(model, device)
     batches, total = _batches(data, batch_size)
     correct = torch.zeros(len(grid), dtype=torch.long, device=device)
@@ -228,7 +184,7 @@ def _fgsm_grid(model, data, eps_grid, clip, batch_size, device) -> tuple[dict[fl
     with model_mode(model, "eval"):
         for xy in progress(batches, desc="FGSM grid", total=total):
             x, y = _batch(xy, device)
-            _check_clip_range(x, clip)
+            check_in_clip_range(x, clip)
             direction = None
             if any(e > 0 for e in grid):
                 with torch.enable_grad():
@@ -468,8 +424,8 @@ def evaluate(
     clip_range = _resolve_clip(data, name, clip)
     pgd_list = _eps_list(pgd_eps)
     apgd_list = _eps_list(apgd_eps)
-    batch_size = _check_batch_size(batch_size)
-    test = _unwrap(data)
+    batch_size = check_batch_size(batch_size)
+    test = _test_split(data)
 
     fgsm, n = _fgsm_grid(model, test, grid, clip_range, batch_size, device)
     clean = fgsm[0.0] if 0.0 in fgsm else accuracy(
@@ -497,7 +453,7 @@ def evaluate(
         "batch_size": batch_size,
         "device": str(device),
         "seed": seed,
-        "versions": _versions(),
+        "versions": versions(),
     }
     result = EvaluationResult(
         dataset=name, n_samples=n, fgsm=fgsm, rg=rg_score(fgsm), clean=clean,
@@ -505,9 +461,3 @@ def evaluate(
     )
     log.info("evaluation on %s: R&G %.2f, clean %.2f%%", name, result.rg, result.clean)
     return result
-
-
-def _versions() -> dict[str, str]:
-    from lsa_ext import __version__
-
-    return {"lsa_ext": __version__, "torch": torch.__version__}

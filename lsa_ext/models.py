@@ -44,8 +44,10 @@ import torch
 from torch import nn
 
 from lsa_ext.checkpoint import torch_load
+from lsa_ext.checks import first_line
 from lsa_ext.data import DatasetInfo
 from lsa_ext.errors import LsaUserError
+from lsa_ext.modules import WRAPPER_PREFIXES
 
 log = logging.getLogger("lsa_ext.models")
 
@@ -436,9 +438,6 @@ def _keyword_params(factory: Callable[..., Any]) -> set[str] | None:
 
 # --------------------------------------------------------------------------- checkpoints
 
-_PREFIXES = ("module.", "_orig_mod.")  # DDP, torch.compile
-
-
 def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Loads a checkpoint into ``model`` (in place) and returns it.
 
@@ -455,11 +454,6 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     obj = torch_load(p, "cpu")
     state = _extract_state_dict(obj, p)
     return load_state_dict_checked(model, state, source=str(p))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
 def _extract_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -481,7 +475,7 @@ def _extract_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
             "name → tensor"
         )
     state = dict(obj)
-    for prefix in _PREFIXES:
+    for prefix in WRAPPER_PREFIXES:
         if state and all(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items()}
     return state
@@ -514,7 +508,7 @@ def load_state_dict_checked(
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:  # e.g. dtype that cannot be copied
-        raise LsaUserError(f"{source}: {_first_line(exc)}") from exc
+        raise LsaUserError(f"{source}: {first_line(exc)}") from exc
     return model
 
 

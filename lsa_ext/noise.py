@@ -20,37 +20,14 @@ All outputs are detached, float tensors of ``x``'s shape, dtype and device; ``y`
 
 from __future__ import annotations
 
-import math
-
 import torch
 
+from lsa_ext.checks import Clip, check_clip, check_number
 from lsa_ext.errors import LsaUserError
-
-Clip = tuple[float, float] | None
-
-
-def _check_clip(clip: object) -> Clip:
-    if clip is None:
-        return None
-    try:
-        lo, hi = (float(v) for v in clip)  # type: ignore[union-attr]
-    except (TypeError, ValueError):
-        raise LsaUserError(f"clip must be None or a pair (lo, hi), got {clip!r}") from None
-    if not lo < hi:
-        raise LsaUserError(f"clip must satisfy lo < hi, got {clip!r}")
-    return lo, hi
-
-
-def _check_nonneg(value: object, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise LsaUserError(f"{what} must be a finite number, got {value!r}")
-    if value < 0:
-        raise LsaUserError(f"{what} must be >= 0, got {value}")
-    return float(value)
 
 
 def _check_fraction(value: object, what: str) -> float:
-    v = _check_nonneg(value, what)
+    v = check_number(what, value)
     if v > 1:
         raise LsaUserError(f"{what} must be in [0, 1], got {value}")
     return v
@@ -60,7 +37,7 @@ class _Noise:
     """Base: seeded generator per device, clipping, input checks."""
 
     def __init__(self, clip: Clip = (0.0, 1.0), seed: int | None = None) -> None:
-        self.clip = _check_clip(clip)
+        self.clip = check_clip(clip)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise LsaUserError(f"seed must be an int or None, got {seed!r}")
         self.seed = seed
@@ -126,7 +103,7 @@ class Gaussian(_Noise):
 
     def __init__(self, std: float = 0.1, clip: Clip = (0.0, 1.0), seed: int | None = None):
         super().__init__(clip, seed)
-        self.std = _check_nonneg(std, "std")
+        self.std = check_number("std", std)
 
     def _apply(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.std * self._randn(x)
@@ -144,7 +121,7 @@ class Speckle(_Noise):
 
     def __init__(self, std: float = 0.1, clip: Clip = (0.0, 1.0), seed: int | None = None):
         super().__init__(clip, seed)
-        self.std = _check_nonneg(std, "std")
+        self.std = check_number("std", std)
 
     def _apply(self, x: torch.Tensor) -> torch.Tensor:
         return x + x * (self.std * self._randn(x))

@@ -10,31 +10,17 @@ import csv
 import io
 import math
 import os
-import platform
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from lsa_ext._version import versions
 from lsa_ext.io import atomic_write_json, atomic_write_text, atomic_write_with
 
 if TYPE_CHECKING:  # pragma: no cover
     from lsa_ext.analysis import AnalysisResult
 
 SCHEMA = "lsa_ext.analysis/1"
-
-
-def versions() -> dict[str, str]:
-    """Versions of lsa_ext, torch, numpy and Python."""
-    import torch
-
-    import lsa_ext
-
-    return {
-        "lsa_ext": lsa_ext.__version__,
-        "torch": torch.__version__.split("+")[0],
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def _finite(v: float) -> float | None:

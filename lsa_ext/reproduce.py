@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lsa_ext._version import versions
 from lsa_ext.devices import resolve_device
 from lsa_ext.errors import LsaUserError
 from lsa_ext.io import (
@@ -340,7 +341,7 @@ def reproduce(
         if on_run is not None:
             on_run(result, cached is not None)
     res = ReproduceResult(proto, seeds, results, {"device": device, "quick": quick,
-                                                  "torch": torch.__version__})
+                                                  "versions": versions()})
     res.to_csv(out / "results.csv")
     res.to_json(out / "results.json")
     atomic_write_text(out / "table.md", res.table() + "\n\n" + res.comparison() + "\n")

@@ -62,12 +62,15 @@ from torch import nn
 
 from lsa_ext import checkpoint as ckpt
 from lsa_ext import distributed
+from lsa_ext.batches import as_tensors, batches, num_samples
 from lsa_ext.devices import resolve_device
 from lsa_ext.errors import LsaUserError
 from lsa_ext.losses import cross_entropy, kl_div, predict
+from lsa_ext.modules import strip_prefix, unwrap
 from lsa_ext.ops import relative_error_multi
 from lsa_ext.probes import Capture, select_layers
 from lsa_ext.progress import progress as progress_bar
+from lsa_ext.seeding import seed_everything
 
 log = logging.getLogger("lsa_ext.training")
 
@@ -94,16 +97,6 @@ class TrainingDivergedError(LsaUserError):
 
 
 # --------------------------------------------------------------------------- helpers
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a ``DistributedDataParallel``/``DataParallel`` wrapper (else ``model``)."""
-    inner = getattr(model, "module", None)
-    if isinstance(inner, nn.Module) and isinstance(
-        model, (nn.parallel.DistributedDataParallel, nn.DataParallel)
-    ):
-        return inner
-    return model
-
-
 def resolve_layers(model: nn.Module, spec: str | Sequence[str]) -> list[str]:
     """Qualified layer names from ``spec``.
 
@@ -125,8 +118,7 @@ def resolve_layers(model: nn.Module, spec: str | Sequence[str]) -> list[str]:
         raise LsaUserError(f"layer list must hold non-empty names, got {spec!r}")
     out: list[str] = []
     for item in items:
-        if item.startswith("module."):
-            item = item[len("module."):]
+        item = strip_prefix(item)
         names = select_layers(module, item)
         out.extend(n for n in names if n not in out)
     return out
@@ -181,7 +173,7 @@ def lr_term(
         and ``[B, K]``.
     """
     module = unwrap(model)
-    names = [n[len("module."):] if n.startswith("module.") else n for n in layers]
+    names = [strip_prefix(n) for n in layers]
     if not names:
         raise LsaUserError("lr_term needs at least one layer")
     if x.shape != x_adv.shape:
@@ -221,54 +213,15 @@ def lr_term(
 
 
 # --------------------------------------------------------------------------- data
-def _as_tensors(data: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(
-        isinstance(t, torch.Tensor) for t in data
-    ):
-        return data[0], data[1]
-    tensors = getattr(data, "tensors", None)
-    if isinstance(tensors, (tuple, list)) and len(tensors) >= 2:
-        return tensors[0], tensors[1]
-    return None
-
-
-def _num_samples(data: Any) -> int:
-    t = _as_tensors(data)
-    if t is not None:
-        return int(t[0].shape[0])
-    if isinstance(data, torch.utils.data.DataLoader):
-        return len(data.dataset)  # type: ignore[arg-type]
-    return len(data)
-
-
 def iterate_batches(
     data: Any, batch_size: int, generator: torch.Generator, shuffle: bool = True,
     epoch: int | None = None,
 ) -> Iterator[Batch]:
-    """Minibatches ``(x, y)`` of ``data`` in an order drawn from ``generator``.
-
-    ``data``: an ``(x, y)`` pair of tensors, a ``TensorDataset``, any map-style ``Dataset``
-    (collated with a ``DataLoader``), or a ``DataLoader`` (used as is; its own sampler decides
-    the order, and a sampler with ``set_epoch`` — ``DistributedSampler`` — gets ``epoch``).
-    The last batch may be smaller.
+    """Minibatches ``(x, y)`` of ``data`` in an order drawn from ``generator``
+    (:func:`lsa_ext.batches.batches`; a DataLoader keeps its own order, a
+    ``DistributedSampler`` gets ``epoch``). The last batch may be smaller.
     """
-    t = _as_tensors(data)
-    if t is not None:
-        x, y = t
-        n = x.shape[0]
-        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-        for i in range(0, n, batch_size):
-            idx = order[i:i + batch_size]
-            yield x[idx], y[idx]
-        return
-    if isinstance(data, torch.utils.data.DataLoader):
-        loader = data
-        if hasattr(loader.sampler, "set_epoch") and epoch is not None:
-            loader.sampler.set_epoch(epoch)  # DistributedSampler: a new order per epoch
-    else:
-        loader = torch.utils.data.DataLoader(
-            data, batch_size=batch_size, shuffle=shuffle, generator=generator
-        )
+    loader, _ = batches(data, batch_size, shuffle=shuffle, generator=generator, epoch=epoch)
     for batch in loader:
         yield batch[0], batch[1]
 
@@ -396,15 +349,6 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig):
     return None
 
 
-def seed_everything(seed: int) -> None:
-    """Seeds ``torch`` (CPU and CUDA), ``numpy`` and ``random``."""
-    import random
-
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-
-
 # --------------------------------------------------------------------------- trainer
 class Trainer:
     """Runs Algorithm 3 epoch by epoch, with checkpoints and resume.
@@ -444,7 +388,7 @@ class Trainer:
             self.model = distributed.wrap_model(self.model)
         self.module = unwrap(self.model)
         self.train_data = train_data
-        self.num_samples = _num_samples(train_data)
+        self.num_samples = num_samples(train_data)
         if self.num_samples == 0:
             raise LsaUserError("the training set is empty")
         self.layers = resolve_layers(self.module, config.lr_layers) if config.lr_layers else []
@@ -790,8 +734,8 @@ def mvl_on_the_fly(
 
 
 def _subset(data: Any, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    t = _as_tensors(data)
-    if t is None:
+    t = as_tensors(data)
+    if t is None or len(t) != 2:
         xs, ys = zip(*(data[i] for i in range(len(data))), strict=True)
         t = (torch.stack(list(xs)), torch.as_tensor(ys))
     x, y = t

@@ -11,7 +11,7 @@ import argparse
 import logging
 import sys
 
-from lsa_ext import __version__
+from lsa_ext._version import __version__
 from lsa_ext.errors import LsaTypeError, LsaUserError
 
 SUBCOMMANDS = ("analyze", "train", "evaluate", "reproduce", "demo")
