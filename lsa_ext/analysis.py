@@ -57,10 +57,10 @@ from lsa_ext.noise import NOISES
 from lsa_ext.probes import Capture, LayerSpec, select_layers
 from lsa_ext.progress import progress
 from lsa_ext.seeding import batch_seeding
+from lsa_ext.types import Perturbation
 
 log = logging.getLogger("lsa_ext.analysis")
 
-Perturbation = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 MODES = ("concat", "two_pass")
 DEFAULT_EPS = 0.1
 

@@ -37,6 +37,7 @@ from lsa_ext.io import atomic_write_json, atomic_write_text
 from lsa_ext.losses import cross_entropy, predict
 from lsa_ext.modules import model_mode
 from lsa_ext.progress import progress
+from lsa_ext.types import Perturbation
 
 __all__ = [
     "EPS_GRIDS",
@@ -65,7 +66,6 @@ _DATA_RANGES: dict[str, tuple[float, float] | None] = {
     "cifar10": (0.0, 1.0),
 }
 
-Perturb = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 # ----------------------------------------------------------------------------- data handling
@@ -128,7 +128,7 @@ def accuracy(
     model: Callable[[torch.Tensor], torch.Tensor],
     dataset_or_loader: Any,
     *,
-    perturb: Perturb | None = None,
+    perturb: Perturbation | None = None,
     batch_size: int = 256,
     device: str | torch.device = "cpu",
     desc: str = "accuracy",

@@ -71,6 +71,7 @@ from lsa_ext.ops import relative_error_multi
 from lsa_ext.probes import Capture, select_layers
 from lsa_ext.progress import progress as progress_bar
 from lsa_ext.seeding import seed_everything
+from lsa_ext.types import Batch, Perturbation
 
 log = logging.getLogger("lsa_ext.training")
 
@@ -88,8 +89,6 @@ TRAIN_ATTACK_DEFAULTS: dict[str, dict[str, Any]] = {
     "trades": {"steps": 10},
 }
 
-Batch = tuple[torch.Tensor, torch.Tensor]
-AttackFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class TrainingDivergedError(LsaUserError):
@@ -372,7 +371,7 @@ class Trainer:
         train_data: Any,
         config: TrainConfig,
         *,
-        attack: AttackFn | None = None,
+        attack: Perturbation | None = None,
         out: str | os.PathLike | None = None,
         meta: dict[str, Any] | None = None,
         progress: bool | None = None,
@@ -450,7 +449,7 @@ class Trainer:
         return ckpt.save_checkpoint(self.out / ckpt.LAST, self.state_dict())
 
     # ----------------------------------------------------------------- steps
-    def _attack_for_epoch(self, epoch: int) -> AttackFn | None:
+    def _attack_for_epoch(self, epoch: int) -> Perturbation | None:
         cfg = self.config
         if cfg.at == "none":
             return None
@@ -467,7 +466,7 @@ class Trainer:
         )
 
     def loss(self, x: torch.Tensor, y: torch.Tensor,
-             attack: AttackFn | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+             attack: Perturbation | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The training objective for one batch; returns ``(loss, parts)`` (parts detached)."""
         cfg = self.config
         if attack is None:
@@ -601,7 +600,7 @@ def train(
     attack_mode: str = "eval",
     trades_beta: float = 6.0,
     full_clean_pass: bool = False,
-    attack: AttackFn | None = None,
+    attack: Perturbation | None = None,
     out: str | os.PathLike | None = None,
     resume: str | os.PathLike | None = None,
     progress: bool | None = None,
