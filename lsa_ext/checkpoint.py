@@ -15,6 +15,9 @@ written to a temporary name, fsynced and renamed, so a crash (even SIGKILL) at a
 either the previous complete file or the new complete file, never half of one. With
 ``keep_previous=True`` the file being replaced is first hard-linked (or copied) to
 ``prev.pt`` next to it, so one older good checkpoint survives as well.
+
+:func:`training_state` / :func:`restore_training_state` build and apply the dict of a training
+run (:class:`lsa_ext.training.Trainer`); :func:`torch_load` is the one reader of ``.pt`` files.
 """
 
 from __future__ import annotations
@@ -83,6 +86,60 @@ def restore_rng_state(
     random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
     if loader_generator is not None and state.get("loader") is not None:
         loader_generator.set_state(state["loader"])
+
+
+# --------------------------------------------------------------------------- trainer state
+def training_state(
+    *,
+    epoch: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any | None,
+    loader_generator: torch.Generator | None,
+    config: dict[str, Any],
+    meta: dict[str, Any],
+    history: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """The checkpoint dict (module docstring) of a training run after ``epoch`` epochs:
+    ``model``'s and ``optimizer``'s (and ``scheduler``'s) state dicts, every RNG state
+    (:func:`capture_rng_state`), the plain-typed ``config``, ``meta`` and ``history``."""
+    return {
+        "epoch": epoch,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": None if scheduler is None else scheduler.state_dict(),
+        "rng": capture_rng_state(loader_generator),
+        "config": config,
+        "meta": meta,
+        "history": history,
+    }
+
+
+def restore_training_state(
+    state: dict[str, Any],
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any | None,
+    loader_generator: torch.Generator | None,
+) -> tuple[int, list[dict[str, Any]]]:
+    """Inverse of :func:`training_state`: loads weights, optimizer, scheduler and RNG states.
+
+    Returns:
+        ``(epoch, history)``: the completed epochs and the per-epoch records.
+
+    Raises:
+        LsaUserError: the state does not match this model/optimizer.
+    """
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state.get("scheduler") is not None:
+            scheduler.load_state_dict(state["scheduler"])
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise LsaUserError(f"checkpoint does not match this model/optimizer: {exc}") from exc
+    restore_rng_state(state["rng"], loader_generator)
+    return int(state["epoch"]), list(state.get("history", []))
 
 
 # --------------------------------------------------------------------------- save / load

@@ -1,0 +1,184 @@
+"""Settings of a training run: :class:`TrainConfig`, its name tables, run names, optimizers.
+
+The one home of the names training accepts (``AT_METHODS``, ``OPTIMIZERS``, ``SCHEDULERS``,
+``ATTACK_MODES``), of the attack settings used for training (``TRAIN_ATTACK_DEFAULTS``), of the
+paper's run names (``Normal``, ``AT-PGD``, ``AT-PGD-LR-L2``; Khalooei et al., arXiv 2202.02626,
+Tables 2–4) and of the optimizer/scheduler a configuration builds. The CLI, the trainer and
+the reproduction protocol import them from here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+from torch import nn
+
+from lsa_ext.errors import LsaUserError
+from lsa_ext.modules import MODES, unwrap
+from lsa_ext.probes import select_layers
+
+# Base methods of Algorithm 3 ("none": plain training without attack and LR term).
+AT_METHODS = ("none", "fgsm", "pgd", "fast", "trades", "apgd")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULERS = ("none", "cosine", "step")
+# The attack mode (the model's mode while x̂ is searched, lsa_ext.modules.MODES, passed to the
+# attack as its ``mode``). "keep" is not offered: the training loop holds the model in train
+# mode, so "keep" would be "train".
+ATTACK_MODES = tuple(m for m in MODES if m != "keep")
+# Attack settings used for *training* unless given in ``attack_kwargs``: Madry et al.'s PGD
+# returns its last iterate; APGD runs 10 iterations (torchattacks' default, far cheaper than the
+# 100 of the evaluation setting). Everything else is the attack's own default.
+TRAIN_ATTACK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "pgd": {"steps": 10, "return_best": False},
+    "apgd": {"steps": 10},
+    "trades": {"steps": 10},
+}
+
+
+def _check_choice(what: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise LsaUserError(f"unknown {what} {value!r}; expected one of {', '.join(choices)}")
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run (plain types only: stored in checkpoints and JSON).
+
+    Attributes:
+        at: base method, one of :data:`AT_METHODS` (``none, fgsm, pgd, fast, trades, apgd``).
+        eps: L∞ budget of the training attack.
+        attack_kwargs: extra keyword arguments for :func:`lsa_ext.attacks.build_attack`
+            (steps, step size, ...).
+        attack_mode: the attack mode, i.e. the model's mode while x̂ is searched — the attack's
+            ``mode`` (:data:`lsa_ext.modules.MODES`): ``"eval"`` (default) or ``"train"``
+            (:data:`ATTACK_MODES`).
+        clip: valid input range ``(lo, hi)`` or None (no clipping, e.g. two-moons).
+        lr_layers: qualified names of the regularized layers M (empty: no LR term).
+        gamma: γ, one value for all layers or one per layer.
+        trades_beta: β of the TRADES objective (default 6.0).
+        full_clean_pass: see :mod:`lsa_ext.training` (default False; TRADES always runs it).
+        epochs, batch_size: default 10, 128.
+        optimizer: ``adam`` (default), ``adamw`` or ``sgd``; ``lr`` (1e-3), ``momentum`` (0.9,
+            SGD only), ``weight_decay`` (0).
+        scheduler: ``none`` (default), ``cosine`` (to 0 over ``epochs``), ``step`` (×0.1 every
+            ``max(1, epochs // 3)`` epochs); stepped once per epoch.
+        seed: seeds everything (default 0).
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
+    """
+
+    at: str = "none"
+    eps: float = 0.3
+    attack_kwargs: dict[str, Any] = field(default_factory=dict)
+    attack_mode: str = "eval"
+    clip: list[float] | None = None
+    lr_layers: list[str] = field(default_factory=list)
+    gamma: float | list[float] = 1.0
+    trades_beta: float = 6.0
+    full_clean_pass: bool = False
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    scheduler: str = "none"
+    seed: int = 0
+    device: str = "cpu"
+
+    def validate(self) -> None:
+        """Raises :class:`LsaUserError` on an invalid setting."""
+        _check_choice("training method", self.at, AT_METHODS)
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("scheduler", self.scheduler, SCHEDULERS)
+        if self.attack_mode not in ATTACK_MODES:
+            raise LsaUserError(f"attack_mode must be one of {', '.join(ATTACK_MODES)}, got "
+                               f"{self.attack_mode!r}")
+        if self.lr_layers and self.at == "none":
+            raise LsaUserError("an LR term needs adversarial examples: choose an --at method "
+                               "other than 'none' or drop the LR layers")
+        for name, v, lo in (("epochs", self.epochs, 1), ("batch_size", self.batch_size, 1),
+                            ("seed", self.seed, 0)):
+            if not isinstance(v, int) or v < lo:
+                raise LsaUserError(f"{name} must be an integer ≥ {lo}, got {v!r}")
+        for name, v in (("eps", self.eps), ("lr", self.lr), ("weight_decay", self.weight_decay),
+                        ("trades_beta", self.trades_beta), ("momentum", self.momentum)):
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise LsaUserError(f"{name} must be a finite non-negative number, got {v!r}")
+        gammas = self.gamma if isinstance(self.gamma, (list, tuple)) else [self.gamma]
+        if not gammas or not all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0
+                                 for v in gammas):
+            raise LsaUserError(f"gamma must be finite and non-negative, got {self.gamma!r}")
+        if self.at != "none" and self.eps <= 0:
+            raise LsaUserError(f"eps must be positive for adversarial training, got {self.eps}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as a plain dict (JSON and checkpoint friendly)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """A config from :meth:`to_dict`'s output; unknown keys are ignored."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    @property
+    def run_name(self) -> str:
+        """The paper's naming: ``Normal``, ``AT-PGD``, ``AT-PGD-LR-<layers>``."""
+        return run_name(self.at, self.lr_layers)
+
+
+def run_name(at: str, layers: Sequence[str], model: nn.Module | None = None) -> str:
+    """The paper's run name (arXiv 2202.02626, Tables 2–4): ``Normal``, ``AT-PGD``,
+    ``AT-PGD-LR-L2``.
+
+    ``layers`` are written as given, or — with ``model`` — learnable layers of ``model`` as
+    ``L<k>`` and other layers by name; several are joined with ``+``.
+    """
+    if at == "none":
+        return "Normal"
+    base = f"AT-{at.upper()}"
+    if not layers:
+        return base
+    labels = list(layers)
+    if model is not None:
+        learnable = select_layers(unwrap(model), "learnable")
+        labels = [f"L{learnable.index(n)}" if n in learnable else n for n in layers]
+    return f"{base}-LR-{'+'.join(labels)}"
+
+
+def build_optimizer(params: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer named by ``cfg.optimizer`` over ``params`` (lr, momentum, weight decay
+    from ``cfg``)."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig
+                    ) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """The per-epoch LR scheduler named by ``cfg.scheduler`` (None for ``"none"``)."""
+    if cfg.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+    if cfg.scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, cfg.epochs // 3), gamma=0.1)
+    return None
+
+
+__all__ = [
+    "AT_METHODS",
+    "ATTACK_MODES",
+    "OPTIMIZERS",
+    "SCHEDULERS",
+    "TRAIN_ATTACK_DEFAULTS",
+    "TrainConfig",
+    "build_optimizer",
+    "build_scheduler",
+    "run_name",
+]
