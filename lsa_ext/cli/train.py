@@ -87,10 +87,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Train with Algorithm 3 (AT-LR) or a base method. Checkpoints every epoch "
                     "under --out; --resume continues a killed run bit for bit.",
     )
+    from lsa_ext.train_config import AT_METHODS, ATTACK_MODES, OPTIMIZERS, SCHEDULERS
+
     add_data_args(p)
     g = p.add_argument_group("adversarial training")
-    g.add_argument("--at", default="none", choices=("none", "fgsm", "pgd", "fast", "trades",
-                                                    "apgd"),
+    g.add_argument("--at", default="none", choices=AT_METHODS,
                    help="base method (default none = normal training)")
     g.add_argument("--eps", type=float, default=None,
                    help="L∞ budget (default: 0.3 moons/mnist, 0.2 digits, 8/255 cifar10)")
@@ -98,8 +99,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="attack iterations (pgd/trades default 10, apgd 10 for training)")
     g.add_argument("--alpha", type=float, default=None, help="attack step size")
     g.add_argument("--restarts", type=int, default=None, help="APGD restarts (default 1)")
-    g.add_argument("--attack-mode", default="eval", choices=("eval", "train"),
-                   help="model mode while the attack runs (default eval)")
+    g.add_argument("--attack-mode", default="eval", choices=ATTACK_MODES,
+                   help="attack mode: the model's mode while the attack runs (default eval)")
     g.add_argument("--trades-beta", type=float, default=6.0, help="TRADES β (default 6)")
     g = p.add_argument_group("layer-wise regularization (LR)")
     g.add_argument("--lr-layers", default=None,
@@ -117,11 +118,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=None, help=f"default {DEFAULT_EPOCHS}")
     g.add_argument("--batch-size", type=int, default=128, help="default 128")
-    g.add_argument("--optimizer", default="adam", choices=("adam", "adamw", "sgd"))
+    g.add_argument("--optimizer", default="adam", choices=OPTIMIZERS)
     g.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
     g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--scheduler", default="none", choices=("none", "cosine", "step"))
+    g.add_argument("--scheduler", default="none", choices=SCHEDULERS)
     g.add_argument("--seed", type=int, default=0, help="seed of init, order, attacks (default 0)")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     g = p.add_argument_group("output")
