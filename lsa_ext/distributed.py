@@ -20,12 +20,12 @@ Choices (defaults):
 
 Sharding:
 
-- analysis: whole *batches* are dealt round-robin (:class:`ShardedBatchSampler`): global batch
-  ``k`` (the same batch a 1-process run sees) goes to rank ``k % world_size``. Every sample is
-  seen exactly once, nothing is padded, and randomness seeded per global batch
-  (:func:`batch_seed`, :func:`rng_scope`) does not depend on the number of ranks, so the reduced
-  statistics equal a 1-process run up to float64 summation order. :class:`ShardSampler` is the
-  sample-level counterpart of ``DistributedSampler`` without its padding.
+- analysis: whole *batches* are dealt round-robin: global batch ``k`` (the same batch a
+  1-process run sees) goes to rank ``k % world_size`` (:func:`rank`, :func:`world_size`). Every
+  sample is seen exactly once, nothing is padded, and randomness seeded per global batch
+  (:func:`lsa_ext.seeding.batch_seeding`) does not depend on the number of ranks, so the
+  statistics reduced by :func:`all_reduce_stats` equal a 1-process run up to float64 summation
+  order.
 - training: every rank draws the same global batch (same seed) and keeps its contiguous slice
   (:func:`shard_batch`); DDP averages gradients, which equals the 1-process gradient of the
   batch-mean loss (uneven slices are weighted so this stays exact).
@@ -37,23 +37,19 @@ import atexit
 import contextlib
 import datetime
 import gc
-import hashlib
 import logging
 import math
 import os
-import pickle
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import Dataset, DistributedSampler, Sampler
 
+from lsa_ext.devices import resolve_device
 from lsa_ext.errors import LsaUserError
-from lsa_ext.modules import unwrap
-from lsa_ext.seeding import batch_seed, batch_seeding, reseed, rng_scope
 
 log = logging.getLogger("lsa_ext.distributed")
 
@@ -128,28 +124,23 @@ def _env_int(name: str, default: int | None = None) -> int:
 
 
 def _resolve_device(device: str | torch.device | None, local_rank: int | None) -> torch.device:
-    """The device to compute on; ``local_rank`` None (a plain process) keeps a given index."""
-    if device is None or str(device) == "auto":
-        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        try:
-            dev = torch.device(device)
-        except RuntimeError:
-            raise LsaUserError(f"unknown device {device!r}; use cpu, cuda or auto") from None
-    kind = dev.type
-    if kind == "cuda":
-        if not torch.cuda.is_available():
-            raise LsaUserError("device 'cuda' was requested but CUDA is not available")
-        if local_rank is None:
-            return dev
-        count = torch.cuda.device_count()
-        if local_rank >= count:
-            raise LsaUserError(
-                f"LOCAL_RANK={local_rank} but this node has only {count} CUDA device(s); "
-                f"start at most {count} processes per node (--nproc_per_node)"
-            )
-        return torch.device("cuda", local_rank)
-    return torch.device(kind)
+    """:func:`lsa_ext.devices.resolve_device`, then on CUDA this rank's GPU ``cuda:local_rank``;
+    ``local_rank`` None (a plain process) keeps a given index.
+
+    Raises:
+        LsaUserError: a bad device (see ``resolve_device``), or ``local_rank`` beyond this
+            node's CUDA devices.
+    """
+    dev = resolve_device(device)
+    if dev.type != "cuda" or local_rank is None:
+        return dev
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise LsaUserError(
+            f"LOCAL_RANK={local_rank} but this node has only {count} CUDA device(s); "
+            f"start at most {count} processes per node (--nproc_per_node)"
+        )
+    return torch.device("cuda", local_rank)
 
 
 def choose_backend(device: torch.device, requested: str | None = None) -> str:
@@ -288,15 +279,6 @@ def add_cli_options(parser) -> None:
     )
 
 
-def init_from_args(args) -> DistContext:
-    """:func:`init_from_env` with ``args.dist_backend``, ``args.dist_timeout``, ``args.device``."""
-    return init_from_env(
-        backend=getattr(args, "dist_backend", None),
-        device=getattr(args, "device", None),
-        timeout_s=getattr(args, "dist_timeout", None),
-    )
-
-
 def get_context() -> DistContext:
     """The current context: the one :func:`init_from_env` made, else a 1-process CPU one."""
     if _CTX is not None:
@@ -312,13 +294,9 @@ def _active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _current_rank() -> int:
-    return dist.get_rank() if _active() else 0
-
-
 def rank() -> int:
     """Global rank of this process (0 in a plain process)."""
-    return _current_rank()
+    return dist.get_rank() if _active() else 0
 
 
 def world_size() -> int:
@@ -389,101 +367,6 @@ def failure_guard() -> Iterator[None]:
 # --------------------------------------------------------------------------------------------
 
 
-def shard_range(n: int, rank_: int | None = None, world: int | None = None) -> range:
-    """Indices ``rank, rank+world, …`` of ``range(n)``: each index on one rank, no padding."""
-    r = rank() if rank_ is None else rank_
-    w = world_size() if world is None else world
-    return range(r, n, w)
-
-
-class ShardSampler(DistributedSampler):
-    """``DistributedSampler`` without padding: every sample is drawn by exactly one rank.
-
-    ``DistributedSampler`` repeats samples so all ranks get the same count (double counting in
-    statistics) or drops the tail (``drop_last``). Here rank ``r`` gets positions
-    ``r, r+W, r+2W, …`` of the (optionally shuffled with ``seed + epoch``) order, so shard sizes
-    differ by at most one. Use with ``shuffle=False`` for evaluation-style passes.
-    """
-
-    def __init__(
-        self,
-        dataset: Dataset,
-        num_replicas: int | None = None,
-        rank: int | None = None,
-        shuffle: bool = False,
-        seed: int = 0,
-    ) -> None:
-        num_replicas = world_size() if num_replicas is None else num_replicas
-        rank = _current_rank() if rank is None else rank
-        super().__init__(dataset, num_replicas, rank, shuffle=shuffle, seed=seed, drop_last=False)
-        n = len(dataset)  # type: ignore[arg-type]
-        self.num_samples = len(range(self.rank, n, self.num_replicas))
-        self.total_size = n
-
-    def __iter__(self) -> Iterator[int]:
-        n = len(self.dataset)  # type: ignore[arg-type]
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(n, generator=g).tolist()
-        else:
-            order = list(range(n))
-        return iter(order[self.rank : n : self.num_replicas])
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-
-class ShardedBatchSampler(Sampler[list[int]]):
-    """Deals whole batches of a batch sampler round-robin: batch ``k`` goes to rank ``k % W``.
-
-    The batches are exactly those a 1-process run sees (same composition, same order within a
-    rank), nothing is padded or dropped; ranks differ by at most one batch.
-    :meth:`batch_ids` gives the global index ``k`` of each batch this rank yields (for per-batch
-    seeds, :func:`batch_seed`).
-
-    Example::
-
-        batches = BatchSampler(SequentialSampler(ds), batch_size, drop_last=False)
-        sampler = distributed.ShardedBatchSampler(batches)
-        loader = DataLoader(ds, batch_sampler=sampler)
-        for k, (x, y) in zip(sampler.batch_ids(), loader): ...
-    """
-
-    def __init__(
-        self, batch_sampler: Iterable[list[int]], num_replicas: int | None = None,
-        rank: int | None = None,
-    ) -> None:
-        self.batch_sampler = batch_sampler
-        self.num_replicas = world_size() if num_replicas is None else num_replicas
-        self.rank = _current_rank() if rank is None else rank
-        if not 0 <= self.rank < self.num_replicas:
-            raise LsaUserError(f"rank {self.rank} outside 0..{self.num_replicas - 1}")
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for k, batch in enumerate(self.batch_sampler):
-            if k % self.num_replicas == self.rank:
-                yield batch
-
-    def __len__(self) -> int:
-        return len(range(self.rank, len(self.batch_sampler), self.num_replicas))  # type: ignore[arg-type]
-
-    def batch_ids(self) -> range:
-        """Global indices of the batches this rank yields, in order."""
-        return range(self.rank, len(self.batch_sampler), self.num_replicas)  # type: ignore[arg-type]
-
-
-def my_batches(iterable: Iterable[Any]) -> Iterator[tuple[int, Any]]:
-    """``(k, item)`` for the items of ``iterable`` whose index ``k`` belongs to this rank.
-
-    The simplest sharding for a loop over batches (each rank still *produces* every batch, so
-    prefer :class:`ShardedBatchSampler` when loading is costly). One process: ``enumerate``.
-    """
-    r, w = rank(), world_size()
-    for k, item in enumerate(iterable):
-        if k % w == r:
-            yield k, item
-
-
 def batch_slice(n: int, rank_: int | None = None, world: int | None = None) -> slice:
     """This rank's contiguous part of a global batch of ``n`` samples (sizes differ by ≤ 1)."""
     r = rank() if rank_ is None else rank_
@@ -537,9 +420,9 @@ def wrap_model(model: nn.Module, **ddp_kwargs: Any) -> nn.Module:
 
     The model must already be on this rank's device (``get_context().device``). DDP broadcasts
     rank 0's parameters and buffers at construction, so all ranks start identical. Hooks
-    (:class:`lsa_ext.probes.Capture`) go on :func:`unwrap` (the inner module); they fire when
-    the wrapper is called. Run attacks on the inner module too, so their gradient computations
-    do not trigger DDP's gradient all-reduce.
+    (:class:`lsa_ext.probes.Capture`) go on :func:`lsa_ext.modules.unwrap` (the inner module);
+    they fire when the wrapper is called. Run attacks on the inner module too, so their
+    gradient computations do not trigger DDP's gradient all-reduce.
     """
     if not _active():
         return model
@@ -555,78 +438,9 @@ def wrap_model(model: nn.Module, **ddp_kwargs: Any) -> nn.Module:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Moments:
-    """Count, mean and sum of squared deviations (M2) per entry, in float64.
-
-    Streams values with :meth:`update`; merges with Chan et al.'s parallel formula
-    (:meth:`merge`), which is exact up to rounding and stable (no sum-of-squares cancellation).
-
-    Attributes:
-        count: float64 ``[*shape]`` numbers of values.
-        mean: float64 ``[*shape]``.
-        m2: float64 ``[*shape]``, Σ (v − mean)².
-    """
-
-    count: torch.Tensor
-    mean: torch.Tensor
-    m2: torch.Tensor
-
-    @classmethod
-    def zeros(cls, *shape: int, device: torch.device | str = "cpu") -> Moments:
-        """Empty moments of the given shape."""
-        z = torch.zeros(shape, dtype=torch.float64, device=device)
-        return cls(z.clone(), z.clone(), z.clone())
-
-    @classmethod
-    def of(cls, values: torch.Tensor) -> Moments:
-        """Moments of ``values`` ``[*shape, n]`` over the last dimension."""
-        v = values.detach().to(torch.float64)
-        n = v.shape[-1]
-        mean = v.mean(-1) if n else torch.zeros(v.shape[:-1], dtype=torch.float64, device=v.device)
-        m2 = ((v - mean.unsqueeze(-1)) ** 2).sum(-1)
-        return cls(torch.full_like(mean, float(n)), mean, m2)
-
-    def update(self, values: torch.Tensor) -> Moments:
-        """Adds ``values`` ``[*shape, n]`` (n new values per entry); returns self."""
-        other = Moments.of(values.to(self.mean.device))
-        merged = self.merge(other)
-        self.count, self.mean, self.m2 = merged.count, merged.mean, merged.m2
-        return self
-
-    def merge(self, other: Moments) -> Moments:
-        """The moments of both sets of values (Chan et al. 1979)."""
-        n = self.count + other.count
-        delta = other.mean - self.mean
-        safe = torch.where(n > 0, n, torch.ones_like(n))
-        mean = torch.where(n > 0, self.mean + delta * (other.count / safe), self.mean)
-        m2 = self.m2 + other.m2 + delta * delta * (self.count * other.count / safe)
-        return Moments(n, mean, m2)
-
-    def var(self, ddof: int = 0) -> torch.Tensor:
-        """Variance (population with ``ddof=0``); NaN where count ≤ ddof."""
-        denom = self.count - ddof
-        nan = torch.full_like(self.m2, math.nan)
-        return torch.where(denom > 0, self.m2 / denom.clamp_min(1), nan)
-
-    def std(self, ddof: int = 0) -> torch.Tensor:
-        """Standard deviation (population with ``ddof=0``)."""
-        return self.var(ddof).sqrt()
-
-    def cpu(self) -> Moments:
-        """A copy on the CPU."""
-        return Moments(self.count.cpu(), self.mean.cpu(), self.m2.cpu())
-
-    def to(self, device: torch.device | str) -> Moments:
-        """A copy on ``device``."""
-        return Moments(self.count.to(device), self.mean.to(device), self.m2.to(device))
-
-
 def _to_cpu(obj: Any) -> Any:
     if isinstance(obj, torch.Tensor):
         return obj.detach().cpu()
-    if isinstance(obj, Moments):
-        return obj.cpu()
     if callable(getattr(obj, "merge", None)) and callable(getattr(obj, "to", None)):
         return obj.to("cpu")  # e.g. analysis.CMStats
     if isinstance(obj, Mapping):
@@ -648,15 +462,6 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """Rank ``src``'s ``obj`` on every rank (``obj`` itself in a plain process)."""
-    if not _active():
-        return obj
-    box = [_to_cpu(obj) if rank() == src else None]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def _combine(values: Sequence[Any], where: str) -> Any:
     present = [v for v in values if v is not None]
     if not present:
@@ -666,7 +471,7 @@ def _combine(values: Sequence[Any], where: str) -> Any:
     first = values[0]
     merge = getattr(first, "merge", None)
     if callable(merge) and not isinstance(first, (Mapping, torch.Tensor)):
-        acc = first  # Moments, lsa_ext.analysis.CMStats, anything with merge(other) -> merged
+        acc = first  # lsa_ext.analysis.CMStats, anything with merge(other) -> merged
         for v in values[1:]:
             acc = acc.merge(v)
         return acc
@@ -718,8 +523,6 @@ def _to_device_like(reduced: Any, original: Any) -> Any:
         return reduced
     if isinstance(original, torch.Tensor):
         return reduced.to(original.device)
-    if isinstance(original, Moments):
-        return reduced.to(original.mean.device)
     if callable(getattr(original, "merge", None)) and not isinstance(original, Mapping):
         return reduced  # merge-able objects keep the device of the first rank's value
     if isinstance(original, Mapping):
@@ -738,8 +541,8 @@ def all_reduce_stats(stats: Any) -> Any:
 
     Leaves: floating tensors are summed in float64 (returned in their dtype, on their device),
     integer tensors and ints summed exactly, floats with ``math.fsum``, objects with a
-    ``merge(other)`` method (:class:`Moments`: Chan's formula; ``analysis.CMStats``) merged with
-    it, strings/bools must agree on every rank. ``None`` means "nothing from this rank": it is
+    ``merge(other)`` method (e.g. ``analysis.CMStats``) merged with it, strings/bools must
+    agree on every rank. ``None`` means "nothing from this rank": it is
     skipped (a rank whose shard was empty passes None). Containers: dict (keys in the same order
     on every rank), list, tuple, namedtuple. Ranks are combined in rank order, so every rank
     gets bit-identical results. In a plain process ``stats`` is returned as is.
@@ -752,88 +555,25 @@ def all_reduce_stats(stats: Any) -> Any:
     return _to_device_like(_combine(gathered, ""), stats)
 
 
-def gather_ordered(items: Iterable[tuple[int, Any]]) -> list[Any]:
-    """All ranks' ``(key, value)`` items, sorted by key, values only, on every rank.
-
-    With keys = global batch indices this rebuilds the 1-process order of per-batch results
-    (e.g. per-sample CM values) from a :class:`ShardedBatchSampler` run.
-
-    Raises:
-        RuntimeError: the same key on two ranks.
-    """
-    local = list(items)
-    if not _active():
-        return [v for _, v in sorted(local, key=lambda kv: kv[0])]
-    merged = [kv for part in all_gather_objects(local) for kv in part]
-    merged.sort(key=lambda kv: kv[0])
-    keys = [k for k, _ in merged]
-    if len(set(keys)) != len(keys):
-        raise RuntimeError("gather_ordered: the same key came from several ranks")
-    return [v for _, v in merged]
-
-
-def _canonical(obj: Any) -> Any:
-    """Tensors as (dtype, shape, bytes) so equal values hash equal (tensor pickles do not)."""
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach().cpu().contiguous().reshape(-1)
-        return ("tensor", str(obj.dtype), tuple(obj.shape), t.view(torch.uint8).numpy().tobytes())
-    if isinstance(obj, Moments):
-        return ("moments", _canonical(obj.count), _canonical(obj.mean), _canonical(obj.m2))
-    if isinstance(obj, Mapping):
-        return ("map", [(k, _canonical(v)) for k, v in obj.items()])
-    if isinstance(obj, (list, tuple)):
-        return (type(obj).__name__, [_canonical(v) for v in obj])
-    return obj
-
-
-def check_same(value: Any, what: str) -> None:
-    """Raises on every rank if ``value`` (picklable) differs between ranks.
-
-    A cheap guard for things that must agree (a configuration, the first global batch's
-    labels). No-op in a plain process.
-    """
-    if not _active():
-        return
-    digest = hashlib.blake2b(pickle.dumps(_canonical(value)), digest_size=16).hexdigest()
-    digests = all_gather_objects(digest)
-    if len(set(digests)) != 1:
-        bad = [r for r, d in enumerate(digests) if d != digests[0]]
-        raise RuntimeError(f"{what} differs between ranks (ranks {bad} disagree with rank 0)")
-
-
 __all__ = [
     "BACKENDS",
     "DEFAULT_TIMEOUT_S",
     "DistContext",
-    "Moments",
-    "ShardSampler",
-    "ShardedBatchSampler",
     "add_cli_options",
     "all_gather_objects",
     "all_reduce_stats",
     "barrier",
-    "batch_seed",
     "batch_slice",
-    "broadcast_object",
-    "check_same",
     "choose_backend",
     "cleanup",
     "failure_guard",
-    "gather_ordered",
     "get_context",
-    "init_from_args",
     "init_from_env",
     "is_main",
     "launched",
-    "my_batches",
     "rank",
     "rank_prefix",
-    "reseed",
-    "batch_seeding",
-    "rng_scope",
     "shard_batch",
-    "shard_range",
-    "unwrap",
     "wrap_model",
     "world_size",
 ]

@@ -1,4 +1,4 @@
-"""Tests for lsa_ext.distributed: sharding, exact reductions, DDP equivalence, failure handling.
+"""Tests for lsa_ext.distributed: batch slicing, exact reductions, DDP equivalence, failures.
 
 The multi-process tests start 2 CPU processes with ``python -m torch.distributed.run`` on the
 loopback interface (gloo) and run this very file as the worker script (see ``__main__`` below).
@@ -19,10 +19,11 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import BatchSampler, SequentialSampler
 
 from lsa_ext import distributed
 from lsa_ext.errors import LsaUserError
+from lsa_ext.modules import unwrap
+from lsa_ext.seeding import batch_seed
 
 HERE = Path(__file__).resolve()
 N_VALUES, BATCH = 103, 10  # 11 batches, uneven over 2 ranks (6 + 5), last batch partial
@@ -36,7 +37,7 @@ P, L = 2, 3
 
 def _batch_values(k: int, size: int) -> torch.Tensor:
     """Stand-in for the CM values of global batch k: float32 [P, L, size], seeded per batch."""
-    g = torch.Generator().manual_seed(distributed.batch_seed(7, k))
+    g = torch.Generator().manual_seed(batch_seed(7, k))
     return torch.rand(P, L, size, generator=g) * 3 + torch.arange(L).view(1, L, 1)
 
 
@@ -73,9 +74,9 @@ def _train_tiny(epochs: int = 2, batch: int = 16) -> nn.Module:
                 continue
             (x, y), weight = part
             xa = x.clone().requires_grad_(True)  # FGSM on the inner module (no DDP hooks)
-            (g,) = torch.autograd.grad(losses.cross_entropy(distributed.unwrap(model)(xa), y), xa)
+            (g,) = torch.autograd.grad(losses.cross_entropy(unwrap(model)(xa), y), xa)
             x_adv = (x + 0.3 * g.sign()).detach()
-            with Capture(distributed.unwrap(model), layers) as cap:
+            with Capture(unwrap(model), layers) as cap:
                 model(x)
                 clean = [cap.outputs[n] for n in layers]
                 cap.reset()
@@ -86,7 +87,7 @@ def _train_tiny(epochs: int = 2, batch: int = 16) -> nn.Module:
             opt.zero_grad()
             (loss * weight).backward()
             opt.step()
-    return distributed.unwrap(model)
+    return unwrap(model)
 
 
 @dataclass
@@ -170,28 +171,6 @@ def _torchrun_nodes(target: list[str], nodes: int = 2, timeout: float = 90) -> l
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("n", [0, 1, 7, 10, 103])
-@pytest.mark.parametrize("world", [1, 2, 3, 4])
-def test_shards_cover_every_index_exactly_once(n, world):
-    shards = [list(distributed.shard_range(n, r, world)) for r in range(world)]
-    assert sorted(i for s in shards for i in s) == list(range(n))
-    assert max(map(len, shards)) - min(map(len, shards)) <= 1
-
-    ds = list(range(n))
-    for shuffle in (False, True):
-        samplers = [distributed.ShardSampler(ds, world, r, shuffle=shuffle, seed=5) for r in
-                    range(world)]
-        drawn = [list(s) for s in samplers]
-        assert sorted(i for d in drawn for i in d) == list(range(n))  # no padding, no drops
-        assert [len(s) for s in samplers] == [len(d) for d in drawn]
-
-    batches = list(BatchSampler(SequentialSampler(ds), 3, drop_last=False))
-    parts = [distributed.ShardedBatchSampler(batches, world, r) for r in range(world)]
-    got = {k: b for p in parts for k, b in zip(p.batch_ids(), p, strict=True)}
-    assert [got[k] for k in sorted(got)] == batches  # the 1-process batches, each once
-    assert sum(len(p) for p in parts) == len(batches)
-
-
 @pytest.mark.parametrize("n", [5, 6, 16, 17])
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_shard_batch_slices_and_weights_reproduce_the_global_mean(n, world):
@@ -214,26 +193,6 @@ def test_shard_batch_edge_cases():
         distributed.shard_batch(x, torch.arange(4.0), rank_=0, world=2)
 
 
-def test_moments_merge_matches_float64_numpy_on_uneven_chunks():
-    g = torch.Generator().manual_seed(0)
-    values = torch.randn(2, 3, 1001, generator=g, dtype=torch.float64) * 1e-3 + 1e4
-    chunks = torch.split(values, [1, 0, 500, 77, 423], dim=-1)
-    streamed = distributed.Moments.zeros(2, 3)
-    for c in chunks:
-        streamed.update(c)
-    merged = distributed.Moments.of(chunks[2]).merge(distributed.Moments.of(chunks[4]))
-    first = distributed.Moments.of(chunks[0]).merge(distributed.Moments.of(chunks[3]))
-    merged = first.merge(merged)
-    ref = values.numpy()
-    for m in (streamed, merged):
-        assert torch.equal(m.count, torch.full((2, 3), 1001.0, dtype=torch.float64))
-        np.testing.assert_allclose(m.mean.numpy(), ref.mean(-1), rtol=1e-14)
-        # large offset, tiny spread: a sum-of-squares formula would lose every digit here
-        np.testing.assert_allclose(m.std().numpy(), ref.std(-1), rtol=1e-8)
-        np.testing.assert_allclose(m.std(ddof=1).numpy(), ref.std(-1, ddof=1), rtol=1e-8)
-    assert torch.isnan(distributed.Moments.zeros(1).std()).all()
-
-
 def test_plain_process_helpers_are_identities(monkeypatch):
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LSA_DIST_BACKEND"):
         monkeypatch.delenv(var, raising=False)
@@ -244,9 +203,8 @@ def test_plain_process_helpers_are_identities(monkeypatch):
         assert distributed.is_main() and distributed.rank_prefix() == ""
         stats = {"a": torch.ones(2), "n": 3}
         assert distributed.all_reduce_stats(stats) is stats
-        assert distributed.gather_ordered([(2, "b"), (0, "a")]) == ["a", "b"]
         model = nn.Linear(2, 2)
-        assert distributed.wrap_model(model) is model and distributed.unwrap(model) is model
+        assert distributed.wrap_model(model) is model and unwrap(model) is model
         assert distributed.init_from_env() is ctx  # idempotent
     finally:
         distributed.cleanup()
@@ -269,58 +227,6 @@ def test_backend_choice_and_bad_settings(monkeypatch):
         distributed._timeout_from_env(-1.0)
 
 
-class _Noise:
-    """Draws from a private generator (like lsa_ext noises/attacks) and can be reseeded."""
-
-    def __init__(self, seed: int) -> None:
-        self.seed = seed
-        self.g = torch.Generator().manual_seed(seed)
-
-    def reseed(self, seed: int) -> None:
-        self.seed = seed
-        self.g.manual_seed(seed)
-
-    def __call__(self, x, y):
-        return x + torch.randn(x.shape, generator=self.g)
-
-
-def test_reseed_for_batch_makes_noise_independent_of_sharding():
-    x = torch.zeros(12, 3)
-    batches = list(torch.split(x, 4))
-
-    def run(order, own_seed=0):  # perturb the batches with the given indices, in that order
-        perts = {"a": _Noise(own_seed), "b": _Noise(1),
-                 "global": lambda x, y: x + torch.rand(x.shape)}
-        out = {}
-        with distributed.batch_seeding(perts, seed=5) as reseed_batch:
-            for k in order:
-                reseed_batch(k)
-                out[k] = [p(batches[k], None) for p in perts.values()]
-        assert perts["a"].seed == own_seed  # own seeds restored on exit
-        return out
-
-    one = run([0, 1, 2])
-    shard0, shard1 = run([0, 2]), run([1])  # 2 ranks, batches dealt round-robin
-    for k, got in {**shard0, **shard1}.items():
-        for a, b in zip(got, one[k], strict=True):
-            assert torch.equal(a, b)
-    assert not torch.equal(one[0][0], one[1][0])  # different batches, different noise
-    assert not torch.equal(run([0], own_seed=9)[0][0], one[0][0])  # the object's seed counts
-    assert distributed.reseed(object(), 1) is False
-
-
-def test_batch_seed_and_rng_scope_are_deterministic_and_restore_state():
-    assert distributed.batch_seed(1, 2) == distributed.batch_seed(1, 2)
-    assert len({distributed.batch_seed(1, k) for k in range(100)}) == 100
-    torch.manual_seed(0)
-    before = torch.get_rng_state()
-    with distributed.rng_scope(42):
-        a = torch.rand(3)
-    assert torch.equal(torch.get_rng_state(), before)
-    with distributed.rng_scope(42):
-        assert torch.equal(torch.rand(3), a)
-
-
 # --------------------------------------------------------------------------------------------
 # 2 processes on loopback (gloo)
 # --------------------------------------------------------------------------------------------
@@ -336,15 +242,9 @@ def test_two_ranks_reduce_exactly_and_train_like_one_process(tmp_path):
     allv = torch.cat([_batch_values(k, b) for k, b in enumerate(sizes)], dim=-1).double().numpy()
     assert got["world_size"] == 2 and got["count"] == N_VALUES
     assert got["batches_per_rank"] == [6, 5]
-    np.testing.assert_array_equal(np.array(got["moments_count"]), np.full((P, L), N_VALUES))
-    np.testing.assert_allclose(got["moments_mean"], allv.mean(-1), rtol=1e-12)
-    np.testing.assert_allclose(got["moments_std"], allv.std(-1), rtol=1e-12)
     np.testing.assert_allclose(got["sum"], allv.sum(-1), rtol=1e-12)
     np.testing.assert_allclose(got["sumsq"], (allv**2).sum(-1), rtol=1e-12)
-    np.testing.assert_array_equal(np.array(got["ordered"]), allv.astype(np.float32))
     assert got["same_on_ranks"] is True and got["mismatch_raised"] is True
-    assert sorted(got["sampler_indices"]) == list(range(7))
-    assert got["broadcast"] == "from rank 0"
     assert got["only_rank0"] == [1.0, 1.0]  # None = no contribution from rank 1
     assert got["merged"] == [3.0]  # objects with merge(): 1 (rank 0) merged with 2 (rank 1)
 
@@ -470,45 +370,33 @@ def _worker_primitives(out: Path) -> None:
 
     ctx = distributed.init_from_env(device="cpu")
     assert ctx.world_size == 2 and ctx.backend == "gloo"
-    batches = BatchSampler(SequentialSampler(range(N_VALUES)), BATCH, drop_last=False)
-    sampler = distributed.ShardedBatchSampler(batches)
-    moments = distributed.Moments.zeros(P, L)
     total = torch.zeros(P, L, dtype=torch.float64)
     sq = torch.zeros(P, L, dtype=torch.float64)
-    count, per_batch = 0, []
-    for k, idx in zip(sampler.batch_ids(), sampler, strict=True):
-        v = _batch_values(k, len(idx))
-        moments.update(v)
+    count, mine = 0, 0
+    # global batch k (sequential batches of BATCH values) goes to rank k % world, as in analysis
+    for k in range(ctx.rank, -(-N_VALUES // BATCH), ctx.world_size):
+        v = _batch_values(k, min(BATCH, N_VALUES - k * BATCH))
         total += v.double().sum(-1)
         sq += (v.double() ** 2).sum(-1)
-        count += len(idx)
-        per_batch.append((k, v))
-    stats = {"noise": {"moments": moments, "sum": total, "sumsq": sq}, "count": count,
+        count += v.shape[-1]
+        mine += 1
+    stats = {"noise": {"sum": total, "sumsq": sq}, "count": count,
              "name": "same-everywhere", "only_rank0": torch.ones(2) if ctx.rank == 0 else None,
              "merged": _Summed(torch.tensor([ctx.rank + 1.0]))}
     red = distributed.all_reduce_stats(stats)
-    ordered = torch.cat(distributed.gather_ordered(per_batch), dim=-1)
     mism = False
-    try:
-        distributed.check_same(ctx.rank, "rank number")
+    try:  # strings must agree on every rank
+        distributed.all_reduce_stats({"name": f"rank {ctx.rank}"})
     except RuntimeError:
         mism = True
-    distributed.check_same(red["noise"]["sum"], "reduced sums")
-    indices = distributed.all_gather_objects(
-        list(distributed.ShardSampler(list(range(7)), shuffle=True, seed=1)))
-    bcast = distributed.broadcast_object(f"from rank {ctx.rank}")
-    n_batches = distributed.all_gather_objects(len(sampler))
+    n_batches = distributed.all_gather_objects(mine)
     model = _train_tiny()
     tiny = _tiny_analysis()  # one batch: rank 1 has nothing to analyse
     if distributed.is_main():
-        m = red["noise"]["moments"]
         atomic_write_json(out / "primitives.json", {
             "world_size": ctx.world_size, "count": red["count"], "batches_per_rank": n_batches,
-            "moments_count": m.count.tolist(), "moments_mean": m.mean.tolist(),
-            "moments_std": m.std().tolist(), "sum": red["noise"]["sum"].tolist(),
-            "sumsq": red["noise"]["sumsq"].tolist(), "ordered": ordered.tolist(),
+            "sum": red["noise"]["sum"].tolist(), "sumsq": red["noise"]["sumsq"].tolist(),
             "same_on_ranks": red["name"] == "same-everywhere", "mismatch_raised": mism,
-            "sampler_indices": [i for part in indices for i in part], "broadcast": bcast,
             "only_rank0": red["only_rank0"].tolist(), "merged": red["merged"].total.tolist(),
             "tiny": tiny,
         })
