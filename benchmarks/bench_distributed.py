@@ -6,8 +6,9 @@ Usage::
     .venv/bin/python benchmarks/bench_distributed.py --procs 1 2 4 --threads 1
 
 Each configuration is a fresh ``torchrun --nproc_per_node=P`` (``OMP_NUM_THREADS=T``) on
-loopback running this file as a worker. The worker builds Model B (paper Table 1) for
-MNIST-shaped random data and times, between barriers, after one warm-up round:
+loopback running this file as a worker. The worker builds Model B (Khalooei et al., arXiv
+2202.02626, Table 1) for MNIST-shaped random data and times, between barriers, after one
+warm-up round:
 
 - ``analysis``: ``lsa_ext.analyze`` of ``--samples`` samples under Gaussian noise, FGSM and
   PGD-5 (ε = 0.1), every ReLU probed (batches dealt round-robin to the ranks, statistics

@@ -150,6 +150,3 @@ def lr_term(
                               reduction="mean", eps=eps)
     g = gamma_tensor(gamma, len(names), cm.device)
     return (g * cm.float()).sum(), (logits_clean if clean_logits else None), logits_adv
-
-
-__all__ = ["gamma_tensor", "lr_term", "resolve_layers"]

@@ -169,16 +169,3 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig
     if cfg.scheduler == "step":
         return torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, cfg.epochs // 3), gamma=0.1)
     return None
-
-
-__all__ = [
-    "AT_METHODS",
-    "ATTACK_MODES",
-    "OPTIMIZERS",
-    "SCHEDULERS",
-    "TRAIN_ATTACK_DEFAULTS",
-    "TrainConfig",
-    "build_optimizer",
-    "build_scheduler",
-    "run_name",
-]

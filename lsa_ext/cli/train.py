@@ -1,4 +1,5 @@
-"""`lsa train`: normal, adversarial (FGSM/PGD/FAST/TRADES/APGD) and AT-LR training.
+"""`lsa train`: normal, adversarial (FGSM/PGD/FAST/TRADES/APGD) and AT-LR training
+(Khalooei et al., arXiv 2202.02626, Algorithm 3).
 
 Writes under ``--out``: ``config.json`` (the run's settings), ``last.pt`` after every epoch
 (atomically; the one before is kept as ``prev.pt``), ``history.json`` (per-epoch losses) and
