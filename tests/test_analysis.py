@@ -15,12 +15,12 @@ from lsa_ext.analysis import (
     paired_measures,
     parse_perturbation_specs,
 )
-from lsa_ext.distributed import batch_seed
 from lsa_ext.errors import LsaUserError
 from lsa_ext.measures import Measure
 from lsa_ext.mvl import most_vulnerable_layers, rank_layers
 from lsa_ext.noise import Gaussian, Salt
 from lsa_ext.probes import Capture
+from lsa_ext.seeding import batch_seed
 
 
 @pytest.fixture(autouse=True)
