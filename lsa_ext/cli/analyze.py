@@ -150,8 +150,8 @@ def run(args: argparse.Namespace) -> int:
     eps = args.eps if args.eps is not None else DEFAULT_EPS.get(info.name, 0.1)
     # build the perturbations once on an untrained copy, so a bad name or parameter fails
     # before any training (layers are checked the same way in _trained_model)
-    from lsa_ext.analysis import build_perturbations
     from lsa_ext.models import build_model
+    from lsa_ext.perturbations import build_perturbations
 
     build_perturbations(args.perturbations, model=build_model(model_name, info, seed=args.seed),
                         clip=info.data_range, eps=eps, seed=args.seed)
