@@ -65,7 +65,8 @@ def _vgg19():
 
 
 def _prototype(model, x, x_hat):
-    """The published LSA code's approach (PAPER.md): keep all activations, numpy batch form."""
+    """The authors' published LSA code (github.com/khalooei/LSA): keep all activations, numpy
+    batch form."""
     import numpy as np
     import torch
     from torch import nn

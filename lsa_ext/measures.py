@@ -6,8 +6,8 @@ per-sample values ``[B]``. Registry :data:`MEASURES`:
 ================  ======================================================================
 name              per-sample value
 ================  ======================================================================
-relative_error    ``||a - b||_F / max(||a||_F, 1e-12)`` (default; the paper's CM; fused
-                  kernel :func:`lsa_ext.relative_error`)
+relative_error    ``||a - b||_F / max(||a||_F, 1e-12)`` (default; the CM of Khalooei et al.,
+                  arXiv 2202.02626; fused kernel :func:`lsa_ext.relative_error`)
 mse               ``mean((a - b)^2)`` over the sample's elements
 cosine            ``1 - cos(a, b)`` of the flattened sample (cosine distance, in [0, 2]);
                   norms clamped at 1e-12

@@ -1,10 +1,11 @@
-"""Algorithm 1 (PAPER.md): the Most Vulnerable Layers (MVL) list, and a ranking of all layers.
+"""Algorithm 1 of Khalooei et al. (arXiv 2202.02626): the Most Vulnerable Layers (MVL) list,
+and a ranking of all layers.
 
 Input is a table of comparison-measure (CM) values of M samples at L layers, given either as
 
 * a ``[M, L]`` array of per-sample values (numpy array, tensor or nested list), or
 * per-layer sufficient statistics ``count``, ``sum``, ``sumsq``, each ``[L]``: an object with
-  those attributes (e.g. ``CMStats.row(p)`` of :mod:`lsa_ext.analysis`) or a dict with those keys.
+  those attributes (e.g. ``CMStats.row(p)`` of :mod:`lsa_ext.cm_stats`) or a dict with those keys.
 
 Algorithm 1: over all M·L values, ``μ = mean`` and ``σ = population std`` (divide by M·L),
 computed from the statistics as ``σ² = Σ sumsq / Σ count − μ²``. Layer ``l`` joins the MVL when

@@ -1,4 +1,9 @@
-"""Report writers: JSON, CSV, plain-text tables and figures (matplotlib, Agg backend).
+"""Writers of an analysis report: JSON (``report.json``), CSV, plain-text table and figure.
+
+They take any object with the tables of :class:`lsa_ext.result.AnalysisResult` (the
+:class:`AnalysisTables` protocol) and know nothing else of the analysis, so the result calls them
+and they never import it. Figures are drawn on a ``matplotlib.figure.Figure`` with its own Agg
+canvas: matplotlib's global state (``pyplot``, the backend) is never touched.
 
 All files are written atomically (:mod:`lsa_ext.io`). Reports hold no timestamps or paths of
 the machine, so the same settings and seed give byte-identical ``report.json`` files.
@@ -10,24 +15,49 @@ import csv
 import io
 import math
 import os
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
 from lsa_ext._version import versions
 from lsa_ext.io import atomic_write_json, atomic_write_text, atomic_write_with
 
-if TYPE_CHECKING:  # pragma: no cover
-    from lsa_ext.analysis import AnalysisResult
+SCHEMA = "lsa_ext.analysis/1"  # report.json's "schema"; lsa_ext.result.load_result checks it
 
-SCHEMA = "lsa_ext.analysis/1"
+
+class _MvlDetail(Protocol):
+    layers: list[int]
+    mu: float
+    sigma: float
+
+
+class AnalysisTables(Protocol):
+    """What the writers read (:class:`lsa_ext.result.AnalysisResult` provides it)."""
+
+    layers: list[str]
+    perturbations: list[str]
+    measure: str
+    config: dict[str, Any]
+
+    @property
+    def mean(self) -> np.ndarray: ...  # [P, L] float64
+    @property
+    def std(self) -> np.ndarray: ...  # [P, L] float64
+    @property
+    def count(self) -> np.ndarray: ...  # [P, L] int64
+    @property
+    def accuracy(self) -> Mapping[str, float] | None: ...
+    def mvl(self, eta: float) -> Mapping[str, Sequence[str]]: ...
+    def mvl_detail(self, perturbation: str, eta: float) -> _MvlDetail: ...
+    def ranking(self) -> Mapping[str, Sequence[str]]: ...
 
 
 def _finite(v: float) -> float | None:
     return float(v) if math.isfinite(v) else None
 
 
-def analysis_report(result: AnalysisResult, eta: float) -> dict[str, Any]:
+def analysis_report(result: AnalysisTables, eta: float) -> dict[str, Any]:
     """The JSON-serialisable report of an analysis (schema: README, "report.json")."""
     mean, std, count = result.mean, result.std, result.count
     perts: dict[str, Any] = {}
@@ -57,12 +87,12 @@ def analysis_report(result: AnalysisResult, eta: float) -> dict[str, Any]:
     }
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Writes ``obj`` as indented JSON atomically."""
-    atomic_write_json(path, obj)
+def write_analysis_json(result: AnalysisTables, path: str | os.PathLike, eta: float) -> None:
+    """Writes :func:`analysis_report` as indented JSON, atomically."""
+    atomic_write_json(path, analysis_report(result, eta))
 
 
-def write_analysis_csv(result: AnalysisResult, path: str | os.PathLike, eta: float) -> None:
+def write_analysis_csv(result: AnalysisTables, path: str | os.PathLike, eta: float) -> None:
     """One row per (perturbation, layer): perturbation, layer_index, layer, mean, std, count,
     rank (1 = most vulnerable for that perturbation), in_mvl (0/1 for ``eta``)."""
     buf = io.StringIO()
@@ -80,7 +110,7 @@ def write_analysis_csv(result: AnalysisResult, path: str | os.PathLike, eta: flo
     atomic_write_text(path, buf.getvalue())
 
 
-def format_analysis(result: AnalysisResult, eta: float) -> str:
+def format_analysis(result: AnalysisTables, eta: float) -> str:
     """Plain-text table: one row per layer, one column of mean CM per perturbation; MVL rows
     marked ``*`` per cell; followed by the MVL list per perturbation."""
     names = result.perturbations
@@ -133,7 +163,7 @@ def wants_log_scale(values: np.ndarray, decades: float = 2.0) -> bool:
 
 
 def plot_analysis(
-    result: AnalysisResult,
+    result: AnalysisTables,
     path: str | os.PathLike,
     *,
     eta: float | None,

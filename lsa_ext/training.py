@@ -53,13 +53,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from lsa_ext import checkpoint as ckpt
 from lsa_ext import distributed
-from lsa_ext.batches import as_tensors, batches, num_samples
+from lsa_ext.batches import batches, num_samples
 from lsa_ext.devices import resolve_device
 from lsa_ext.errors import LsaUserError
 from lsa_ext.losses import cross_entropy, kl_div, predict
@@ -428,97 +427,3 @@ __all__ = [
     "run_name",
     "train",
 ]
-
-
-# --------------------------------------------------------------------------- MVL (Algorithm 1/2)
-def mvl_from_report(path: str | os.PathLike, eta: float, perturbation: str | None = None
-                    ) -> list[str]:
-    """The most vulnerable layers (Algorithm 1, cut-off ``eta``) from an ``lsa analyze``
-    report.json, recomputed from its per-layer mean/std/count.
-
-    ``perturbation``: which of the report's perturbations to use; default: the only one, or the
-    only adversarial one (name starting with an attack name).
-    """
-    import json
-
-    from lsa_ext import mvl as mvl_mod
-
-    try:
-        rep = json.loads(Path(path).read_text(encoding="utf-8"))
-        layers = list(rep["layers"])
-        perts = dict(rep["perturbations"])
-    except FileNotFoundError:
-        raise LsaUserError(f"MVL report {path} does not exist") from None
-    except (ValueError, KeyError, TypeError) as exc:
-        raise LsaUserError(f"{path} is not an 'lsa analyze' report.json ({exc})") from None
-    if perturbation is None:
-        adversarial = [p for p in perts if p.split(":")[0].lower() in AT_METHODS[1:]]
-        choice = adversarial if len(adversarial) == 1 else list(perts)
-        if len(choice) != 1:
-            raise LsaUserError(f"{path} has several perturbations ({', '.join(perts)}); "
-                               "name the one to take the MVL from")
-        perturbation = choice[0]
-    if perturbation not in perts:
-        raise LsaUserError(f"{path} has no perturbation {perturbation!r} "
-                           f"(have {', '.join(perts)})")
-    p = perts[perturbation]
-    mean = np.asarray(p["mean"], dtype=np.float64)
-    std = np.asarray(p["std"], dtype=np.float64)
-    count = np.asarray(p["count"], dtype=np.float64)
-    table = {"count": count, "sum": mean * count, "sumsq": (std**2 + mean**2) * count}
-    idx = mvl_mod.most_vulnerable_layers(table, eta)
-    if not idx:
-        raise LsaUserError(f"no layer passes the MVL cut-off η={eta} in {path}; lower --eta")
-    return [layers[i].split("#")[0] for i in idx]
-
-
-def mvl_on_the_fly(
-    model: nn.Module,
-    train_data: Any,
-    *,
-    at: str,
-    eps: float,
-    clip: tuple[float, float] | None,
-    eta: float,
-    epochs: int,
-    batch_size: int = 128,
-    lr: float = 1e-3,
-    optimizer: str = "adam",
-    seed: int = 0,
-    device: str = "cpu",
-    samples: int = 512,
-    progress: bool | None = None,
-) -> list[str]:
-    """Algorithm 2 on the fly: trains a copy of ``model`` normally (``epochs``), attacks a
-    seeded subset of ``samples`` training points with ``at`` (ε = ``eps``) and returns the
-    most vulnerable learnable layers for cut-off ``eta`` (``model`` itself is not changed).
-    """
-    import copy
-
-    from lsa_ext import analysis
-    from lsa_ext.attacks import build_attack
-
-    probe = copy.deepcopy(unwrap(model))
-    fit(probe, train_data, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
-        seed=seed, device=device, progress=progress)
-    x, y = _subset(train_data, samples, seed)
-    attack = build_attack(at, probe, eps, clip=clip, seed=seed,
-                          **TRAIN_ATTACK_DEFAULTS.get(at, {}))
-    result = analysis.analyze(probe, (x, y), {at: attack}, layers="learnable", seed=seed,
-                              device=device, progress=progress)
-    names = list(result.mvl(eta)[at])
-    if not names:
-        raise LsaUserError(f"no layer passes the MVL cut-off η={eta}; lower --eta")
-    return [n.split("#")[0] for n in names]
-
-
-def _subset(data: Any, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    t = as_tensors(data)
-    if t is None or len(t) != 2:
-        xs, ys = zip(*(data[i] for i in range(len(data))), strict=True)
-        t = (torch.stack(list(xs)), torch.as_tensor(ys))
-    x, y = t
-    if x.shape[0] <= n:
-        return x, y
-    idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:n]
-    return x[idx], y[idx]

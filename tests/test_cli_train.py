@@ -128,24 +128,3 @@ def test_lr_layers_mvl_on_the_fly(tmp_path, capsys):
     layers = json.loads((out / "config.json").read_text())["config"]["lr_layers"]
     assert layers and set(layers) <= {"fc1", "fc2", "fc3", "fc4"}
     assert "most vulnerable layers" in capsys.readouterr().err
-
-
-def test_mvl_from_a_real_analysis_report_matches_the_analysis(tmp_path):
-    from lsa_ext import analysis
-    from lsa_ext.attacks import FGSM
-    from lsa_ext.data import load_dataset
-    from lsa_ext.models import build_model
-    from lsa_ext.training import mvl_from_report
-
-    data = load_dataset("moons", limit_train=128)
-    model = build_model("model_a", data.info, seed=0)
-    res = analysis.analyze(model, data.train, {"fgsm": FGSM(model, 0.3, clip=None)},
-                           layers="learnable", progress=False)
-    res.to_json(tmp_path / "report.json", eta=0.0)
-    checked = 0
-    for eta in (-0.5, 0.0, 0.5):
-        want = res.mvl(eta)["fgsm"]
-        if want:
-            assert mvl_from_report(tmp_path / "report.json", eta) == want
-            checked += 1
-    assert checked >= 2

@@ -55,3 +55,59 @@ def test_bad_tables():
         mvl_detail({"count": np.array([1.0, 0.0]), "sum": np.ones(2), "sumsq": np.ones(2)})
     with pytest.raises(LsaUserError, match="eta"):
         mvl_detail(np.ones((2, 2)), eta=float("nan"))
+
+
+def test_mvl_from_a_real_analysis_report_matches_the_analysis(tmp_path):
+    from lsa_ext import analysis
+    from lsa_ext.attacks import FGSM
+    from lsa_ext.data import load_dataset
+    from lsa_ext.models import build_model
+    from lsa_ext.mvl_select import mvl_from_report
+
+    data = load_dataset("moons", limit_train=128)
+    model = build_model("model_a", data.info, seed=0)
+    res = analysis.analyze(model, data.train, {"fgsm": FGSM(model, 0.3, clip=None)},
+                           layers="learnable", progress=False)
+    res.to_json(tmp_path / "report.json", eta=0.0)
+    checked = 0
+    for eta in (-0.5, 0.0, 0.5):
+        want = res.mvl(eta)["fgsm"]
+        if want:
+            assert mvl_from_report(tmp_path / "report.json", eta) == want
+            checked += 1
+    assert checked >= 2
+
+
+def test_mvl_from_report_checks_the_schema_and_names(tmp_path):
+    import json
+
+    from lsa_ext.mvl_select import mvl_from_report
+
+    table = {"mean": [0.1, 0.9], "std": [0.0, 0.0], "count": [4, 4]}
+    rep = {"layers": ["a", "b#2"], "perturbations": {"gaussian": table, "fgsm:eps=0.1": table}}
+    (tmp_path / "plain.json").write_text(json.dumps(rep))
+    with pytest.raises(LsaUserError, match="not an LSA analysis report"):
+        mvl_from_report(tmp_path / "plain.json", 0.0)
+    rep["schema"] = "lsa_ext.analysis/1"
+    (tmp_path / "r.json").write_text(json.dumps(rep))
+    # mu = 0.5, sigma = 0.4: only b (mean 0.9) exceeds mu + 0.5 sigma; '#2' stripped
+    assert mvl_from_report(tmp_path / "r.json", 0.5) == ["b"]  # the one adversarial entry
+    assert mvl_from_report(tmp_path / "r.json", 0.5, "gaussian") == ["b"]
+    with pytest.raises(LsaUserError, match="no perturbation 'pgd'"):
+        mvl_from_report(tmp_path / "r.json", 0.5, "pgd")
+    with pytest.raises(LsaUserError, match="lower --eta"):
+        mvl_from_report(tmp_path / "r.json", 5.0)
+
+
+def test_subset_draws_the_same_samples_from_tensors_and_datasets():
+    from torch.utils.data import TensorDataset
+
+    from lsa_ext.mvl_select import _subset
+
+    x, y = torch.arange(20.0).reshape(10, 2), torch.arange(10)
+    xs, ys = _subset((x, y), 4, seed=3)
+    want = torch.randperm(10, generator=torch.Generator().manual_seed(3))[:4]
+    assert torch.equal(ys, want) and torch.equal(xs, x[want])
+    sub = _subset(list(zip(x, y, strict=True)), 4, seed=3)  # a map-style dataset (a list)
+    assert [int(sub[i][1]) for i in range(4)] == want.tolist()
+    assert _subset(TensorDataset(x, y), 20, seed=3).tensors[0] is x  # fewer than n: as given

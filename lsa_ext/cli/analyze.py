@@ -1,4 +1,5 @@
-"""``lsa analyze``: Layer Sustainability Analysis (PAPER.md Algorithm 2) from the command line.
+"""``lsa analyze``: Layer Sustainability Analysis (Khalooei et al., arXiv 2202.02626, Algorithm 2)
+from the command line.
 
 With no arguments: Model B on the embedded 8×8 digits, trained for a few epochs (or reused from
 the cache), the test set perturbed by Gaussian, salt, pepper and speckle noise, FGSM and PGD
@@ -6,22 +7,21 @@ the cache), the test set perturbed by Gaussian, salt, pepper and speckle noise, 
 the MVL and writes ``report.json``, ``layers.csv`` and ``lsa.png`` into ``--out`` (``./lsa-out``).
 
 Trained models are cached in ``$LSA_CACHE_DIR``, else ``$XDG_CACHE_HOME/lsa_ext``, else
-``~/.cache/lsa_ext``, as ``<model>-<dataset>-seed<seed>-ep<epochs>.pt`` (see :func:`cache_name`;
-a state dict, read back with ``weights_only=True``); ``--no-cache`` trains afresh and writes
-nothing there.
+``~/.cache/lsa_ext``, as ``<model>-<dataset>-seed<seed>-ep<epochs>.pt`` (see
+:func:`lsa_ext.model_cache.cache_name`; a state dict, read back with ``weights_only=True``);
+``--no-cache`` trains afresh and writes nothing there.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
-import os
-import re
 import sys
 from pathlib import Path
 
 from lsa_ext.errors import LsaUserError
+from lsa_ext.model_cache import cache_dir, cache_name, load_or_train
+from lsa_ext.paired_capture import PASS_MODES
 
 log = logging.getLogger("lsa_ext.cli.analyze")
 
@@ -80,8 +80,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=128, help="batch size (default: 128)")
     p.add_argument("--max-samples", type=int, default=None,
                    help="analyze only the first N test samples (default: all)")
-    p.add_argument("--mode", default="concat", choices=("concat", "two_pass"),
-                   help="paired capture: concat (default) or two_pass (batch-coupled models)")
+    p.add_argument("--mode", default="concat", choices=PASS_MODES,
+                   help="pass mode of the paired clean/perturbed capture: concat (default) or "
+                        "two_pass (batch-coupled models)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--seed", type=int, default=0, help="seed of data, training, noise (default 0)")
     p.add_argument("--epochs", type=int, default=None,
@@ -94,34 +95,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     distributed.add_cli_options(p)
     p.set_defaults(func=run)
-
-
-def cache_dir() -> Path:
-    """``$LSA_CACHE_DIR``, else ``$XDG_CACHE_HOME/lsa_ext``, else ``~/.cache/lsa_ext``."""
-    if os.environ.get("LSA_CACHE_DIR"):
-        return Path(os.environ["LSA_CACHE_DIR"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base).expanduser() / "lsa_ext"
-
-
-def cache_name(model: str, dataset: str, seed: int, epochs: int, batch_size: int = 128,
-               data_dir: str | None = None) -> str:
-    """``<model>-<dataset>-seed<S>-ep<E>.pt``, plus ``-bs<B>`` for a training batch size other
-    than 128 and ``-d<hash>`` naming the resolved ``--data-dir`` (MNIST/CIFAR-10 folders), so a
-    model trained on other settings or other files is never taken for this one."""
-    key = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{model}-{dataset}") + f"-seed{seed}-ep{epochs}"
-    if batch_size != 128:
-        key += f"-bs{batch_size}"
-    if data_dir:
-        resolved = str(Path(data_dir).expanduser().resolve())
-        key += "-d" + hashlib.sha1(resolved.encode()).hexdigest()[:8]
-    return key + ".pt"
-
-
-def _device(name: str):
-    from lsa_ext.devices import resolve_device
-
-    return resolve_device(name)
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -139,9 +112,6 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def _trained_model(args, splits, model_name: str, epochs: int, device):
     """Builds the model; loads --checkpoint, or the cache, or trains (and caches)."""
-    import torch
-
-    from lsa_ext.io import atomic_write_with
     from lsa_ext.models import build_model, load_weights
     from lsa_ext.probes import select_layers
 
@@ -150,30 +120,10 @@ def _trained_model(args, splits, model_name: str, epochs: int, device):
     if args.checkpoint:
         load_weights(model, args.checkpoint)
         return model, "checkpoint"
-    path = cache_dir() / cache_name(model_name, splits.info.name, args.seed, epochs,
-                                    args.batch_size, args.data_dir)
-    from lsa_ext import distributed
-
-    # every rank must take the same branch (training runs as one DDP job under torchrun)
-    if not args.no_cache and all(distributed.all_gather_objects(path.is_file())):
-        try:
-            load_weights(model, path)
-            log.info("reusing cached model %s", path)
-            return model, "cache"
-        except LsaUserError as exc:
-            log.warning("ignoring unusable cached model %s: %s", path, exc)
-            model = build_model(model_name, splits.info, seed=args.seed)
-    from lsa_ext.training import fit
-
-    fit(model, splits.train, epochs=epochs, batch_size=args.batch_size, seed=args.seed,
-        device=str(device))
-    if not args.no_cache and distributed.is_main():
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        try:
-            atomic_write_with(path, lambda fh: torch.save(state, fh))
-        except OSError as exc:
-            log.warning("could not write the model cache %s: %s", path, exc)
-    return model, "trained"
+    path = None if args.no_cache else cache_dir() / cache_name(
+        model_name, splits.info.name, args.seed, epochs, args.batch_size, args.data_dir)
+    return load_or_train(model, splits.train, path, epochs=epochs, batch_size=args.batch_size,
+                         seed=args.seed, device=device)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -184,11 +134,12 @@ def run(args: argparse.Namespace) -> int:
     import lsa_ext
     from lsa_ext import distributed
     from lsa_ext.data import load_dataset
+    from lsa_ext.devices import resolve_device
     from lsa_ext.measures import get_measure
     from lsa_ext.models import DEFAULT_MODEL
 
     get_measure(args.measure)  # fail on a bad name before any training
-    device = _device(args.device)
+    device = resolve_device(args.device)
     # under torchrun: join the job (each rank on its own GPU); otherwise nothing changes
     device = distributed.init_from_env(args.dist_backend, device, args.dist_timeout).device
     main = distributed.is_main()  # only rank 0 prints and writes
@@ -199,8 +150,8 @@ def run(args: argparse.Namespace) -> int:
     eps = args.eps if args.eps is not None else DEFAULT_EPS.get(info.name, 0.1)
     # build the perturbations once on an untrained copy, so a bad name or parameter fails
     # before any training (layers are checked the same way in _trained_model)
-    from lsa_ext.analysis import build_perturbations
     from lsa_ext.models import build_model
+    from lsa_ext.perturbations import build_perturbations
 
     build_perturbations(args.perturbations, model=build_model(model_name, info, seed=args.seed),
                         clip=info.data_range, eps=eps, seed=args.seed)

@@ -232,7 +232,8 @@ def _on_epoch(out: Path):
 
 def resolve_lr_layers(args: argparse.Namespace, model, data, eps: float) -> list[str]:
     """The LR layer names from --lr-layers (names, L<k>, or mvl)."""
-    from lsa_ext.training import mvl_from_report, mvl_on_the_fly, resolve_layers
+    from lsa_ext.mvl_select import mvl_from_report, mvl_on_the_fly
+    from lsa_ext.training import resolve_layers
 
     spec = args.lr_layers
     if spec is None or not spec.strip():

@@ -1,0 +1,116 @@
+"""The layers to regularise in AT-LR, chosen by Layer Sustainability Analysis.
+
+Khalooei et al. (arXiv 2202.02626): Algorithm 3 (AT-LR) regularises the most vulnerable layers
+(MVL) that Algorithm 2 finds — train the model normally, attack it, run Algorithm 1 with cut-off
+η and return the MVL list. ``lsa train --lr-layers mvl`` takes that list either from an
+``lsa analyze`` report (:func:`mvl_from_report`) or by running Algorithm 2 on a copy of the
+model first (:func:`mvl_on_the_fly`). Names come back without the ``#k`` suffix of repeated
+calls (:mod:`lsa_ext.probes`), ready for :func:`lsa_ext.training.resolve_layers`.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Subset
+
+from lsa_ext.analysis import analyze
+from lsa_ext.attacks import ATTACKS, build_attack
+from lsa_ext.batches import as_tensors, num_samples
+from lsa_ext.errors import LsaUserError
+from lsa_ext.modules import unwrap
+from lsa_ext.result import load_result
+from lsa_ext.training import TRAIN_ATTACK_DEFAULTS, fit
+
+
+def _module_names(sites: list[str]) -> list[str]:
+    """Module names of probe sites (``"act#2"`` → ``"act"``)."""
+    return [s.split("#")[0] for s in sites]
+
+
+def mvl_from_report(path: str | os.PathLike, eta: float, perturbation: str | None = None
+                    ) -> list[str]:
+    """The most vulnerable layers (Algorithm 1, cut-off ``eta``) from an ``lsa analyze``
+    report.json, recomputed from its per-layer mean/std/count (read by
+    :func:`lsa_ext.result.load_result`, which checks the schema).
+
+    ``perturbation``: which of the report's perturbations to use; default: the only one, or the
+    only adversarial one (name starting with an attack name of :data:`lsa_ext.attacks.ATTACKS`).
+
+    Raises:
+        LsaUserError: the file is missing or not an analysis report, the perturbation is
+            ambiguous or unknown, or no layer passes the cut-off.
+    """
+    result = load_result(path)
+    perts = result.perturbations
+    if perturbation is None:
+        adversarial = [p for p in perts if p.split(":")[0].lower() in ATTACKS]
+        choice = adversarial if len(adversarial) == 1 else list(perts)
+        if len(choice) != 1:
+            raise LsaUserError(f"{path} has several perturbations ({', '.join(perts)}); "
+                               "name the one to take the MVL from")
+        perturbation = choice[0]
+    if perturbation not in perts:
+        raise LsaUserError(f"{path} has no perturbation {perturbation!r} "
+                           f"(have {', '.join(perts)})")
+    names = result.mvl(eta, perturbation)
+    if not names:
+        raise LsaUserError(f"no layer passes the MVL cut-off η={eta} in {path}; lower --eta")
+    return _module_names(names)
+
+
+def mvl_on_the_fly(
+    model: nn.Module,
+    train_data: Any,
+    *,
+    at: str,
+    eps: float,
+    clip: tuple[float, float] | None,
+    eta: float,
+    epochs: int,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    optimizer: str = "adam",
+    seed: int = 0,
+    device: str = "cpu",
+    samples: int = 512,
+    progress: bool | None = None,
+) -> list[str]:
+    """Algorithm 2 on the fly: trains a copy of ``model`` normally (``epochs``), attacks a
+    seeded subset of ``samples`` training points with ``at`` (ε = ``eps``, the training attack
+    settings of :data:`lsa_ext.training.TRAIN_ATTACK_DEFAULTS`) and returns the most vulnerable
+    learnable layers for cut-off ``eta`` (``model`` itself is not changed).
+
+    Raises:
+        LsaUserError: bad training or attack settings, or no layer passes the cut-off.
+    """
+    probe = copy.deepcopy(unwrap(model))
+    fit(probe, train_data, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
+        seed=seed, device=device, progress=progress)
+    attack = build_attack(at, probe, eps, clip=clip, seed=seed,
+                          **TRAIN_ATTACK_DEFAULTS.get(at, {}))
+    result = analyze(probe, _subset(train_data, samples, seed), {at: attack},
+                     layers="learnable", seed=seed, device=device, progress=progress)
+    names = result.mvl(eta, at)
+    if not names:
+        raise LsaUserError(f"no layer passes the MVL cut-off η={eta}; lower --eta")
+    return _module_names(names)
+
+
+def _subset(data: Any, n: int, seed: int) -> Any:
+    """At most ``n`` samples of ``data`` (tensors or a Dataset), drawn without replacement
+    from a generator seeded with ``seed``, in the drawn order; all of ``data`` when it has
+    no more than ``n``."""
+    total = num_samples(data)
+    if total <= n:
+        return data
+    idx = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
+    tensors = as_tensors(data)
+    if tensors is not None:
+        picked = tuple(t[idx] for t in tensors)
+        return picked if len(picked) == 2 else picked[0]
+    return Subset(data, idx.tolist())

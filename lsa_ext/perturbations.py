@@ -1,0 +1,178 @@
+"""Perturbations by name: spec parsing, the registry of noises and attacks, labels.
+
+Khalooei et al. (arXiv 2202.02626), Algorithm 2, compares each layer's representation of clean
+inputs with that of perturbed ones — adversarial (FGSM, PGD, ...) or statistical noise (Gaussian,
+salt, pepper, speckle). This module turns user-facing specs such as
+``"gaussian:std=0.1,fgsm:eps=0.1,pgd:eps=0.1,steps=20"`` into named callables
+``(x, y) -> x̂`` (:class:`lsa_ext.types.Perturbation`) from :data:`lsa_ext.noise.NOISES` and
+:data:`lsa_ext.attacks.ATTACKS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torch import nn
+
+from lsa_ext.attacks import ATTACKS, build_attack
+from lsa_ext.errors import LsaUserError
+from lsa_ext.noise import NOISES
+from lsa_ext.types import Perturbation
+
+DEFAULT_EPS = 0.1  # ε of spec-built attacks that set none (L∞, in input units)
+
+
+def _parse_value(text: str) -> Any:
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return text.strip()
+
+
+def parse_perturbation_specs(text: str) -> list[tuple[str, dict[str, Any]]]:
+    """Parses ``"gaussian:std=0.1,fgsm:eps=0.1,pgd:eps=0.1,steps=20,salt"``.
+
+    A token ``name`` or ``name:key=value`` starts a perturbation; a following ``key=value``
+    token without ``:`` adds a parameter to the previous one.
+
+    Returns:
+        ``[(name, params), ...]`` in order.
+    """
+    out: list[tuple[str, dict[str, Any]]] = []
+    for raw in text.split(","):
+        tok = raw.strip()
+        if not tok:
+            continue
+        if ":" in tok or "=" not in tok:
+            name, _, rest = tok.partition(":")
+            out.append((name.strip().lower(), {}))
+            tok = rest.strip()
+            if not tok:
+                continue
+        if not out:
+            raise LsaUserError(f"perturbation parameter {tok!r} given before any perturbation name")
+        key, sep, value = tok.partition("=")
+        if not sep or not key.strip():
+            raise LsaUserError(f"malformed perturbation parameter {tok!r}; expected key=value")
+        out[-1][1][key.strip()] = _parse_value(value)
+    if not out:
+        raise LsaUserError("no perturbation given")
+    return out
+
+
+def perturbation_names() -> list[str]:
+    """Names accepted in perturbation specs: the noises, then the attacks."""
+    return list(NOISES) + list(ATTACKS)
+
+
+def build_perturbation(
+    name: str,
+    params: Mapping[str, Any] | None = None,
+    *,
+    model: nn.Module | None = None,
+    clip: tuple[float, float] | None = None,
+    eps: float = DEFAULT_EPS,
+    seed: int = 0,
+) -> Perturbation:
+    """One perturbation from its name and parameters.
+
+    Noises (:data:`lsa_ext.noise.NOISES`) get ``clip`` and ``seed``; attacks
+    (:data:`lsa_ext.attacks.ATTACKS`) get ``model``, ``eps`` (unless given in ``params``),
+    ``clip`` and ``seed``.
+
+    Raises:
+        LsaUserError: unknown name (listing the choices) or bad parameters.
+    """
+    params = dict(params or {})
+    key = name.strip().lower()
+    if key in NOISES:
+        params.setdefault("clip", clip)
+        params.setdefault("seed", seed)
+        try:
+            return NOISES[key](**params)
+        except TypeError as exc:
+            raise LsaUserError(f"bad parameters for noise {key!r}: {exc}") from None
+    if key in ATTACKS:
+        if model is None:
+            raise LsaUserError(f"attack {key!r} needs the model")
+        eps_value = params.pop("eps", eps)
+        if isinstance(eps_value, (int, float)) and eps_value < 0:
+            raise LsaUserError(f"eps must be >= 0, got {eps_value} for {key!r}")
+        params.setdefault("clip", clip)
+        params.setdefault("seed", seed)
+        return build_attack(key, model, eps_value, **params)
+    raise LsaUserError(
+        f"unknown perturbation {name!r}; choices: {', '.join(perturbation_names())}"
+    )
+
+
+def _label(name: str, params: Mapping[str, Any]) -> str:
+    if not params:
+        return name
+    return name + ":" + ";".join(f"{k}={v}" for k, v in params.items())
+
+
+def build_perturbations(
+    specs: str | Sequence[Any] | Mapping[str, Perturbation],
+    *,
+    model: nn.Module | None = None,
+    clip: tuple[float, float] | None = None,
+    eps: float = DEFAULT_EPS,
+    seed: int = 0,
+) -> dict[str, Perturbation]:
+    """Named perturbations from any accepted form.
+
+    Accepted: a dict ``{name: callable}``; a spec string (:func:`parse_perturbation_specs`);
+    or a list mixing spec strings, callables ``(x, y) -> x̂`` (named by their ``name``
+    attribute or lower-cased class/function name) and ``(name, callable)`` pairs. The i-th
+    built-in perturbation gets ``seed + i``. Names are the bare perturbation names, or
+    ``name:key=value;...`` when two share a name.
+    """
+    if isinstance(specs, Mapping):
+        items = list(specs.items())
+        for n, fn in items:
+            if not callable(fn):
+                raise LsaUserError(f"perturbation {n!r} is not callable")
+        return {str(n): fn for n, fn in items}
+    if isinstance(specs, str):
+        entries: list[Any] = list(parse_perturbation_specs(specs))
+    else:
+        entries = []
+        for s in specs:
+            if isinstance(s, str):
+                entries.extend(parse_perturbation_specs(s))
+            else:
+                entries.append(s)
+    if not entries:
+        raise LsaUserError("no perturbation given")
+    built: list[tuple[str, str, Perturbation]] = []
+    for i, e in enumerate(entries):
+        if isinstance(e, tuple) and len(e) == 2 and isinstance(e[0], str) and callable(e[1]):
+            built.append((e[0], e[0], e[1]))
+        elif isinstance(e, tuple) and len(e) == 2 and isinstance(e[0], str):
+            name, params = e
+            fn = build_perturbation(name, params, model=model, clip=clip, eps=eps, seed=seed + i)
+            built.append((name, _label(name, params), fn))
+        elif callable(e):
+            n = getattr(e, "name", None)
+            if not isinstance(n, str):
+                n = getattr(e, "__name__", type(e).__name__).lower()
+            built.append((n, n, e))
+        else:
+            raise LsaUserError(f"cannot use {e!r} as a perturbation")
+    short = [b[0] for b in built]
+    out: dict[str, Perturbation] = {}
+    for (s, long, fn) in built:
+        label = s if short.count(s) == 1 else long
+        if label in out:
+            raise LsaUserError(f"perturbation {label!r} given twice")
+        out[label] = fn
+    return out

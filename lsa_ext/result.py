@@ -1,0 +1,199 @@
+"""The outcome of an analysis: :class:`AnalysisResult`, its tables, MVL and writers, and
+:func:`load_result`, the one reader of ``report.json``.
+
+Khalooei et al. (arXiv 2202.02626): Algorithm 2 yields per (perturbation, layer) CM statistics;
+Algorithm 1 (:mod:`lsa_ext.mvl`) turns them into the most vulnerable layers (MVL). The writers
+(JSON, CSV, plain-text table, figure) live in :mod:`lsa_ext.report`; this module only calls them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from lsa_ext import mvl as _mvl
+from lsa_ext import report
+from lsa_ext.cm_stats import CMStats
+from lsa_ext.errors import LsaUserError
+
+
+@dataclass
+class AnalysisResult:
+    """Outcome of :func:`lsa_ext.analysis.analyze`.
+
+    Attributes:
+        layers: probed sites (qualified module names, execution order).
+        perturbations: perturbation names, in the order given.
+        stats: :class:`CMStats` ``[P, L]`` (CPU, float64).
+        measure: measure name.
+        config: JSON-serialisable settings (model, data, perturbation descriptions, seed, ...).
+    """
+
+    layers: list[str]
+    perturbations: list[str]
+    stats: CMStats
+    measure: str = "relative_error"
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_stats(
+        cls,
+        layers: Sequence[str],
+        perturbations: Sequence[str],
+        stats: CMStats,
+        measure: str = "relative_error",
+        config: Mapping[str, Any] | None = None,
+    ) -> AnalysisResult:
+        """Builds a result from (possibly all-reduced) statistics."""
+        stats = stats.to("cpu")
+        if tuple(stats.count.shape) != (len(perturbations), len(layers)):
+            raise LsaUserError(
+                f"statistics of shape {tuple(stats.count.shape)} do not match "
+                f"{len(perturbations)} perturbations x {len(layers)} layers"
+            )
+        return cls(list(layers), list(perturbations), stats, measure, dict(config or {}))
+
+    # ---- tables
+    @property
+    def mean(self) -> np.ndarray:
+        """Mean CM ``[P, L]`` (float64)."""
+        return self.stats.mean.numpy()
+
+    @property
+    def std(self) -> np.ndarray:
+        """Population std of CM over samples ``[P, L]`` (float64)."""
+        return self.stats.std.numpy()
+
+    @property
+    def count(self) -> np.ndarray:
+        """Number of samples ``[P, L]`` (int64)."""
+        return self.stats.count.numpy().astype(np.int64)
+
+    @property
+    def accuracy(self) -> dict[str, float] | None:
+        """Classification accuracy ``{"clean": a, perturbation: a, ...}`` on the analysed
+        samples (labels as given), or None when the model's output is not logits."""
+        acc = self.stats.accuracy()
+        if acc is None:
+            return None
+        return dict(zip(["clean", *self.perturbations], (float(a) for a in acc), strict=True))
+
+    def _p(self, perturbation: str) -> int:
+        try:
+            return self.perturbations.index(perturbation)
+        except ValueError:
+            raise LsaUserError(
+                f"unknown perturbation {perturbation!r}; have {', '.join(self.perturbations)}"
+            ) from None
+
+    def table(self, perturbation: str) -> list[dict[str, Any]]:
+        """Rows ``{"layer", "mean", "std", "count"}`` for one perturbation, layer order."""
+        p = self._p(perturbation)
+        return [
+            {"layer": name, "mean": float(self.mean[p, i]), "std": float(self.std[p, i]),
+             "count": int(self.count[p, i])}
+            for i, name in enumerate(self.layers)
+        ]
+
+    # ---- Algorithm 1
+    def mvl_detail(self, perturbation: str, eta: float = _mvl.DEFAULT_ETA) -> _mvl.MvlDetail:
+        """Algorithm 1 with μ, σ and the threshold, for one perturbation."""
+        return _mvl.mvl_detail(self.stats.row(self._p(perturbation)), eta)
+
+    def mvl(
+        self, eta: float = _mvl.DEFAULT_ETA, perturbation: str | None = None
+    ) -> dict[str, list[str]] | list[str]:
+        """MVL (Algorithm 1): layers whose mean CM − μ > η·σ, in layer order.
+
+        Returns ``{perturbation: [layer, ...]}`` for all perturbations, or the list of one
+        ``perturbation`` when it is given.
+        """
+        if perturbation is not None:
+            return [self.layers[i] for i in self.mvl_detail(perturbation, eta).layers]
+        return {
+            name: [self.layers[i] for i in self.mvl_detail(name, eta).layers]
+            for name in self.perturbations
+        }
+
+    def ranking(self, perturbation: str | None = None) -> dict[str, list[str]] | list[str]:
+        """All layers by mean CM, most vulnerable first: ``{perturbation: [...]}``, or the list
+        of one ``perturbation`` when it is given."""
+        if perturbation is not None:
+            return [self.layers[i] for i in _mvl.rank_layers(self.stats.row(self._p(perturbation)))]
+        return {
+            name: [self.layers[i] for i in _mvl.rank_layers(self.stats.row(p))]
+            for p, name in enumerate(self.perturbations)
+        }
+
+    # ---- output
+    def to_dict(self, eta: float = _mvl.DEFAULT_ETA) -> dict[str, Any]:
+        """The report (schema in README, section "report.json")."""
+        return report.analysis_report(self, eta)
+
+    def to_json(self, path: str | os.PathLike, eta: float = _mvl.DEFAULT_ETA) -> None:
+        """Writes :meth:`to_dict` as JSON, atomically."""
+        report.write_analysis_json(self, path, eta)
+
+    def to_csv(self, path: str | os.PathLike, eta: float = _mvl.DEFAULT_ETA) -> None:
+        """Writes one row per (perturbation, layer), atomically."""
+        report.write_analysis_csv(self, path, eta)
+
+    def plot(
+        self, path: str | os.PathLike, eta: float | None = _mvl.DEFAULT_ETA,
+        title: str | None = None, log_scale: bool | None = None,
+    ) -> None:
+        """Writes a PNG like the paper's Fig. 2: mean CM per layer, one line per perturbation.
+
+        MVL layers (for ``eta``; ``None`` to skip) are ringed. ``log_scale=None`` picks a log
+        y axis when the values span more than two decades.
+        """
+        report.plot_analysis(self, path, eta=eta, title=title, log_scale=log_scale)
+
+    def format_table(self, eta: float = _mvl.DEFAULT_ETA) -> str:
+        """A plain-text table (layers × perturbations, mean CM) followed by the MVL lists."""
+        return report.format_analysis(self, eta)
+
+
+def load_result(path: str | os.PathLike) -> AnalysisResult:
+    """Reads a ``report.json`` written by :meth:`AnalysisResult.to_json` / ``lsa analyze``.
+
+    The statistics are rebuilt from the stored mean, std and count (``sum = mean·count``,
+    ``sumsq = (std² + mean²)·count``), so ``.mvl()`` and ``.ranking()`` give the report's answers.
+
+    Raises:
+        LsaUserError: missing file, invalid JSON or not an analysis report.
+    """
+    try:
+        with open(path, encoding="utf-8") as fh:
+            rep = json.load(fh)
+    except FileNotFoundError:
+        raise LsaUserError(f"report {str(path)!r} does not exist") from None
+    except (OSError, ValueError) as exc:
+        raise LsaUserError(f"report {str(path)!r} is not valid JSON: {exc}") from None
+    if not isinstance(rep, dict) or rep.get("schema") != report.SCHEMA:
+        raise LsaUserError(
+            f"{str(path)!r} is not an LSA analysis report (schema {report.SCHEMA})"
+        )
+    try:
+        layers = list(rep["layers"])
+        names = list(rep["perturbations"])
+        cols = {k: torch.tensor([[float("nan") if v is None else v
+                                  for v in rep["perturbations"][n][k]] for n in names],
+                                dtype=torch.float64) for k in ("mean", "std", "count")}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise LsaUserError(f"report {str(path)!r} is malformed: {exc!r}") from None
+    m, sd, c = cols["mean"], cols["std"], cols["count"]
+    stats = CMStats(c, m * c, (sd * sd + m * m) * c)
+    acc = rep.get("accuracy")
+    if isinstance(acc, dict) and c.numel() and all(k in acc for k in ["clean", *names]):
+        n = c[:, 0]
+        stats.correct = torch.tensor([acc[k] for k in ["clean", *names]],
+                                     dtype=torch.float64) * torch.cat([n[:1], n])
+    return AnalysisResult.from_stats(layers, names, stats, rep.get("measure", "relative_error"),
+                                     rep.get("config", {}))
