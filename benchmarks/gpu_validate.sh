@@ -4,7 +4,7 @@
 # Writes $OUT/summary.md (OUT from the environment, default benchmarks/results/gpu) and one log
 # per step. Downloads and installs nothing. Steps, timeouts and options: benchmarks/gpu_validate.py.
 #
-#   bash benchmarks/gpu_validate.sh --quick                # <= 7 min on an H100/H200
+#   bash benchmarks/gpu_validate.sh --quick                # limits itself to 420 s (7 min)
 #   bash benchmarks/gpu_validate.sh                        # full (about 15 min)
 #   bash benchmarks/gpu_validate.sh --device cpu --quick   # the steps that apply on CPU
 #   PY=/path/to/python bash benchmarks/gpu_validate.sh --quick --steps build,edge

@@ -157,7 +157,8 @@ def test_quick_plan_on_cuda_builds_for_the_visible_arch_with_all_cores(tmp_path,
         assert cmd[0] == "/usr/local/cuda/bin/compute-sanitizer"
         assert cmd[cmd.index("--tool") + 1] == tool
         assert steps[tool].env["PYTORCH_NO_CUDA_MEMORY_CACHING"] == "1"
-    assert "graph" not in steps["memcheck"].cmds[0][-1]  # capture needs the caching allocator
+    assert steps["memcheck"].cmds[0][-1] == "shapes,multi,repro,autograd"  # no graph capture
+    assert "--report-api-errors" in steps["memcheck"].cmds[0]
     assert steps["bench"].cmds[0][-4:] == ["--reps", "10", "--trials", "3"]
     assert steps["bench"].phase == "bench" and args.budget == 420
 
