@@ -300,7 +300,8 @@ def plan(args: argparse.Namespace, info: dict) -> list[Step]:
         mem_cmds.append(san + ["--tool", "memcheck"] + pytest + ["-x", "tests/test_ops.py",
                                                                  "tests/test_ops_autograd.py"])
     steps.append(Step(
-        "memcheck", mem_cmds, timeout=300 if quick else 1800, env=no_cache | test_env,
+        "memcheck", mem_cmds, timeout=300 if quick else 1800,
+        env=no_cache if quick else no_cache | test_env,
         needs=("tool:compute-sanitizer",) + (() if quick else ("pytest", "hypothesis")),
         cuda_only=True,
     ))
