@@ -19,6 +19,7 @@ the 20-layer multi-layer call >= 2x the loop of single calls.
 Usage (on a GPU machine, after building with CUDA):
     python benchmarks/bench_cuda.py                  # full table
     python benchmarks/bench_cuda.py --json out.json  # also the raw numbers
+    python benchmarks/bench_cuda.py --reps 10 --trials 3 --markdown table.md  # fewer repeats
     python benchmarks/bench_cuda.py --device cpu --quick   # smoke run of the script itself
 """
 
@@ -34,7 +35,7 @@ import torch
 
 import lsa_ext
 from lsa_ext import reference
-from lsa_ext.io import atomic_write_json
+from lsa_ext.io import atomic_write_json, atomic_write_text
 
 # 20 layer outputs of a ResNet-18-like network on 32x32 inputs (per-sample shapes).
 RESNET20_SHAPES = (
@@ -293,6 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reps", type=int, default=None, help="calls per timing (default 20/2)")
     p.add_argument("--trials", type=int, default=None, help="timings per number (default 5/2)")
     p.add_argument("--json", default=None, help="also write the raw numbers to this file")
+    p.add_argument("--markdown", default=None, help="also write the table and targets here")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -322,10 +324,13 @@ def main(argv: list[str] | None = None) -> None:
     rows += bench_single("many small", (numel // 512, 512), torch.float32, device, args)
     rows += bench_multi(batch, torch.float32, device, args)
 
-    print(table(rows, copy_gbps, name))
-    print()
-    for line in targets(rows, copy_gbps):
-        print(line)
+    checks = targets(rows, copy_gbps)
+    text = table(rows, copy_gbps, name) + "\n\n" + "\n".join(f"- {line}" for line in checks)
+    print(text)
+    met = sum(line.startswith("PASS") for line in checks)
+    print(f"\ntargets met: {met} of {len(checks)} (copy bandwidth {copy_gbps:.0f} GB/s)")
+    if args.markdown:
+        atomic_write_text(args.markdown, text + "\n")
     if args.json:
         payload = {
             "device": name,

@@ -9,9 +9,15 @@ than fit in the by-value layer table, bitwise reproducibility and batch independ
 non-default streams, CUDA graph capture, no host synchronisation (CUDA sync debug mode),
 gradcheck, and optionally (``--huge``) a tensor of more than 2**31 elements.
 
+Check groups (``--only``): shapes (dtypes x shapes x layouts, forward and backward), multi
+(1-40 layers), repro (bitwise reproducibility, batch independence), autograd (gradcheck), streams
+(non-default stream, no host synchronisation, a second GPU; CUDA only), graph (CUDA graph
+capture and replay; CUDA only), huge (> 2**31 elements, ~17 GB; only with --huge or --only).
+
 Usage:
-    python benchmarks/cuda_edge_cases.py                 # on cuda
+    python benchmarks/cuda_edge_cases.py                 # on cuda, every group but huge
     python benchmarks/cuda_edge_cases.py --huge          # + a 2**31 + 4099 element bf16 pair
+    python benchmarks/cuda_edge_cases.py --only multi,repro   # some groups (sanitizer subsets)
     python benchmarks/cuda_edge_cases.py --device cpu    # the CPU kernel (checks this script)
 Exits 1 on the first failure, printing what failed.
 """
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 import torch
 
@@ -228,7 +235,8 @@ def autograd_ok(device):
     )
 
 
-def cuda_only(device):
+def streams(device):
+    """Non-default stream, no host synchronisation, inputs on a second GPU."""
     a, b = pair((8, 3, 33, 31), torch.float16, device, seed=13)
     want = torch.ops.lsa_ext.sq_sums(a, b)
     side = torch.cuda.Stream(device)
@@ -254,8 +262,19 @@ def cuda_only(device):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize(device)
-    # CUDA graph capture of a 40-layer call (then one by-value launch per 32 layers), replayed on
-    # new data: equal to eager calls (which use the device-side layer table).
+    if torch.cuda.device_count() > 1:  # inputs on a device other than the current one
+        other = torch.device("cuda", 1)
+        x, y = pair((3, 1000), torch.float32, other)
+        with torch.cuda.device(0):
+            forward_ok(x, y, "second device")
+            backward_ok(x, y, "second device")
+
+
+def graph(device):
+    """CUDA graph capture of a 40-layer call (then one by-value launch per 32 layers), replayed
+    on new data: equal to eager calls (which use the device-side layer table). Needs PyTorch's
+    caching allocator (not under PYTORCH_NO_CUDA_MEMORY_CACHING=1)."""
+    side = torch.cuda.Stream(device)
     shapes = [(4, 3 + 5 * l) for l in range(38)] + [(4, 2, 70_001), (4, 0)]
     static = [pair(s, torch.float32, device, seed=50 + l) for l, s in enumerate(shapes)]
     sa = [x for x, _ in static]
@@ -284,12 +303,6 @@ def cuda_only(device):
                 torch.equal(out_ga[l], wga[l]) and torch.equal(out_gb[l], wgb[l]),
                 f"graph replay {trial}: layer {l} grads",
             )
-    if torch.cuda.device_count() > 1:  # inputs on a device other than the current one
-        other = torch.device("cuda", 1)
-        x, y = pair((3, 1000), torch.float32, other)
-        with torch.cuda.device(0):
-            forward_ok(x, y, "second device")
-            backward_ok(x, y, "second device")
 
 
 def huge(device):
@@ -324,11 +337,36 @@ def huge(device):
         del ga, gb
 
 
+# name -> (check function, runs on CPU too)
+GROUPS = {
+    "shapes": (shapes_and_layouts, True),
+    "multi": (multi_ok, True),
+    "repro": (reproducible, True),
+    "autograd": (autograd_ok, True),
+    "streams": (streams, False),
+    "graph": (graph, False),
+    "huge": (huge, True),
+}
+DEFAULT_GROUPS = [g for g in GROUPS if g != "huge"]
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", default="cuda")
     p.add_argument("--huge", action="store_true", help="also a > 2**31-element pair (~17 GB)")
+    p.add_argument(
+        "--only",
+        default=None,
+        help=f"comma-separated check groups ({', '.join(GROUPS)}); default: all but huge",
+    )
     args = p.parse_args(argv)
+    if args.only is None:
+        groups = DEFAULT_GROUPS + (["huge"] if args.huge else [])
+    else:
+        groups = [g.strip() for g in args.only.split(",") if g.strip()]
+        unknown = [g for g in groups if g not in GROUPS]
+        if unknown or not groups:
+            p.error(f"unknown check group(s) {unknown}; choose from {', '.join(GROUPS)}")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device visible")
@@ -336,15 +374,18 @@ def main(argv: list[str] | None = None) -> None:
     print(f"backend: {backend}")
     want = "compiled-cuda" if device.type == "cuda" else "compiled-cpu"
     check(backend[device.type] == want, f"{device.type} is served by {backend[device.type]}")
-    shapes_and_layouts(device)
-    multi_ok(device)
-    reproducible(device)
-    autograd_ok(device)
-    if device.type == "cuda":
-        cuda_only(device)
-    if args.huge:
-        huge(device)
-    print(f"all {CHECKS} checks passed on {device}")
+    ran = []
+    for name in groups:
+        fn, on_cpu = GROUPS[name]
+        if device.type != "cuda" and not on_cpu:
+            print(f"group {name}: skipped (CUDA only)")
+            continue
+        ran.append(name)
+        before, t0 = CHECKS, time.perf_counter()
+        fn(device)
+        print(f"group {name}: {CHECKS - before} checks passed ({time.perf_counter() - t0:.1f} s)",
+              flush=True)
+    print(f"all {CHECKS} checks passed on {device} (groups: {', '.join(ran)})")
 
 
 if __name__ == "__main__":
