@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from lsa_ext.cli.options import parse_list
+from lsa_ext.cli.options import add_device_option, parse_list
 from lsa_ext.cli.train import add_data_args, default_model, load_data
 from lsa_ext.errors import LsaUserError
 
@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--apgd-steps", type=int, default=100, help="APGD steps (default 100)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0, help="seed of PGD/APGD random starts")
-    p.add_argument("--device", default="cpu")
+    add_device_option(p)
     p.add_argument("--out", default=None,
                    help="folder for evaluation.json/.csv (default: the checkpoint's folder)")
     p.set_defaults(func=run)
