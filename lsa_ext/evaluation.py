@@ -341,6 +341,25 @@ def _eps_list(value: Any) -> tuple[float, ...]:
     return _check_grid(value) if value else ()
 
 
+def _default_grid(dataset: str | None) -> tuple[float, ...]:
+    if dataset not in EPS_GRIDS:
+        raise LsaUserError(f"no default eps grid for dataset {dataset!r}; pass eps_grid= or one "
+                           f"of {', '.join(EPS_GRIDS)}")
+    return EPS_GRIDS[dataset]
+
+
+def _robust_accuracy(
+    model: Callable[[torch.Tensor], torch.Tensor], test: Any, attack: type[PGD] | type[APGD],
+    eps_list: tuple[float, ...], steps: int, *, clip: Clip, seed: int, batch_size: int,
+    device: str | torch.device,
+) -> dict[float, float]:
+    """``{eps: accuracy under attack(model, eps, steps=steps)}`` (PGD or APGD) for each ε."""
+    return {eps: accuracy(model, test, batch_size=batch_size, device=device,
+                          perturb=attack(model, eps, steps=steps, clip=clip, seed=seed),
+                          desc=f"{attack.name.upper()}-{steps} eps={format_eps(eps)}")
+            for eps in eps_list}
+
+
 def evaluate(
     model: Callable[[torch.Tensor], torch.Tensor],
     data: Any,
@@ -377,14 +396,7 @@ def evaluate(
         LsaUserError: unknown dataset without ``eps_grid`` / ``clip``, bad ε, empty data, NaN.
     """
     name = _dataset_name(data, dataset)
-    if eps_grid is None:
-        if name not in EPS_GRIDS:
-            raise LsaUserError(
-                f"no default eps grid for dataset {name!r}; pass eps_grid= or one of "
-                f"{', '.join(EPS_GRIDS)}"
-            )
-        eps_grid = EPS_GRIDS[name]
-    grid = _check_grid(eps_grid)
+    grid = _check_grid(_default_grid(name) if eps_grid is None else eps_grid)
     clip_range = _resolve_clip(data, name, clip)
     pgd_list = _eps_list(pgd_eps)
     apgd_list = _eps_list(apgd_eps)
@@ -395,16 +407,9 @@ def evaluate(
     clean = fgsm[0.0] if 0.0 in fgsm else accuracy(
         model, test, batch_size=batch_size, device=device, desc="clean"
     )
-    pgd: dict[float, float] = {}
-    for eps in pgd_list:
-        attack = PGD(model, eps, steps=pgd_steps, clip=clip_range, seed=seed)
-        pgd[eps] = accuracy(model, test, perturb=attack, batch_size=batch_size, device=device,
-                            desc=f"PGD-{pgd_steps} eps={format_eps(eps)}")
-    apgd: dict[float, float] = {}
-    for eps in apgd_list:
-        attack = APGD(model, eps, steps=apgd_steps, clip=clip_range, seed=seed)
-        apgd[eps] = accuracy(model, test, perturb=attack, batch_size=batch_size, device=device,
-                             desc=f"APGD-{apgd_steps} eps={format_eps(eps)}")
+    common = {"clip": clip_range, "seed": seed, "batch_size": batch_size, "device": device}
+    pgd = _robust_accuracy(model, test, PGD, pgd_list, pgd_steps, **common)
+    apgd = _robust_accuracy(model, test, APGD, apgd_list, apgd_steps, **common)
     config = {
         "eps_grid": list(grid),
         "clip": None if clip_range is None else list(clip_range),

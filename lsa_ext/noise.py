@@ -161,24 +161,28 @@ class SaltPepper(_Noise):
         return f"amount={self.amount}, salt_vs_pepper={self.salt_vs_pepper}"
 
 
-class Salt(SaltPepper):
+class _OneSided(SaltPepper):
+    """Salt-and-pepper noise with a fixed ``salt_vs_pepper`` (1: salt only, 0: pepper only)."""
+
+    _salt_vs_pepper: float
+
+    def __init__(self, amount: float = 0.05, clip: Clip = (0.0, 1.0), seed: int | None = None):
+        super().__init__(amount, self._salt_vs_pepper, clip, seed)
+
+    def _params(self) -> str:
+        return f"amount={self.amount}"
+
+
+class Salt(_OneSided):
     """Salt noise: a fraction ``amount`` (default 0.05) of elements set to the high value."""
 
-    def __init__(self, amount: float = 0.05, clip: Clip = (0.0, 1.0), seed: int | None = None):
-        super().__init__(amount, 1.0, clip, seed)
-
-    def _params(self) -> str:
-        return f"amount={self.amount}"
+    _salt_vs_pepper = 1.0
 
 
-class Pepper(SaltPepper):
+class Pepper(_OneSided):
     """Pepper noise: a fraction ``amount`` (default 0.05) of elements set to the low value."""
 
-    def __init__(self, amount: float = 0.05, clip: Clip = (0.0, 1.0), seed: int | None = None):
-        super().__init__(amount, 0.0, clip, seed)
-
-    def _params(self) -> str:
-        return f"amount={self.amount}"
+    _salt_vs_pepper = 0.0
 
 
 NOISES: dict[str, type[_Noise]] = {
