@@ -94,40 +94,37 @@ class _Noise:
         return f"{type(self).__name__}({self._params()}, clip={self.clip}, seed={self.seed})"
 
 
-class Gaussian(_Noise):
+class _StdNoise(_Noise):
+    """A noise with one parameter ``std`` (default 0.1), >= 0."""
+
+    def __init__(self, std: float = 0.1, clip: Clip = (0.0, 1.0), seed: int | None = None):
+        super().__init__(clip, seed)
+        self.std = check_number("std", std)
+
+    def _params(self) -> str:
+        return f"std={self.std}"
+
+
+class Gaussian(_StdNoise):
     """Additive Gaussian noise: ``x̂ = clip(x + std·n)``, ``n ~ N(0, 1)`` elementwise.
 
     Args:
         std: standard deviation (default 0.1, i.e. variance 0.01), >= 0.
     """
 
-    def __init__(self, std: float = 0.1, clip: Clip = (0.0, 1.0), seed: int | None = None):
-        super().__init__(clip, seed)
-        self.std = check_number("std", std)
-
     def _apply(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.std * self._randn(x)
 
-    def _params(self) -> str:
-        return f"std={self.std}"
 
-
-class Speckle(_Noise):
+class Speckle(_StdNoise):
     """Multiplicative noise: ``x̂ = clip(x + x·std·n)``, ``n ~ N(0, 1)`` elementwise.
 
     Args:
         std: standard deviation of the multiplier (default 0.1), >= 0.
     """
 
-    def __init__(self, std: float = 0.1, clip: Clip = (0.0, 1.0), seed: int | None = None):
-        super().__init__(clip, seed)
-        self.std = check_number("std", std)
-
     def _apply(self, x: torch.Tensor) -> torch.Tensor:
         return x + x * (self.std * self._randn(x))
-
-    def _params(self) -> str:
-        return f"std={self.std}"
 
 
 class SaltPepper(_Noise):
