@@ -6,7 +6,8 @@ and device. Shared behaviour (class :class:`Attack`):
 
 - ``clip=(lo, hi)`` keeps the result inside the data range (default ``(0, 1)``, images);
   ``clip=None`` means no data range (two-moons). Inputs outside ``clip`` are a user error.
-- ``mode``: ``"eval"`` (default: ``model.eval()`` during the attack), ``"train"`` (train mode:
+- ``mode``, the model mode during the attack (:data:`lsa_ext.modules.MODES`): ``"eval"``
+  (default: ``model.eval()`` during the attack), ``"train"`` (train mode:
   dropout active, BatchNorm uses and updates batch statistics) or ``"keep"`` (mode untouched).
   Afterwards every submodule's ``training`` flag and every parameter's ``requires_grad`` are
   restored, also when the model raises. Gradients are taken with ``torch.autograd.grad`` on the
@@ -32,7 +33,7 @@ from typing import Any
 
 import torch
 
-from lsa_ext.checks import check_clip, check_int, check_number
+from lsa_ext.checks import check_clip, check_in_clip_range, check_int, check_number
 from lsa_ext.errors import LsaTypeError, LsaUserError
 from lsa_ext.losses import cross_entropy, kl_div
 from lsa_ext.modules import MODES, model_mode
@@ -53,6 +54,15 @@ __all__ = [
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 NORMS = {"linf": "Linf", "inf": "Linf", "l2": "L2"}
+
+
+def _steps_and_alpha(eps: float, steps: Any, alpha: Any) -> tuple[int, float]:
+    """Checked ``steps`` (>= 1) and step size: ``alpha``, or ``2.5 · eps / steps`` when None
+    (Madry et al.'s rule of thumb, used by PGD and TRADES)."""
+    steps = check_int("steps", steps, minimum=1)
+    if alpha is None:
+        return steps, 2.5 * eps / steps
+    return steps, check_number("alpha", alpha, positive=True)
 
 
 def _check_norm(norm: Any) -> str:
@@ -173,13 +183,7 @@ class Attack:
             )
         if y.is_floating_point() or y.is_complex():
             raise LsaTypeError(f"y must hold integer class labels, got {y.dtype}")
-        if self.clip is not None and x.numel():
-            lo, hi = self.clip
-            if bool(x.min() < lo - 1e-6) or bool(x.max() > hi + 1e-6):
-                raise LsaUserError(
-                    f"inputs lie outside the clip range {self.clip} (min {float(x.min()):.4g}, "
-                    f"max {float(x.max()):.4g}); pass clip=None or the data's range"
-                )
+        check_in_clip_range(x, self.clip)
         return x, y.to(device=x.device, dtype=torch.long)
 
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -288,13 +292,8 @@ class PGD(Attack):
         **kw: Any,
     ) -> None:
         super().__init__(model, eps, **kw)
-        self.steps = check_int("steps", steps, minimum=1)
+        self.steps, self.alpha = _steps_and_alpha(self.eps, steps, alpha)
         self.norm = _check_norm(norm)
-        self.alpha = (
-            2.5 * self.eps / self.steps
-            if alpha is None
-            else check_number("alpha", alpha, positive=True)
-        )
         self.random_start = bool(random_start)
         self.return_best = bool(return_best)
 
@@ -393,12 +392,7 @@ class TRADES(Attack):
         if kw.get("loss") is not None:
             raise LsaUserError("TRADES maximises the KL divergence; its loss cannot be changed")
         super().__init__(model, eps, **kw)
-        self.steps = check_int("steps", steps, minimum=1)
-        self.alpha = (
-            2.5 * self.eps / self.steps
-            if alpha is None
-            else check_number("alpha", alpha, positive=True)
-        )
+        self.steps, self.alpha = _steps_and_alpha(self.eps, steps, alpha)
         self.beta = check_number("beta", beta)
 
     def _params(self):

@@ -39,7 +39,9 @@ import torch
 from torch.utils.data import TensorDataset
 
 from lsa_ext.batches import make_loader  # noqa: F401  (re-exported: lsa_ext.data.make_loader)
+from lsa_ext.checks import check_int, check_number
 from lsa_ext.errors import LsaUserError
+from lsa_ext.presets import DATA_RANGES
 
 log = logging.getLogger("lsa_ext.data")
 
@@ -77,10 +79,10 @@ class DataSplits:
 
 
 INFOS: dict[str, DatasetInfo] = {
-    "moons": DatasetInfo("moons", (2,), 2, None),
-    "digits": DatasetInfo("digits", (1, 8, 8), 10, (0.0, 1.0)),
-    "mnist": DatasetInfo("mnist", (1, 28, 28), 10, (0.0, 1.0)),
-    "cifar10": DatasetInfo("cifar10", (3, 32, 32), 10, (0.0, 1.0)),
+    "moons": DatasetInfo("moons", (2,), 2, DATA_RANGES["moons"]),
+    "digits": DatasetInfo("digits", (1, 8, 8), 10, DATA_RANGES["digits"]),
+    "mnist": DatasetInfo("mnist", (1, 28, 28), 10, DATA_RANGES["mnist"]),
+    "cifar10": DatasetInfo("cifar10", (3, 32, 32), 10, DATA_RANGES["cifar10"]),
 }
 
 
@@ -121,7 +123,7 @@ def load_dataset(
             (the message lists the expected files and the folder searched).
     """
     key = _canonical(name)
-    seed = _as_int("seed", seed, minimum=0)
+    seed = check_int("seed", seed, minimum=0)
     limit_train = options.pop("limit_train", None)
     limit_test = options.pop("limit_test", None)
     if key == "moons":
@@ -154,19 +156,10 @@ def load_dataset(
 # --------------------------------------------------------------------------- helpers
 
 
-def _as_int(name: str, value: Any, minimum: int | None = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise LsaUserError(f"{name} must be an integer, got {value!r}")
-    value = int(value)
-    if minimum is not None and value < minimum:
-        raise LsaUserError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
 def _limit(x: np.ndarray, y: np.ndarray, limit: Any, what: str, rng: np.random.Generator):
     if limit is None:
         return x, y
-    limit = _as_int(what, limit, minimum=1)
+    limit = check_int(what, limit, minimum=1)
     if limit >= len(y):
         return x, y
     keep = np.sort(rng.choice(len(y), size=limit, replace=False))
@@ -202,16 +195,14 @@ def _load_moons(seed: int, options: dict[str, Any]):
     from sklearn.datasets import make_moons
 
     opts = _take_options(options, MOONS_DEFAULTS, "moons")
-    n_train = _as_int("n_train", opts["n_train"], minimum=2)
-    n_test = _as_int("n_test", opts["n_test"], minimum=2)
-    noise = opts["noise"]
-    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not noise >= 0:
-        raise LsaUserError(f"noise must be a number >= 0, got {noise!r}")
+    n_train = check_int("n_train", opts["n_train"], minimum=2)
+    n_test = check_int("n_test", opts["n_test"], minimum=2)
+    noise = check_number("noise", opts["noise"])
     s_train, s_test = (
         int(s.generate_state(1)[0]) for s in np.random.SeedSequence([seed, 1]).spawn(2)
     )
-    x_tr, y_tr = make_moons(n_samples=n_train, noise=float(noise), random_state=s_train)
-    x_te, y_te = make_moons(n_samples=n_test, noise=float(noise), random_state=s_test)
+    x_tr, y_tr = make_moons(n_samples=n_train, noise=noise, random_state=s_train)
+    x_te, y_te = make_moons(n_samples=n_test, noise=noise, random_state=s_test)
     return x_tr, y_tr, x_te, y_te
 
 
@@ -220,7 +211,7 @@ def _load_digits(seed: int, options: dict[str, Any]):
     from sklearn.model_selection import train_test_split
 
     opts = _take_options(options, DIGITS_DEFAULTS, "digits")
-    n_test = _as_int("n_test", opts["n_test"], minimum=10)
+    n_test = check_int("n_test", opts["n_test"], minimum=10)
     bunch = load_digits()
     x = bunch.data.astype(np.float32) / 16.0
     y = bunch.target.astype(np.int64)

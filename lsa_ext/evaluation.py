@@ -1,9 +1,10 @@
 """Evaluation: FGSM accuracy over an ε grid, the R&G score, PGD and APGD robust accuracy.
 
-The paper (PAPER.md, "Evaluation — R&G score") reports a model's accuracy (%) under FGSM at a
-grid of ε values including ε = 0 (clean accuracy); the R&G score is the plain sum of those
-accuracies. :func:`evaluate` computes that grid, the score and optionally PGD / APGD robust
-accuracy, and returns an :class:`EvaluationResult` that writes JSON / CSV and prints as a table.
+The paper (Khalooei et al., arXiv 2202.02626, Tables 2–4) reports a model's accuracy (%) under
+FGSM at a grid of ε values including ε = 0 (clean accuracy); its R&G ("robustness and
+generalization") score is the plain sum of those accuracies (the last column of each table).
+:func:`evaluate` computes that grid, the score and optionally PGD / APGD robust accuracy, and
+returns an :class:`EvaluationResult` that writes JSON / CSV and prints as a table.
 
 Data may be given as a ``torch.utils.data.DataLoader`` (or any re-iterable of ``(x, y)``
 batches; it is read once per attack), a ``Dataset`` yielding ``(x, y)`` pairs, a pair of tensors
@@ -15,10 +16,7 @@ flags and its parameters' ``requires_grad`` are restored.
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
-import math
 import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,12 +28,13 @@ from torch import nn
 from lsa_ext._version import versions
 from lsa_ext.attacks import APGD, PGD
 from lsa_ext.batches import batches
-from lsa_ext.checks import check_batch_size, check_in_clip_range
+from lsa_ext.checks import Clip, check_batch_size, check_clip, check_in_clip_range, check_number
 from lsa_ext.devices import resolve_device
 from lsa_ext.errors import LsaUserError
-from lsa_ext.io import atomic_write_json, atomic_write_text
+from lsa_ext.io import atomic_write_csv, atomic_write_json
 from lsa_ext.losses import cross_entropy, predict
 from lsa_ext.modules import model_mode
+from lsa_ext.presets import DATA_RANGES, EPS_GRIDS
 from lsa_ext.progress import progress
 from lsa_ext.types import Perturbation
 
@@ -45,27 +44,14 @@ __all__ = [
     "accuracy",
     "evaluate",
     "fgsm_accuracy_grid",
+    "format_eps",
     "rg_score",
 ]
 
 log = logging.getLogger("lsa_ext.evaluation")
 
-_PAPER_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
-#: The paper's FGSM ε grids (Tables 2–4); digits uses the moons/MNIST grid.
-EPS_GRIDS: dict[str, tuple[float, ...]] = {
-    "moons": _PAPER_GRID,
-    "digits": _PAPER_GRID,
-    "mnist": _PAPER_GRID,
-    "cifar10": (0.0, 0.01, 0.03, 0.1, 0.2),
-}
-#: Data range per known dataset (two-moons has none).
-_DATA_RANGES: dict[str, tuple[float, float] | None] = {
-    "moons": None,
-    "digits": (0.0, 1.0),
-    "mnist": (0.0, 1.0),
-    "cifar10": (0.0, 1.0),
-}
-
+# EPS_GRIDS (imported from lsa_ext.presets, re-exported here): the paper's FGSM ε grids
+# (Tables 2–4) per dataset; digits uses the moons/MNIST grid.
 
 
 # ----------------------------------------------------------------------------- data handling
@@ -76,16 +62,16 @@ def _test_split(data: Any) -> Any:
     return data
 
 
-def _batches(data: Any, batch_size: int) -> tuple[Iterable, int | None]:
-    """Batches of ``data``'s test split (:func:`lsa_ext.batches.batches`)."""
-    return batches(_test_split(data), batch_size)
-
-
-def _to_device(model: Any, device: str | torch.device) -> torch.device:
-    device = resolve_device(device)
+def _prepare(
+    model: Any, data: Any, batch_size: Any, device: str | torch.device
+) -> tuple[torch.device, Iterable, int | None]:
+    """Checks the settings, moves ``model`` (an ``nn.Module``) to ``device`` and batches the
+    test split of ``data``: ``(device, batches, number_of_batches_or_None)``."""
+    batch_size = check_batch_size(batch_size)
+    dev = resolve_device(device)
     if isinstance(model, nn.Module):
-        model.to(device)
-    return device
+        model.to(dev)
+    return (dev, *batches(_test_split(data), batch_size))
 
 
 def _batch(xy: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,13 +95,7 @@ def _correct(model: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def _check_grid(eps_grid: Any) -> tuple[float, ...]:
     if isinstance(eps_grid, (str, bytes)) or not isinstance(eps_grid, Iterable):
         raise LsaUserError(f"eps_grid must be a sequence of numbers, got {eps_grid!r}")
-    grid = []
-    for e in eps_grid:
-        if isinstance(e, bool) or not isinstance(e, numbers.Real) or not math.isfinite(e):
-            raise LsaUserError(f"eps values must be finite numbers, got {e!r}")
-        if e < 0:
-            raise LsaUserError(f"eps must be >= 0, got {e}")
-        grid.append(float(e))
+    grid = [check_number("eps", e) for e in eps_grid]
     if not grid:
         raise LsaUserError("eps_grid is empty")
     if len(set(grid)) != len(grid):
@@ -138,13 +118,11 @@ def accuracy(
     ``perturb`` is any callable ``(x, y) -> x̂`` (an attack from :mod:`lsa_ext.attacks`, a noise,
     another library's attack object). The model is in eval mode throughout (restored afterwards).
     """
-    batch_size = check_batch_size(batch_size)
-    device = _to_device(model, device)
-    batches, total = _batches(dataset_or_loader, batch_size)
+    device, data, total = _prepare(model, dataset_or_loader, batch_size, device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     n = 0
     with model_mode(model, "eval"):
-        for xy in progress(batches, desc=desc, total=total):
+        for xy in progress(data, desc=desc, total=total):
             x, y = _batch(xy, device)
             if perturb is not None:
                 x = perturb(x, y)
@@ -176,13 +154,11 @@ def fgsm_accuracy_grid(
 
 def _fgsm_grid(model, data, eps_grid, clip, batch_size, device) -> tuple[dict[float, float], int]:
     grid = _check_grid(eps_grid)
-    batch_size = check_batch_size(batch_size)
-    device = _to_device(model, device)
-    batches, total = _batches(data, batch_size)
+    device, data, total = _prepare(model, data, batch_size, device)
     correct = torch.zeros(len(grid), dtype=torch.long, device=device)
     n = 0
     with model_mode(model, "eval"):
-        for xy in progress(batches, desc="FGSM grid", total=total):
+        for xy in progress(data, desc="FGSM grid", total=total):
             x, y = _batch(xy, device)
             check_in_clip_range(x, clip)
             direction = None
@@ -214,8 +190,9 @@ def rg_score(acc_by_eps: Mapping[float, float] | Sequence[float]) -> float:
 
 
 # ----------------------------------------------------------------------------- result
-def _fmt_eps(e: float) -> str:
-    return f"{e:g}"
+def format_eps(eps: float) -> str:
+    """ε as written in tables, file and column names: ``0``, ``0.1``, ``0.0313725`` (``%g``)."""
+    return f"{eps:g}"
 
 
 @dataclass
@@ -297,11 +274,7 @@ class EvaluationResult:
 
     def to_csv(self, path: str) -> None:
         """Writes :meth:`csv_rows` as CSV (header ``metric,eps,steps,value``) atomically."""
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=["metric", "eps", "steps", "value"])
-        writer.writeheader()
-        writer.writerows(self.csv_rows())
-        atomic_write_text(path, buf.getvalue())
+        atomic_write_csv(path, self.csv_rows(), ["metric", "eps", "steps", "value"])
 
     def table(self) -> str:
         """A text table in the paper's layout: ε columns, then R&G (FGSM row only).
@@ -318,7 +291,7 @@ class EvaluationResult:
             rows.append((f"PGD-{self.config.get('pgd_steps', '?')}", self.pgd, ""))
         if self.apgd:
             rows.append((f"APGD-CE-{self.config.get('apgd_steps', '?')}", self.apgd, ""))
-        head = ["accuracy %"] + [_fmt_eps(e) for e in eps_all] + ["R&G"]
+        head = ["accuracy %"] + [format_eps(e) for e in eps_all] + ["R&G"]
         body = [
             [label] + [f"{d[e]:.2f}" if e in d else "-" for e in eps_all] + [rg]
             for label, d, rg in rows
@@ -345,27 +318,18 @@ def _dataset_name(data: Any, dataset: str | None) -> str | None:
     return getattr(info, "name", None)
 
 
-def _resolve_clip(data: Any, dataset: str | None, clip: Any) -> tuple[float, float] | None:
+def _resolve_clip(data: Any, dataset: str | None, clip: Any) -> Clip:
+    """``clip``, or for ``"auto"`` ``data.info.data_range``, else the dataset's preset range."""
     if not (isinstance(clip, str) and clip == "auto"):
-        if clip is None:
-            return None
-        try:
-            lo, hi = clip
-            lo, hi = float(lo), float(hi)
-        except (TypeError, ValueError):
-            raise LsaUserError(f"clip must be 'auto', None or (lo, hi), got {clip!r}") from None
-        if not lo < hi:
-            raise LsaUserError(f"clip must have lo < hi, got {clip!r}")
-        return (lo, hi)
+        return check_clip(clip)
     info = getattr(data, "info", None)
     if info is not None and hasattr(info, "data_range"):
-        rng = info.data_range
-        return None if rng is None else (float(rng[0]), float(rng[1]))
-    if dataset in _DATA_RANGES:
-        return _DATA_RANGES[dataset]
+        return check_clip(info.data_range)
+    if dataset in DATA_RANGES:
+        return DATA_RANGES[dataset]
     raise LsaUserError(
         "cannot infer the data range: pass clip=(lo, hi) or clip=None, or a known dataset name "
-        f"({', '.join(_DATA_RANGES)})"
+        f"({', '.join(DATA_RANGES)})"
     )
 
 
@@ -375,6 +339,25 @@ def _eps_list(value: Any) -> tuple[float, ...]:
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         value = (value,)
     return _check_grid(value) if value else ()
+
+
+def _default_grid(dataset: str | None) -> tuple[float, ...]:
+    if dataset not in EPS_GRIDS:
+        raise LsaUserError(f"no default eps grid for dataset {dataset!r}; pass eps_grid= or one "
+                           f"of {', '.join(EPS_GRIDS)}")
+    return EPS_GRIDS[dataset]
+
+
+def _robust_accuracy(
+    model: Callable[[torch.Tensor], torch.Tensor], test: Any, attack: type[PGD] | type[APGD],
+    eps_list: tuple[float, ...], steps: int, *, clip: Clip, seed: int, batch_size: int,
+    device: str | torch.device,
+) -> dict[float, float]:
+    """``{eps: accuracy under attack(model, eps, steps=steps)}`` (PGD or APGD) for each ε."""
+    return {eps: accuracy(model, test, batch_size=batch_size, device=device,
+                          perturb=attack(model, eps, steps=steps, clip=clip, seed=seed),
+                          desc=f"{attack.name.upper()}-{steps} eps={format_eps(eps)}")
+            for eps in eps_list}
 
 
 def evaluate(
@@ -413,14 +396,7 @@ def evaluate(
         LsaUserError: unknown dataset without ``eps_grid`` / ``clip``, bad ε, empty data, NaN.
     """
     name = _dataset_name(data, dataset)
-    if eps_grid is None:
-        if name not in EPS_GRIDS:
-            raise LsaUserError(
-                f"no default eps grid for dataset {name!r}; pass eps_grid= or one of "
-                f"{', '.join(EPS_GRIDS)}"
-            )
-        eps_grid = EPS_GRIDS[name]
-    grid = _check_grid(eps_grid)
+    grid = _check_grid(_default_grid(name) if eps_grid is None else eps_grid)
     clip_range = _resolve_clip(data, name, clip)
     pgd_list = _eps_list(pgd_eps)
     apgd_list = _eps_list(apgd_eps)
@@ -431,16 +407,9 @@ def evaluate(
     clean = fgsm[0.0] if 0.0 in fgsm else accuracy(
         model, test, batch_size=batch_size, device=device, desc="clean"
     )
-    pgd: dict[float, float] = {}
-    for eps in pgd_list:
-        attack = PGD(model, eps, steps=pgd_steps, clip=clip_range, seed=seed)
-        pgd[eps] = accuracy(model, test, perturb=attack, batch_size=batch_size, device=device,
-                            desc=f"PGD-{pgd_steps} eps={eps:g}")
-    apgd: dict[float, float] = {}
-    for eps in apgd_list:
-        attack = APGD(model, eps, steps=apgd_steps, clip=clip_range, seed=seed)
-        apgd[eps] = accuracy(model, test, perturb=attack, batch_size=batch_size, device=device,
-                             desc=f"APGD-{apgd_steps} eps={eps:g}")
+    common = {"clip": clip_range, "seed": seed, "batch_size": batch_size, "device": device}
+    pgd = _robust_accuracy(model, test, PGD, pgd_list, pgd_steps, **common)
+    apgd = _robust_accuracy(model, test, APGD, apgd_list, apgd_steps, **common)
     config = {
         "eps_grid": list(grid),
         "clip": None if clip_range is None else list(clip_range),

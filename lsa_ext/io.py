@@ -9,10 +9,11 @@ be, no permission) are one :class:`~lsa_ext.errors.LsaUserError`.
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -88,6 +89,23 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> None:
     """Writes ``obj`` as JSON to ``path`` atomically (NaN/inf are rejected: strict JSON)."""
     atomic_write_text(path, json.dumps(obj, indent=indent, allow_nan=False) + "\n")
+
+
+def atomic_write_csv(
+    path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], fieldnames: Sequence[str]
+) -> None:
+    """Writes ``rows`` as CSV (UTF-8, ``\\n`` line ends) with a ``fieldnames`` header, atomically.
+
+    Each row is a mapping from field name to value (missing fields are written empty); values
+    are written with ``str`` (format numbers before, for a fixed number of digits).
+
+    Raises:
+        ValueError: a row holds a key that is not in ``fieldnames``.
+    """
+    with atomic_open(path, "w", encoding="utf-8", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(fieldnames), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def atomic_write_with(path: str | os.PathLike, writer: Callable[[IO], None]) -> None:

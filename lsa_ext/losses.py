@@ -1,6 +1,7 @@
 """Classification losses that treat one-logit (binary) and K-logit models alike.
 
-A model with output ``[B, 1]`` or ``[B]`` (e.g. Model A on two-moons, PAPER.md Table 1) is read
+A model with output ``[B, 1]`` or ``[B]`` (e.g. Model A on two-moons, Table 1 of
+Khalooei et al., arXiv 2202.02626) is read
 as a binary classifier with logit ``z``: class 1 has probability ``sigmoid(z)``. Every function
 here maps such outputs to two-class log-probabilities ``[log sigmoid(-z), log sigmoid(z)]``, so
 attacks, training and evaluation need no special case.

@@ -48,18 +48,11 @@ from lsa_ext.checks import first_line
 from lsa_ext.data import DatasetInfo
 from lsa_ext.errors import LsaUserError
 from lsa_ext.modules import WRAPPER_PREFIXES
+from lsa_ext.presets import DEFAULT_MODEL  # noqa: F401  (re-exported: which model per dataset)
 
 log = logging.getLogger("lsa_ext.models")
 
 MODELS: tuple[str, ...] = ("model_a", "model_b", "vgg19", "wrn28_10")
-
-# Which built-in model the paper uses for each built-in dataset.
-DEFAULT_MODEL: dict[str, str] = {
-    "moons": "model_a",
-    "digits": "model_b",
-    "mnist": "model_b",
-    "cifar10": "vgg19",
-}
 
 
 # --------------------------------------------------------------------------- Model A

@@ -94,40 +94,37 @@ class _Noise:
         return f"{type(self).__name__}({self._params()}, clip={self.clip}, seed={self.seed})"
 
 
-class Gaussian(_Noise):
+class _StdNoise(_Noise):
+    """A noise with one parameter ``std`` (default 0.1), >= 0."""
+
+    def __init__(self, std: float = 0.1, clip: Clip = (0.0, 1.0), seed: int | None = None):
+        super().__init__(clip, seed)
+        self.std = check_number("std", std)
+
+    def _params(self) -> str:
+        return f"std={self.std}"
+
+
+class Gaussian(_StdNoise):
     """Additive Gaussian noise: ``x̂ = clip(x + std·n)``, ``n ~ N(0, 1)`` elementwise.
 
     Args:
         std: standard deviation (default 0.1, i.e. variance 0.01), >= 0.
     """
 
-    def __init__(self, std: float = 0.1, clip: Clip = (0.0, 1.0), seed: int | None = None):
-        super().__init__(clip, seed)
-        self.std = check_number("std", std)
-
     def _apply(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.std * self._randn(x)
 
-    def _params(self) -> str:
-        return f"std={self.std}"
 
-
-class Speckle(_Noise):
+class Speckle(_StdNoise):
     """Multiplicative noise: ``x̂ = clip(x + x·std·n)``, ``n ~ N(0, 1)`` elementwise.
 
     Args:
         std: standard deviation of the multiplier (default 0.1), >= 0.
     """
 
-    def __init__(self, std: float = 0.1, clip: Clip = (0.0, 1.0), seed: int | None = None):
-        super().__init__(clip, seed)
-        self.std = check_number("std", std)
-
     def _apply(self, x: torch.Tensor) -> torch.Tensor:
         return x + x * (self.std * self._randn(x))
-
-    def _params(self) -> str:
-        return f"std={self.std}"
 
 
 class SaltPepper(_Noise):
@@ -161,24 +158,28 @@ class SaltPepper(_Noise):
         return f"amount={self.amount}, salt_vs_pepper={self.salt_vs_pepper}"
 
 
-class Salt(SaltPepper):
+class _OneSided(SaltPepper):
+    """Salt-and-pepper noise with a fixed ``salt_vs_pepper`` (1: salt only, 0: pepper only)."""
+
+    _salt_vs_pepper: float
+
+    def __init__(self, amount: float = 0.05, clip: Clip = (0.0, 1.0), seed: int | None = None):
+        super().__init__(amount, self._salt_vs_pepper, clip, seed)
+
+    def _params(self) -> str:
+        return f"amount={self.amount}"
+
+
+class Salt(_OneSided):
     """Salt noise: a fraction ``amount`` (default 0.05) of elements set to the high value."""
 
-    def __init__(self, amount: float = 0.05, clip: Clip = (0.0, 1.0), seed: int | None = None):
-        super().__init__(amount, 1.0, clip, seed)
-
-    def _params(self) -> str:
-        return f"amount={self.amount}"
+    _salt_vs_pepper = 1.0
 
 
-class Pepper(SaltPepper):
+class Pepper(_OneSided):
     """Pepper noise: a fraction ``amount`` (default 0.05) of elements set to the low value."""
 
-    def __init__(self, amount: float = 0.05, clip: Clip = (0.0, 1.0), seed: int | None = None):
-        super().__init__(amount, 0.0, clip, seed)
-
-    def _params(self) -> str:
-        return f"amount={self.amount}"
+    _salt_vs_pepper = 0.0
 
 
 NOISES: dict[str, type[_Noise]] = {

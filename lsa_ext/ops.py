@@ -1,6 +1,7 @@
 """Fused relative-error ops: argument validation, fake and autograd registrations, dispatch.
 
-The measure (PAPER.md): ``CM(a, b) = ||a - b||_F / ||a||_F`` per sample, where ``a`` is a layer's
+The comparison measure (CM) of Khalooei et al., arXiv 2202.02626 (used by Algorithms 1–3):
+``CM(a, b) = ||a - b||_F / ||a||_F`` per sample, where ``a`` is a layer's
 clean representation and ``b`` its perturbed twin. The compiled kernels (``torch.ops.lsa_ext``)
 compute the per-sample squared sums ``D_i = sum (a_i - b_i)^2`` and ``N_i = sum a_i^2`` in one
 read of each input; the ratio and the reduction over samples are tiny ``[B]`` operations done here.

@@ -1,11 +1,13 @@
-"""The paper's experiment protocol (Tables 2 and 3, Figs. 6 and 7) in one call.
+"""The paper's experiment protocol in one call (Khalooei et al., arXiv 2202.02626: Tables 2
+and 3, Figs. 6 and 7).
 
 For a dataset, train: ``Normal``; each base AT method; each base AT method with LR on each
 learnable layer (``AT-<M>-LR-L<k>``). Evaluate every model against FGSM on the paper's ε grid,
 sum the accuracies into the R&G score, and write a table (paper layout), a CSV, a JSON, a bar
 chart of R&G (Fig. 6) and, for two-moons, the decision boundary of every model (Fig. 7).
 
-Settings (:data:`PROTOCOLS`; the paper does not state them, so they are our choices):
+Settings (:data:`PROTOCOLS`): model, FGSM ε grid and training ε come from
+:mod:`lsa_ext.presets`; the paper does not state the rest, so they are our choices:
 
 * ``moons``: Model A, 2000 train / 1000 test points (noise 0.2), Adam lr 1e-3, batch 128,
   50 epochs, training ε = 0.3, γ = 1 on one layer, methods FGSM, PGD-10, TRADES (β = 6,
@@ -16,6 +18,8 @@ Settings (:data:`PROTOCOLS`; the paper does not state them, so they are our choi
 
 Every run is cached under ``out/runs/<name>-s<seed>.{pt,json}``: a rerun with the same
 settings skips finished runs (so a killed reproduction continues where it stopped).
+Figures are drawn on a ``matplotlib.figure.Figure`` with its own Agg canvas: matplotlib's
+global backend and pyplot state are never touched.
 """
 
 from __future__ import annotations
@@ -32,18 +36,28 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from lsa_ext._version import versions
+from lsa_ext.checkpoint import torch_load
+from lsa_ext.data import DataSplits, load_dataset
 from lsa_ext.devices import resolve_device
 from lsa_ext.errors import LsaUserError
+from lsa_ext.evaluation import fgsm_accuracy_grid, format_eps
 from lsa_ext.io import (
+    atomic_write_csv,
     atomic_write_json,
     atomic_write_text,
     atomic_write_with,
     check_dir,
     ensure_dir,
 )
+from lsa_ext.losses import log_probs
+from lsa_ext.models import build_model
+from lsa_ext.presets import DEFAULT_MODEL, EPS_GRIDS, PAPER_GRID, TRAIN_EPS
+from lsa_ext.probes import select_layers
 from lsa_ext.progress import progress as progress_bar
+from lsa_ext.training import AT_METHODS, TrainConfig, Trainer, resolve_layers, run_name
 
 log = logging.getLogger("lsa_ext.reproduce")
 
@@ -61,19 +75,25 @@ class Protocol:
     lr: float = 1e-3
     optimizer: str = "adam"
     gamma: float = 1.0
-    eval_eps: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
+    eval_eps: tuple[float, ...] = PAPER_GRID
     attack_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
     data_options: dict[str, Any] = field(default_factory=dict)
     lr_layers: tuple[str, ...] | None = None  # None: every learnable layer
 
 
+def _preset_protocol(dataset: str, methods: tuple[str, ...], epochs: int) -> Protocol:
+    """A protocol with the dataset's presets: the paper's model and ε grid, our training ε."""
+    return Protocol(dataset, DEFAULT_MODEL[dataset], methods, eps=TRAIN_EPS[dataset],
+                    epochs=epochs, eval_eps=EPS_GRIDS[dataset])
+
+
 PROTOCOLS: dict[str, Protocol] = {
-    "moons": Protocol("moons", "model_a", ("fgsm", "pgd", "trades", "fast"), eps=0.3,
-                      epochs=50),
-    "digits": Protocol("digits", "model_b", ("apgd",), eps=0.2, epochs=20),
+    "moons": _preset_protocol("moons", ("fgsm", "pgd", "trades", "fast"), epochs=50),
+    "digits": _preset_protocol("digits", ("apgd",), epochs=20),
 }
 
-# The paper's numbers (PAPER.md Tables 2 and 3) for side-by-side reports.
+# The paper's FGSM accuracies per ε (arXiv 2202.02626, Table 2: Model A on two-moons; Table 3:
+# Model B on MNIST, which our digits protocol stands in for), for side-by-side reports.
 PAPER: dict[str, dict[str, list[float]]] = {
     "moons": {
         "Normal": [97.07, 93.63, 82.5, 76.83, 63.79, 52.35],
@@ -143,7 +163,7 @@ class ReproduceResult:
         """A Markdown table in the paper's layout (FGSM accuracy % per ε, then R&G)."""
         eps = self.protocol.eval_eps
         multi = len(self.seeds) > 1
-        head = ["training", *[_fmt_eps(e) for e in eps], "R&G"] + (["± std"] if multi else [])
+        head = ["training", *[format_eps(e) for e in eps], "R&G"] + (["± std"] if multi else [])
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for row in self.summary():
             cells = [row["name"], *[f"{a:.2f}" for a in row["accuracies"]], f"{row['rg']:.2f}"]
@@ -171,27 +191,21 @@ class ReproduceResult:
 
     def to_csv(self, path: str | os.PathLike) -> None:
         """One row per (run, seed): name, method, lr_layer, seed, acc@ε…, rg, seconds."""
-        eps = self.protocol.eval_eps
-        head = ["name", "method", "lr_layer", "seed", *[f"acc@{e:g}" for e in eps], "rg",
-                "seconds"]
-        lines = [",".join(head)]
-        for r in self.runs:
-            lines.append(",".join([r.name, r.method, r.lr_layer or "", str(r.seed),
-                                   *[f"{a:.4f}" for a in r.accuracies], f"{r.rg:.4f}",
-                                   f"{r.seconds:.2f}"]))
-        atomic_write_text(path, "\n".join(lines) + "\n")
+        acc_cols = [f"acc@{format_eps(e)}" for e in self.protocol.eval_eps]
+        rows = [{"name": r.name, "method": r.method, "lr_layer": r.lr_layer or "", "seed": r.seed,
+                 **{c: f"{a:.4f}" for c, a in zip(acc_cols, r.accuracies, strict=True)},
+                 "rg": f"{r.rg:.4f}", "seconds": f"{r.seconds:.2f}"} for r in self.runs]
+        atomic_write_csv(path, rows, ["name", "method", "lr_layer", "seed", *acc_cols, "rg",
+                                      "seconds"])
 
     def to_json(self, path: str | os.PathLike) -> None:
+        """Protocol, seeds, settings, every run, the summary and the paper's numbers as JSON."""
         atomic_write_json(path, {
             "protocol": _jsonable(dataclasses.asdict(self.protocol)),
             "seeds": self.seeds, "settings": self.settings,
             "runs": [r.to_dict() for r in self.runs], "summary": self.summary(),
             "paper": PAPER.get(self.protocol.dataset, {}),
         })
-
-
-def _fmt_eps(e: float) -> str:
-    return f"{e:g}"
 
 
 def _jsonable(obj: Any) -> Any:
@@ -202,9 +216,7 @@ def _jsonable(obj: Any) -> Any:
 def fgsm_accuracies(model: torch.nn.Module, test: Any, eps_grid: Sequence[float],
                     clip: tuple[float, float] | None, device: str = "cpu") -> list[float]:
     """FGSM accuracy (%) at each ε of ``eps_grid`` (ε = 0: clean), via lsa_ext.evaluation."""
-    from lsa_ext import evaluation
-
-    grid = evaluation.fgsm_accuracy_grid(model, test, eps_grid, clip=clip, device=device)
+    grid = fgsm_accuracy_grid(model, test, eps_grid, clip=clip, device=device)
     return [float(a) for a in grid.values()]
 
 
@@ -216,24 +228,57 @@ def plan(protocol: Protocol, model: torch.nn.Module,
 
     Default LR layers: every learnable layer except the output layer (the paper's rows for
     Model A are L0–L2; the CM of a one-logit output is unbounded near the decision boundary).
+    Names are :func:`lsa_ext.training.run_name`'s (the paper's ``AT-<M>-LR-L<k>``).
     """
-    from lsa_ext.probes import select_layers
-
     methods = list(methods or protocol.methods)
     if layers is None:
         n = len(select_layers(model, "learnable"))
         layers = protocol.lr_layers or [f"L{k}" for k in range(max(1, n - 1))]
-    from lsa_ext.training import resolve_layers
-
     for layer in layers:  # a typo fails here, not after the runs before it
         resolve_layers(model, layer)
-    out: list[tuple[str, str, str | None]] = [("Normal", "none", None)]
-    for m in methods:
-        out.append((f"AT-{m.upper()}", m, None))
-    for m in methods:
-        for layer in layers:
-            out.append((f"AT-{m.upper()}-LR-{layer}", m, layer))
+    out: list[tuple[str, str, str | None]] = [(run_name("none", []), "none", None)]
+    out += [(run_name(m, []), m, None) for m in methods]
+    out += [(run_name(m, [layer]), m, layer) for m in methods for layer in layers]
     return out
+
+
+def _protocol(dataset: str, *, quick: bool, methods: Sequence[str] | None, epochs: int | None,
+              eps: float | None, gamma: float | None) -> Protocol:
+    """The protocol for ``dataset`` with :func:`reproduce`'s overrides applied."""
+    key = dataset.strip().lower()
+    if key not in PROTOCOLS:
+        raise LsaUserError(f"no reproduction protocol for {dataset!r}; choose one of "
+                           f"{', '.join(PROTOCOLS)}")
+    changes: dict[str, Any] = {}
+    if quick:
+        changes.update(epochs=2, data_options={"limit_train": 256, "limit_test": 200})
+    if epochs is not None:
+        changes["epochs"] = int(epochs)
+    if eps is not None:
+        changes["eps"] = float(eps)
+    if gamma is not None:
+        changes["gamma"] = float(gamma)
+    if methods is not None:
+        known = [m for m in AT_METHODS if m != "none"]
+        bad = [m for m in methods if m not in known]
+        if bad:
+            raise LsaUserError(f"unknown method(s) {bad}; choose from {', '.join(known)}")
+        changes["methods"] = tuple(methods)
+    return dataclasses.replace(PROTOCOLS[key], **changes)
+
+
+def _train_config(proto: Protocol, method: str, layer: str | None, seed: int,
+                  clip: tuple[float, float] | None, device: str) -> TrainConfig:
+    """The checked :class:`TrainConfig` of one run of the protocol."""
+    cfg = TrainConfig(
+        at=method, eps=proto.eps, attack_kwargs=dict(proto.attack_kwargs.get(method, {})),
+        clip=None if clip is None else list(clip),
+        lr_layers=[layer] if layer else [], gamma=proto.gamma if layer else 1.0,
+        epochs=proto.epochs, batch_size=proto.batch_size, optimizer=proto.optimizer,
+        lr=proto.lr, seed=seed, device=device,
+    )
+    cfg.validate()
+    return cfg
 
 
 def reproduce(
@@ -264,32 +309,13 @@ def reproduce(
 
     Returns:
         :class:`ReproduceResult`.
-    """
-    from lsa_ext.data import load_dataset
-    from lsa_ext.models import build_model
-    from lsa_ext.training import TrainConfig, Trainer
 
-    key = dataset.strip().lower()
-    if key not in PROTOCOLS:
-        raise LsaUserError(f"no reproduction protocol for {dataset!r}; choose one of "
-                           f"{', '.join(PROTOCOLS)}")
-    proto = PROTOCOLS[key]
-    changes: dict[str, Any] = {}
-    if quick:
-        changes.update(epochs=2, data_options={"limit_train": 256, "limit_test": 200})
-    if epochs is not None:
-        changes["epochs"] = int(epochs)
-    if eps is not None:
-        changes["eps"] = float(eps)
-    if gamma is not None:
-        changes["gamma"] = float(gamma)
-    if methods is not None:
-        bad = [m for m in methods if m not in ("fgsm", "pgd", "fast", "trades", "apgd")]
-        if bad:
-            raise LsaUserError(f"unknown method(s) {bad}; choose from fgsm, pgd, fast, trades, "
-                               "apgd")
-        changes["methods"] = tuple(methods)
-    proto = dataclasses.replace(proto, **changes)
+    Raises:
+        LsaUserError: an unknown dataset, method or layer, a bad setting or output folder —
+            all before the first run starts.
+    """
+    proto = _protocol(dataset, quick=quick, methods=methods, epochs=epochs, eps=eps,
+                      gamma=gamma)
     out = Path(out)
     check_dir(out)
     data = load_dataset(proto.dataset, seed=0, **proto.data_options)
@@ -297,49 +323,21 @@ def reproduce(
     runs_plan = plan(proto, build_model(proto.model, data.info, seed=0), proto.methods, layers)
     seeds = [int(s) for s in seeds]
     resolve_device(device)
-    results: list[RunResult] = []
-    models: dict[str, torch.nn.Module] = {}
-    jobs = []
-    for seed in seeds:
-        for name, method, layer in runs_plan:
-            cfg = TrainConfig(
-                at=method, eps=proto.eps, attack_kwargs=dict(proto.attack_kwargs.get(method, {})),
-                clip=None if clip is None else list(clip),
-                lr_layers=[layer] if layer else [], gamma=proto.gamma if layer else 1.0,
-                epochs=proto.epochs,
-                batch_size=proto.batch_size, optimizer=proto.optimizer, lr=proto.lr, seed=seed,
-                device=device,
-            )
-            cfg.validate()  # every setting is checked before the first run starts
-            jobs.append((name, method, layer, seed, cfg))
+    # every setting is checked before the first run starts
+    jobs = [(name, method, layer, seed, _train_config(proto, method, layer, seed, clip, device))
+            for seed in seeds for name, method, layer in runs_plan]
     ensure_dir(out / "runs")
-    for name, method, layer, seed, cfg in progress_bar(jobs, desc=f"reproduce {key}",
+    results: list[RunResult] = []
+    models: dict[str, nn.Module] = {}
+    for name, method, layer, seed, cfg in progress_bar(jobs, desc=f"reproduce {proto.dataset}",
                                                         total=len(jobs), enabled=progress):
-        model = build_model(proto.model, data.info, seed=seed)
-        stem = out / "runs" / f"{name}-s{seed}"
-        settings = {"config": cfg.to_dict(), "model": proto.model, "dataset": proto.dataset,
-                    "data_options": proto.data_options, "eval_eps": list(proto.eval_eps)}
-        cached = _load_cached(stem, settings)
-        if cached is not None:
-            model.load_state_dict(cached[0])
-            result = cached[1]
-        else:
-            t0 = time.perf_counter()
-            Trainer(model, data.train, cfg, progress=progress).fit()
-            seconds = time.perf_counter() - t0
-            model.eval()
-            accs = fgsm_accuracies(model, data.test, proto.eval_eps, clip, device)
-            result = RunResult(name, method, layer, seed, accs, float(sum(accs)), seconds)
-            atomic_write_with(stem.with_suffix(".pt"),
-                              lambda fh, m=model: torch.save(m.state_dict(), fh))
-            atomic_write_json(stem.with_suffix(".json"),
-                              {"settings": _jsonable(settings), "result": result.to_dict()})
-        model.eval()
+        model, result, cached = _run_one(proto, data, name, method, layer, cfg,
+                                         out / "runs" / f"{name}-s{seed}", progress)
         results.append(result)
         if seed == seeds[0]:
             models[name] = model.cpu()
         if on_run is not None:
-            on_run(result, cached is not None)
+            on_run(result, cached)
     res = ReproduceResult(proto, seeds, results, {"device": device, "quick": quick,
                                                   "versions": versions()})
     res.to_csv(out / "results.csv")
@@ -354,6 +352,36 @@ def reproduce(
     return res
 
 
+def _run_one(proto: Protocol, data: DataSplits, name: str, method: str, layer: str | None,
+             cfg: TrainConfig, stem: Path, progress: bool | None
+             ) -> tuple[nn.Module, RunResult, bool]:
+    """Trains and evaluates one run, or takes it from the cache at ``stem``.
+
+    Returns ``(model in eval mode, result, whether it came from the cache)``.
+    """
+    model = build_model(proto.model, data.info, seed=cfg.seed)
+    settings = {"config": cfg.to_dict(), "model": proto.model, "dataset": proto.dataset,
+                "data_options": proto.data_options, "eval_eps": list(proto.eval_eps)}
+    cached = _load_cached(stem, settings)
+    if cached is not None:
+        model.load_state_dict(cached[0])
+        result = cached[1]
+    else:
+        t0 = time.perf_counter()
+        Trainer(model, data.train, cfg, progress=progress).fit()
+        seconds = time.perf_counter() - t0
+        model.eval()
+        accs = fgsm_accuracies(model, data.test, proto.eval_eps, data.info.data_range,
+                               cfg.device)
+        result = RunResult(name, method, layer, cfg.seed, accs, float(sum(accs)), seconds)
+        atomic_write_with(stem.with_suffix(".pt"),
+                          lambda fh: torch.save(model.state_dict(), fh))
+        atomic_write_json(stem.with_suffix(".json"),
+                          {"settings": _jsonable(settings), "result": result.to_dict()})
+    model.eval()
+    return model, result, cached is not None
+
+
 def _load_cached(stem: Path, settings: dict[str, Any]) -> tuple[dict, RunResult] | None:
     js, pt = stem.with_suffix(".json"), stem.with_suffix(".pt")
     if not (js.is_file() and pt.is_file()):
@@ -362,7 +390,7 @@ def _load_cached(stem: Path, settings: dict[str, Any]) -> tuple[dict, RunResult]
         saved = json.loads(js.read_text())
         if saved.get("settings") != _jsonable(settings):
             return None
-        state = torch.load(pt, map_location="cpu", weights_only=True)
+        state = torch_load(pt, what="cached run")
         return state, RunResult(**saved["result"])
     except Exception as exc:  # noqa: BLE001 - a damaged cache entry is simply recomputed
         log.warning("ignoring cached run %s: %s", stem, exc)
@@ -374,15 +402,21 @@ _COLORS = {"none": "#7f7f7f", "fgsm": "#1f77b4", "pgd": "#d62728", "trades": "#2
            "fast": "#ff7f0e", "apgd": "#9467bd"}
 
 
+def _figure(width: float, height: float) -> Any:
+    """A ``matplotlib.figure.Figure`` on its own Agg canvas (no pyplot, no global backend)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
+
+
 def plot_rg(res: ReproduceResult, path: str | os.PathLike) -> None:
     """Bar chart of R&G per training (mean over seeds, std as error bar), like Fig. 6."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = res.summary()
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(rows) + 2), 4.2))
+    fig = _figure(max(6.0, 0.45 * len(rows) + 2), 4.2)
+    ax = fig.subplots()
     xs = np.arange(len(rows))
     ax.bar(xs, [r["rg"] for r in rows], yerr=[r["rg_std"] for r in rows] if len(res.seeds) > 1
            else None, color=[_COLORS.get(r["method"], "#333") for r in rows],
@@ -393,12 +427,11 @@ def plot_rg(res: ReproduceResult, path: str | os.PathLike) -> None:
     ax.set_ylim(max(0.0, lo - 40), max(r["rg"] for r in rows) + 15)
     ax.set_ylabel("R&G (sum of FGSM accuracies, %)")
     ax.set_title(f"R&G on {res.protocol.dataset} (ε = "
-                 f"{', '.join(_fmt_eps(e) for e in res.protocol.eval_eps)}; "
+                 f"{', '.join(format_eps(e) for e in res.protocol.eval_eps)}; "
                  f"{len(res.seeds)} seed{'s' if len(res.seeds) > 1 else ''})")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     atomic_write_with(path, lambda fh: fig.savefig(fh, format="png", dpi=120))
-    plt.close(fig)
 
 
 def plot_boundaries(models: dict[str, torch.nn.Module], test: Any,
@@ -407,13 +440,6 @@ def plot_boundaries(models: dict[str, torch.nn.Module], test: Any,
     """Decision boundary of each two-moons model, one panel per model (like Fig. 7).
 
     ``rows``: names per figure row (default: five per row in the given order)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from lsa_ext.losses import log_probs
-
     x, y = test.tensors[0], test.tensors[1]
     lo = x.min(dim=0).values - 0.5
     hi = x.max(dim=0).values + 0.5
@@ -427,7 +453,8 @@ def plot_boundaries(models: dict[str, torch.nn.Module], test: Any,
     rows = [r for r in rows if r]
     ncols = max(len(r) for r in rows)
     nrows = len(rows)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(2.6 * ncols, 2.3 * nrows), squeeze=False)
+    fig = _figure(2.6 * ncols, 2.3 * nrows)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     cells = [(axes[i, j], name) for i, r in enumerate(rows) for j, name in enumerate(r)]
@@ -445,4 +472,3 @@ def plot_boundaries(models: dict[str, torch.nn.Module], test: Any,
         ax.set_yticks([])
     fig.tight_layout()
     atomic_write_with(path, lambda fh: fig.savefig(fh, format="png", dpi=110))
-    plt.close(fig)

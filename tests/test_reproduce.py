@@ -83,3 +83,19 @@ def test_reproduce_digits_quick_apgd_table(tmp_path):
     assert all(abs(r.rg - sum(r.accuracies)) < 1e-9 for r in res.runs)
     assert (tmp_path / "rg.png").exists() and not (tmp_path / "boundaries.png").exists()
     assert "| AT-APGD-LR-L0 |" in res.table() and "541.73" in res.comparison()
+
+
+def test_figures_leave_matplotlib_global_state_alone(tmp_path, monkeypatch):
+    import matplotlib
+
+    def no_global_switch(*args, **kwargs):
+        raise AssertionError("library code must not call matplotlib.use")
+
+    monkeypatch.setattr(matplotlib, "use", no_global_switch)
+    backend = matplotlib.rcParams._get_backend_or_none()
+    runs = [rp.RunResult("Normal", "none", None, 0, [90.0, 50.0], 140.0, 1.0),
+            rp.RunResult("AT-FGSM", "fgsm", None, 0, [80.0, 70.0], 150.0, 1.0)]
+    proto = rp.dataclasses.replace(rp.PROTOCOLS["moons"], eval_eps=(0.0, 0.1))
+    rp.plot_rg(rp.ReproduceResult(proto, [0], runs, {}), tmp_path / "rg.png")
+    assert (tmp_path / "rg.png").read_bytes()[:4] == b"\x89PNG"
+    assert matplotlib.rcParams._get_backend_or_none() == backend

@@ -22,12 +22,13 @@ from pathlib import Path
 from lsa_ext.errors import LsaUserError
 from lsa_ext.model_cache import cache_dir, cache_name, load_or_train
 from lsa_ext.paired_capture import PASS_MODES
+from lsa_ext.presets import ANALYZE_EPS
 
 log = logging.getLogger("lsa_ext.cli.analyze")
 
 DEFAULT_PERTURBATIONS = "gaussian,salt,pepper,speckle,fgsm,pgd"
 DEFAULT_EPOCHS = {"moons": 30, "digits": 15, "mnist": 2, "cifar10": 10}
-DEFAULT_EPS = {"cifar10": 8 / 255}
+DEFAULT_EPS = ANALYZE_EPS  # attack ε per dataset where a spec sets none (lsa_ext.presets)
 CSV_NAME, JSON_NAME, PNG_NAME = "layers.csv", "report.json", "lsa.png"
 DESCRIPTION = """\
 Layer Sustainability Analysis: compare every probed layer's clean and perturbed representations

@@ -1,6 +1,6 @@
-"""`lsa evaluate --checkpoint PATH`: FGSM accuracy over the paper's ε grid, R&G score, and
-optionally PGD / APGD robust accuracy. Prints the table; writes evaluation.json and
-evaluation.csv under --out.
+"""`lsa evaluate --checkpoint PATH`: FGSM accuracy over the paper's ε grid (Khalooei et al.,
+arXiv 2202.02626, Tables 2–4), R&G score, and optionally PGD / APGD robust accuracy. Prints
+the table; writes evaluation.json and evaluation.csv under --out.
 
 The dataset and model are read from an ``lsa train`` checkpoint (``last.pt``) when present;
 ``--dataset``/``--model`` override them and are required for a plain state_dict file.
@@ -12,17 +12,28 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from lsa_ext.cli.options import parse_list
+from lsa_ext.cli.options import add_device_option, parse_list
 from lsa_ext.cli.train import add_data_args, default_model, load_data
 from lsa_ext.errors import LsaUserError
+from lsa_ext.evaluation import format_eps
+from lsa_ext.presets import EPS_GRIDS
+
+
+def _grids_text() -> str:
+    """``moons/digits/mnist: 0, 0.1, …; cifar10: 0, 0.01, …`` from :data:`EPS_GRIDS`."""
+    by_grid: dict[tuple[float, ...], list[str]] = {}
+    for name, grid in EPS_GRIDS.items():
+        by_grid.setdefault(grid, []).append(name)
+    return "; ".join(f"{'/'.join(names)}: {', '.join(map(format_eps, grid))}"
+                     for grid, names in by_grid.items())
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evaluate", help="FGSM ε-grid accuracy, R&G score, PGD/APGD robust accuracy",
-        description="Evaluates a trained model: FGSM accuracy on the paper's ε grid (moons/"
-                    "digits/MNIST 0–0.5 step 0.1, CIFAR-10 0, 0.01, 0.03, 0.1, 0.2), the R&G "
-                    "score (their sum), and optional PGD/APGD robust accuracy.",
+        description=f"Evaluates a trained model: FGSM accuracy on the paper's ε grid "
+                    f"({_grids_text()}), the R&G score (their sum), and optional PGD/APGD "
+                    "robust accuracy.",
     )
     p.add_argument("--checkpoint", required=True,
                    help="an 'lsa train' checkpoint (last.pt), model.pt, or any state_dict file")
@@ -35,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--apgd-steps", type=int, default=100, help="APGD steps (default 100)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0, help="seed of PGD/APGD random starts")
-    p.add_argument("--device", default="cpu")
+    add_device_option(p)
     p.add_argument("--out", default=None,
                    help="folder for evaluation.json/.csv (default: the checkpoint's folder)")
     p.set_defaults(func=run)

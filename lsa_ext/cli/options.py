@@ -1,12 +1,14 @@
-"""Parsing of comma-separated option values, shared by the subcommands.
+"""Options shared by the subcommands: comma-separated lists and ``--device``.
 
 ``--gamma 0.1,0.2``, ``--eps-grid 0,0.1,0.3``, ``--seeds 0,1,2``, ``--methods fgsm,pgd``: one
 parser, so every list option accepts the same spelling (blanks and empty items ignored) and
-fails with the same one-line message naming the option.
+fails with the same one-line message naming the option. ``--device`` is declared once, with
+the spellings :func:`lsa_ext.devices.resolve_device` accepts.
 """
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -35,3 +37,10 @@ def parse_list(text: str | None, convert: Callable[[str], T], option: str) -> li
         one, many = _KINDS.get(convert, ("a value", "values"))  # type: ignore[call-overload]
         raise LsaUserError(f"{option} must be {one} or comma-separated {many}, got {text!r}") \
             from None
+
+
+def add_device_option(parser: argparse._ActionsContainer, default: str = "cpu") -> None:
+    """Adds ``--device`` (``cpu``, ``cuda``, ``cuda:N`` or ``auto``; default ``default``) to a
+    parser or argument group; the value is checked by :func:`lsa_ext.devices.resolve_device`."""
+    parser.add_argument("--device", default=default,
+                        help=f"cpu, cuda, cuda:N or auto (default: {default})")

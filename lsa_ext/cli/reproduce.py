@@ -1,9 +1,13 @@
-"""`lsa reproduce moons|digits`: the paper's protocol (Tables 2/3, Figs. 6/7) in one command."""
+"""`lsa reproduce moons|digits`: the paper's protocol in one command (Khalooei et al.,
+arXiv 2202.02626: Tables 2 and 3, Figs. 6 and 7; see :mod:`lsa_ext.reproduce`)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+from lsa_ext.cli.options import add_device_option, parse_list
+from lsa_ext.reproduce import PROTOCOLS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -15,20 +19,20 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "rg.png (Fig. 6) and, for moons, boundaries.png (Fig. 7) under --out. "
                     "Finished runs are cached in --out/runs and skipped on a rerun.",
     )
-    p.add_argument("dataset", choices=("moons", "digits"))
+    p.add_argument("dataset", choices=tuple(PROTOCOLS))
     p.add_argument("--out", default=None, help="output folder (default runs/reproduce-DATASET)")
     p.add_argument("--seeds", default="0", help="comma-separated training seeds (default 0)")
     p.add_argument("--quick", action="store_true",
                    help="tiny version (2 epochs, 256 training samples) for tests")
+    defaults = "; ".join(f"{k} {','.join(v.methods)}" for k, v in PROTOCOLS.items())
     p.add_argument("--methods", default=None,
-                   help="comma-separated base methods (default: moons fgsm,pgd,trades,fast; "
-                        "digits apgd)")
+                   help=f"comma-separated base methods (default: {defaults})")
     p.add_argument("--layers", default=None,
                    help="comma-separated LR layers, e.g. L0,L2 (default: every learnable layer)")
     p.add_argument("--epochs", type=int, default=None, help="override the protocol's epochs")
     p.add_argument("--eps", type=float, default=None, help="override the training ε")
     p.add_argument("--gamma", type=float, default=None, help="override γ (default 1)")
-    p.add_argument("--device", default="cpu")
+    add_device_option(p)
     p.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     p.set_defaults(func=run)
 
@@ -36,7 +40,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from lsa_ext.cli.options import parse_list
     from lsa_ext.reproduce import reproduce
 
     seeds = parse_list(args.seeds, int, "--seeds") or [0]

@@ -16,9 +16,10 @@ from typing import Any
 
 from lsa_ext.cli.options import parse_list
 from lsa_ext.errors import LsaUserError
+from lsa_ext.presets import TRAIN_EPS
 
-# Training-attack ε per dataset when --eps is not given (stated in README/docs/results.md).
-DEFAULT_EPS = {"moons": 0.3, "digits": 0.2, "mnist": 0.3, "cifar10": 8 / 255}
+# Training-attack ε per dataset when --eps is not given (lsa_ext.presets).
+DEFAULT_EPS = TRAIN_EPS
 DEFAULT_EPOCHS = 10
 
 
