@@ -6,9 +6,11 @@ clean representation and ``b`` its perturbed twin. The compiled kernels (``torch
 compute the per-sample squared sums ``D_i = sum (a_i - b_i)^2`` and ``N_i = sum a_i^2`` in one
 read of each input; the ratio and the reduction over samples are tiny ``[B]`` operations done here.
 
-Zero-norm guard: the result is ``sqrt(D) / max(sqrt(N), eps)``, so a clean sample of zero norm
-gives a finite value (``sqrt(D) / eps``, or 0 when ``D == 0`` too) and finite gradients; the
-gradient of ``sqrt`` at 0 is taken as 0. NaN in a sample's inputs gives NaN in that sample only.
+Zero-norm guard: the result is ``sqrt(D) / max(sqrt(N), eps, tiny)`` with ``tiny`` the input
+dtype's smallest normal number (:func:`lsa_ext.reference.eps_floor`), so a clean sample of zero
+norm gives a finite value (``sqrt(D) / max(eps, tiny)``, or 0 when ``D == 0`` too) and gradients
+that are finite in the input's dtype, float16 included; the gradient of ``sqrt`` at 0 is taken
+as 0. NaN in a sample's inputs gives NaN in that sample only.
 """
 
 from __future__ import annotations
@@ -248,15 +250,17 @@ def relative_error(
         reduction: ``"none"`` → ``[B]`` per sample (default); ``"mean"`` / ``"sum"`` over samples
             → scalar; ``"batch"`` → ``||A - B||_F / ||A||_F`` over the whole batch (the published
             LSA code's form) → scalar.
-        eps: lower bound on the denominator ``||clean_i||_F`` (default 1e-12), so a zero-norm
-            sample gives a finite value and finite gradients.
+        eps: lower bound on the denominator ``||clean_i||_F`` (default 1e-12; raised to the
+            input dtype's smallest normal number where that is larger, i.e. 2**-14 for
+            float16), so a zero-norm sample gives a finite value and gradients finite in the
+            input's dtype.
 
     Returns:
         float64 for float64 input, float32 otherwise. Differentiable in both arguments.
     """
     _check_options(reduction, eps)
     d, n = sq_sums(clean, perturbed)
-    return reference.reduce(d, n, reduction, float(eps))
+    return reference.reduce(d, n, reduction, reference.eps_floor(eps, clean.dtype))
 
 
 def relative_error_multi(
@@ -277,7 +281,7 @@ def relative_error_multi(
     """
     _check_options(reduction, eps)
     d, n = sq_sums_multi(cleans, perturbeds)
-    return reference.reduce(d, n, reduction, float(eps))
+    return reference.reduce(d, n, reduction, reference.eps_floor(eps, cleans[0].dtype))
 
 
 def backend() -> dict[str, str]:

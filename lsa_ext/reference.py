@@ -38,6 +38,19 @@ def sq_sums_multi(
     return torch.stack([d for d, _ in pairs]), torch.stack([n for _, n in pairs])
 
 
+def eps_floor(eps: float, dtype: torch.dtype) -> float:
+    """The denominator floor for inputs of ``dtype``: ``max(eps, finfo(dtype).tiny)``.
+
+    ``tiny`` is the dtype's smallest normal number (float16: 2**-14 ≈ 6.1e-5; bfloat16 and
+    float32: 2**-126; float64: 2**-1022). A zero-norm clean sample's gradients are bounded by
+    ``|upstream| / floor`` per element, and ``finfo.max · tiny ≈ 4`` in every IEEE format, so
+    they stay finite in the input's dtype for ``|upstream| < 4`` (the gradient of a sum or mean
+    of the result has ``|upstream| ≤ 1``). With the default ``eps = 1e-12`` only float16
+    changes (``1e-12`` would give gradients of 1e12, beyond float16's 65504).
+    """
+    return max(float(eps), torch.finfo(dtype).tiny)
+
+
 def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
     """``sqrt(x)`` whose gradient at ``x == 0`` is 0 instead of inf (NaN still propagates)."""
     zero = x == 0
@@ -73,7 +86,7 @@ def relative_error(
 ) -> torch.Tensor:
     """Reference of :func:`lsa_ext.relative_error` (no argument validation)."""
     d, n = sq_sums(clean, perturbed)
-    return reduce(d, n, reduction, eps)
+    return reduce(d, n, reduction, eps_floor(eps, clean.dtype))
 
 
 def relative_error_multi(
@@ -84,4 +97,4 @@ def relative_error_multi(
 ) -> torch.Tensor:
     """Reference of :func:`lsa_ext.relative_error_multi` (no argument validation)."""
     d, n = sq_sums_multi(cleans, perturbeds)
-    return reduce(d, n, reduction, eps)
+    return reduce(d, n, reduction, eps_floor(eps, cleans[0].dtype))

@@ -77,6 +77,76 @@ def test_zero_norm_and_zero_diff_give_finite_grads(device, multi):
     assert torch.equal(a.grad[1], torch.zeros_like(a[1])) and torch.equal(a.grad[2], a.grad[1])
 
 
+def _relative_error_f64(a, b, eps):
+    """Straightforward float64 formula: ||a_i - b_i|| / max(||a_i||, eps) per sample."""
+    d = (a - b).flatten(1).square().sum(dim=1)
+    n = a.flatten(1).square().sum(dim=1)
+    num = torch.where(d == 0, 0.0, torch.where(d == 0, 1.0, d).sqrt())  # sqrt'(0) := 0
+    return num / n.clamp_min(eps * eps).sqrt()  # = max(sqrt(n), eps), gradient 0 below
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("impl", ["ops", "ops_multi", "reference"])
+def test_zero_norm_samples_give_finite_correct_grads_in_every_dtype(device, dtype, impl):
+    """A zero-norm clean sample: value ||b|| / max(eps, tiny) and gradients finite in the
+    input's dtype (float16 included: eps = 1e-12 would give 1e12 > 65504) and equal to a
+    float64 autograd of the plain formula with that floor; identical samples: 0 and zero
+    gradients (case 09 of issue 10)."""
+    g = torch.Generator().manual_seed(9)
+    a = torch.randn(5, 3, 4, generator=g, dtype=torch.float64)
+    b = a + 0.3 * torch.randn(5, 3, 4, generator=g, dtype=torch.float64)
+    a[0] = b[0]          # identical
+    a[2] = 0             # zero-norm clean, b non-zero
+    b[2] = 0
+    b[2, 0, 0] = 1.0
+    a[3] = 0             # both zero
+    b[3] = 0
+    a, b = a.to(dtype), b.to(dtype)
+    floor = max(1e-12, torch.finfo(dtype).tiny)
+    assert reference.eps_floor(1e-12, dtype) == floor
+    x = a.to(device).requires_grad_(True)
+    z = b.to(device).requires_grad_(True)
+    if impl == "ops":
+        out = lsa_ext.relative_error(x, z)
+    elif impl == "ops_multi":
+        out = lsa_ext.relative_error_multi([x], [z])[0]
+    else:
+        out = reference.relative_error(x, z)
+    out.sum().backward()
+    ra = a.detach().double().requires_grad_(True)
+    rb = b.detach().double().requires_grad_(True)
+    want = _relative_error_f64(ra, rb, floor)
+    want.sum().backward()
+    assert x.grad.dtype == dtype and x.grad.isfinite().all() and z.grad.isfinite().all()
+    assert out[0].item() == 0 and (x.grad[0] == 0).all() and (z.grad[0] == 0).all()
+    assert out[3].item() == 0 and (x.grad[3] == 0).all() and (z.grad[3] == 0).all()
+    assert out[2].item() == pytest.approx(1.0 / floor, rel=1e-6)
+    tol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5,
+           torch.float64: 1e-12}[dtype]
+    torch.testing.assert_close(out.double().cpu(), want.detach(), rtol=tol, atol=0)
+    # expected gradients rounded to the dtype, as the kernels store them
+    for got, ref in ((x.grad, ra.grad), (z.grad, rb.grad)):
+        torch.testing.assert_close(got.double().cpu(), ref.to(dtype).double(), rtol=tol,
+                                   atol=tol * 1e-3)
+    if dtype == torch.float16:  # the value the old floor gave cannot be stored in float16
+        assert 1e12 > torch.finfo(torch.float16).max and z.grad[2].abs().max() == 1 / floor
+
+
+def test_lr_term_of_identical_batches_has_zero_finite_gradients():
+    """lr_term(x, x): LR = 0 and every parameter gradient exactly 0 (case 09: an eps = 0 attack
+    must not poison training), with ReLU outputs whose samples may be all zero."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    with torch.no_grad():
+        m[0].bias[:] = -10.0  # every ReLU output is zero: zero-norm samples at layer "1"
+    x = torch.rand(16, 4)
+    lr, _, _ = lsa_ext.lr_term(m, x, x.clone(), ["0", "1"], gamma=1.0)
+    lr.backward()
+    assert lr.item() == 0
+    for p in m.parameters():
+        assert p.grad is None or torch.equal(p.grad, torch.zeros_like(p))
+
+
 def test_lower_precision_grads_match_reference(device):
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         a, b = pair([3, 4, 5], device, seed=6, dtype=dtype)
