@@ -4,6 +4,19 @@ Every attack is built as ``Attack(model, eps, ...)`` and called on a batch: ``x`
 ``[B, *input_shape]``, ``y`` int64 ``[B]``. It returns a detached tensor of ``x``'s shape, dtype
 and device. Shared behaviour (class :class:`Attack`):
 
+- dtypes: float16, bfloat16, float32 and float64 inputs (with a model of that dtype). Steps and
+  projections are computed in float32 (float64 for float64 inputs); the model sees, and the
+  attack returns, points of ``x``'s dtype projected exactly (:class:`lsa_ext.budget.Budget`):
+  ``|x̂ − x| ≤ ε`` per coordinate (L∞) or ``‖x̂ − x‖₂ ≤ ε`` per sample (L2) and
+  ``lo ≤ x̂ ≤ hi``, evaluated in float64, with no rounding slack.
+- ``output``: how the logits are read from the model's output (:mod:`lsa_ext.outputs`):
+  ``None`` (a tensor; a dict's ``"logits"``; an object's ``.logits``), an index, a key or a
+  callable. Any other output is one :class:`~lsa_ext.errors.LsaUserError` naming its type.
+- Inference mode: an attack called inside ``torch.inference_mode()`` or given inference tensors
+  runs on normal copies with inference mode switched off for its duration (gradients need
+  autograd) and returns a normal tensor; a model whose *parameters* are inference tensors is
+  one :class:`~lsa_ext.errors.LsaUserError`.
+
 - ``clip=(lo, hi)`` keeps the result inside the data range (default ``(0, 1)``, images);
   ``clip=None`` means no data range (two-moons). Inputs outside ``clip`` are a user error.
 - ``mode``, the model mode during the attack (:data:`lsa_ext.modules.MODES`): ``"eval"``
@@ -33,10 +46,12 @@ from typing import Any
 
 import torch
 
+from lsa_ext.budget import Budget, work_dtype
 from lsa_ext.checks import check_clip, check_in_clip_range, check_int, check_number
 from lsa_ext.errors import LsaTypeError, LsaUserError
 from lsa_ext.losses import cross_entropy, kl_div
 from lsa_ext.modules import MODES, model_mode
+from lsa_ext.outputs import OutputSelector, check_selector, logits_of
 
 __all__ = [
     "APGD",
@@ -103,10 +118,12 @@ def _flat_norm(t: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- base class
 class Attack:
-    """Base class: ``Attack(model, eps, *, clip=(0, 1), mode="eval", loss=None, seed=0)``.
+    """Base class: ``Attack(model, eps, *, clip=(0, 1), mode="eval", loss=None, seed=0,
+    output=None)``.
 
     Subclasses implement :meth:`_perturb` (called with the model already in the attack mode,
-    gradients enabled, ``x`` detached and ``eps > 0``).
+    gradients enabled, ``x`` detached in the working dtype and ``eps > 0``) and call the model
+    only through :meth:`_loss_grad`, :meth:`_loss_only` or :meth:`_logits_at`.
     """
 
     name = "attack"
@@ -121,6 +138,7 @@ class Attack:
         mode: str = "eval",
         loss: LossFn | None = None,
         seed: int = 0,
+        output: OutputSelector = None,
     ) -> None:
         if not callable(model):
             raise LsaUserError(f"model must be callable (an nn.Module), got {type(model).__name__}")
@@ -136,6 +154,8 @@ class Attack:
         self._loss_fn: LossFn = loss if loss is not None else _default_loss
         self.seed = check_int("seed", seed, minimum=0)
         self.generator = torch.Generator().manual_seed(self.seed)
+        self.output = check_selector(output)
+        self._budget: Budget | None = None  # set for the length of a call
 
     # -- public API ---------------------------------------------------------------------------
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -143,9 +163,34 @@ class Attack:
         x, y = self._check_inputs(x, y)
         if self.eps == 0:
             return x.detach().clone()
-        with model_mode(self.model, self.mode), torch.enable_grad():
-            out = self._perturb(x.detach(), y)
-        return out.detach().to(dtype=x.dtype)
+        if torch.is_inference_mode_enabled() or x.is_inference() or y.is_inference():
+            # gradients need autograd, which inference mode switches off and inference tensors
+            # cannot enter: run on normal copies with inference mode off
+            with torch.inference_mode(False):
+                return self._attack(x.clone(), y.clone())
+        return self._attack(x, y)
+
+    def check_num_classes(self, num_classes: int) -> None:
+        """Raises :class:`LsaUserError` when the attack cannot run on a model with
+        ``num_classes`` classes (e.g. the DLR loss needs 3). Lets callers that know the class
+        count (the CLI, from the dataset) reject a spec before any training."""
+
+    def _attack(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self._budget = Budget(x, self.eps, self.norm, self.clip)
+        try:
+            with model_mode(self.model, self.mode), torch.enable_grad():
+                out = self._perturb(x.detach().to(work_dtype(x.dtype)), y)
+            return self._budget.project(out)
+        except RuntimeError as exc:
+            if "inference tensor" in str(exc).lower():
+                raise LsaUserError(
+                    f"the {self.name} attack needs gradients through the model, but the "
+                    "model's parameters are inference tensors (created or loaded under "
+                    "torch.inference_mode()); build or load the model outside inference mode"
+                ) from None
+            raise
+        finally:
+            self._budget = None
 
     def state_dict(self) -> dict[str, Any]:
         """The random generator's state (to resume a run with the same random starts)."""
@@ -195,18 +240,31 @@ class Attack:
             )
         return loss
 
+    def _model_input(self, x_adv: torch.Tensor) -> torch.Tensor:
+        """The point the model sees for the iterate ``x_adv`` (working dtype): projected
+        exactly into the budget in the input's dtype, detached — the point returned if it is
+        the result."""
+        assert self._budget is not None, "attack helpers run inside Attack.__call__"
+        return self._budget.project(x_adv)
+
+    def _logits_at(self, x_in: torch.Tensor) -> torch.Tensor:
+        """The model's logits at a model input (:mod:`lsa_ext.outputs` contract)."""
+        return logits_of(self.model(x_in), self.output, batch=x_in.shape[0])
+
     def _loss_grad(self, x_adv: torch.Tensor, y: torch.Tensor, first: bool = False):
-        """Per-sample loss ``[B]`` (detached) and its gradient w.r.t. ``x_adv``."""
-        x_adv = x_adv.detach().requires_grad_(True)
-        loss = self._loss(self.model(x_adv), y)
+        """Per-sample loss ``[B]`` (detached) and its gradient w.r.t. the model input, both in
+        ``x_adv``'s (working) dtype."""
+        x_in = self._model_input(x_adv).requires_grad_(True)
+        loss = self._loss(self._logits_at(x_in), y)
         if first and not bool(torch.isfinite(loss).all()):
             raise LsaUserError(f"the model produced NaN/Inf loss during the {self.name} attack")
-        (grad,) = torch.autograd.grad(loss.sum(), x_adv)
-        return loss.detach(), grad
+        (grad,) = torch.autograd.grad(loss.sum(), x_in)
+        return loss.detach().to(x_adv.dtype), grad.to(x_adv.dtype)
 
     @torch.no_grad()
     def _loss_only(self, x_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self._loss(self.model(x_adv), y).detach()
+        x_in = self._model_input(x_adv)
+        return self._loss(self._logits_at(x_in), y).detach().to(x_adv.dtype)
 
     def _clip(self, x_adv: torch.Tensor) -> torch.Tensor:
         if self.clip is None:
@@ -400,15 +458,15 @@ class TRADES(Attack):
 
     def _perturb(self, x, y):
         with torch.no_grad():
-            logits_clean = self.model(x).detach()
+            logits_clean = self._logits_at(self._model_input(x)).detach()
         x_adv = self._project(x + 0.001 * self._rand(x, "normal"), x)
         for t in range(self.steps):
-            x_req = x_adv.detach().requires_grad_(True)
-            kl = kl_div(self.model(x_req), logits_clean, reduction="none")
+            x_in = self._model_input(x_adv).requires_grad_(True)
+            kl = kl_div(self._logits_at(x_in), logits_clean, reduction="none")
             if t == 0 and not bool(torch.isfinite(kl).all()):
                 raise LsaUserError("the model produced NaN/Inf during the trades attack")
-            (grad,) = torch.autograd.grad(kl.sum(), x_req)
-            x_adv = self._project(x_adv + self.alpha * grad.sign(), x)
+            (grad,) = torch.autograd.grad(kl.sum(), x_in)
+            x_adv = self._project(x_adv + self.alpha * grad.to(x_adv.dtype).sign(), x)
         return x_adv
 
 
@@ -491,6 +549,14 @@ class APGD(Attack):
     def _params(self):
         return {**super()._params(), "steps": self.steps, "n_restarts": self.n_restarts,
                 "rho": self.rho, "norm": self.norm, "loss": self.loss_name}
+
+    def check_num_classes(self, num_classes: int) -> None:
+        """The DLR loss needs at least 3 classes (:func:`dlr_loss`)."""
+        if self.loss_name == "dlr" and num_classes < 3:
+            raise LsaUserError(
+                f"the DLR loss of APGD needs at least 3 classes; the data has {num_classes} "
+                "(use loss=ce)"
+            )
 
     def _start(self, x: torch.Tensor) -> torch.Tensor:
         if not self.random_start:
