@@ -38,6 +38,7 @@ from lsa_ext.errors import LsaUserError
 from lsa_ext.losses import predict
 from lsa_ext.measures import Measure, MeasureFn, get_measure
 from lsa_ext.modules import model_device
+from lsa_ext.outputs import OutputSelector, check_selector, logits_of
 from lsa_ext.paired_capture import PASS_MODES, check_pass_mode, paired_measures
 from lsa_ext.perturbations import (
     DEFAULT_EPS,
@@ -73,7 +74,7 @@ MODES = PASS_MODES  # former name of PASS_MODES, kept for existing imports
 
 
 def _unpack(
-    batch: Any, model: nn.Module, device: torch.device
+    batch: Any, model: nn.Module, device: torch.device, output: OutputSelector = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x, y)`` on ``device`` from a batch; unlabelled batches get the model's predictions."""
     if isinstance(batch, torch.Tensor):
@@ -87,7 +88,7 @@ def _unpack(
     x = x.to(device)
     if y is None:
         with torch.no_grad():
-            y = predict(model(x))
+            y = predict(logits_of(model(x), output, batch=x.shape[0]))
     return x, y.to(device)
 
 
@@ -147,6 +148,7 @@ def accumulate(
     total: int | None = None,
     progress_enabled: bool | None = None,
     reseed: Callable[[int], None] | None = None,
+    output: OutputSelector = None,
 ) -> tuple[list[str], CMStats]:
     """Streams ``batches`` and returns ``(sites, stats)`` (:class:`CMStats` ``[P, L]`` on device).
 
@@ -156,7 +158,8 @@ def accumulate(
 
     ``reseed``: called with the global batch index ``k`` before batch ``k`` is perturbed
     (:func:`lsa_ext.seeding.batch_seeding` makes one), so randomness does not depend on how
-    the batches are split over processes.
+    the batches are split over processes. ``output``: how the logits are read from the
+    model's output (:func:`lsa_ext.outputs.logits_of`).
 
     Under torchrun (a process group with N > 1 ranks) batch ``k`` is processed by rank
     ``k mod N`` only (every rank reads all batches, nothing is padded) and the statistics are
@@ -181,7 +184,7 @@ def accumulate(
         if bi % world != rank:  # another rank's batch
             seen += _batch_len(batch)
             continue
-        x, y = _unpack(batch, model, dev)
+        x, y = _unpack(batch, model, dev, output)
         if max_samples is not None:
             x, y = x[: max_samples - seen], y[: max_samples - seen]
         seen += x.shape[0]
@@ -193,7 +196,7 @@ def accumulate(
             warned = True
         s, vals, preds = paired_measures(
             model, layer_names, x, x_hats, meas, mode=mode, forward_batch=forward_batch,
-            predictions=True,
+            predictions=True, output=output,
         )
         if sites is None:
             sites = s
@@ -206,6 +209,9 @@ def accumulate(
         assert stats is not None
         for p in range(len(names)):
             stats.update(p, vals[p])
+        if preds is None and bi == rank:  # the first batch this rank analyses
+            log.warning("the model's output holds no logits [B, K] (lsa_ext.outputs): no "
+                        "accuracy is reported; pass output= to select them")
         stats.update_correct(preds, y)
     if world > 1:  # exact sums over ranks (a rank without batches contributes None)
         sites, stats = distributed.all_reduce_stats((sites, stats))
@@ -246,12 +252,14 @@ def analyze(
     sampler: Any = None,
     progress: bool | None = None,
     config: Mapping[str, Any] | None = None,
+    output: OutputSelector = None,
 ) -> AnalysisResult:
     """Layer Sustainability Analysis of ``model`` on ``data`` under ``perturbations``.
 
     Args:
-        model: any ``nn.Module`` returning logits; run in eval mode (restored afterwards) and
-            moved to ``device`` when one is given.
+        model: any ``nn.Module`` returning logits (or an output :func:`lsa_ext.outputs.logits_of`
+            reads: a dict with ``"logits"``, an object with ``.logits``; else see ``output``);
+            run in eval mode (restored afterwards) and moved to ``device`` when one is given.
         data: a ``DataLoader`` (used as is: pass one with a ``DistributedSampler`` to shard), a
             ``Dataset`` of ``(x, y)``, a pair ``(x, y)`` of tensors, a tensor ``x`` (labels are then
             the model's predictions), or any iterable of ``(x, y)`` batches.
@@ -282,6 +290,12 @@ def analyze(
             (see :func:`accumulate` for merging ranks).
         progress: show a progress bar (default: when stderr is a terminal; env LSA_PROGRESS).
         config: extra JSON-serialisable entries recorded in the result's ``config``.
+        output: logits selector for models returning tuples, dicts or objects (an index, a
+            key, or a callable; :mod:`lsa_ext.outputs`), used for the accuracy, unlabelled
+            data and spec-built attacks. Default None: the rule of
+            :func:`lsa_ext.outputs.logits_of`. An output without logits under that rule (a
+            feature extractor's tuple, a tensor of another shape than ``[B, K]``) gives
+            ``accuracy`` None (logged); attacks and unlabelled data need logits and raise.
 
     Returns:
         :class:`AnalysisResult` with per (perturbation, layer) mean, std and count of CM.
@@ -289,8 +303,9 @@ def analyze(
     Raises:
         LsaUserError: unknown layer/measure/perturbation names, no probed layer, NaN from the
             model (naming layer and perturbation), empty data, a bad batch size, ε or
-            max_samples.
+            max_samples, a model output that holds no logits (naming its type).
     """
+    output = check_selector(output)
     check_batch_size(batch_size)
     check_number("eps", eps)
     if max_samples is not None:
@@ -302,7 +317,8 @@ def analyze(
         model.to(device)
     dev = model_device(model) if device is None else device
     layer_names = select_layers(model, layers)
-    perts = build_perturbations(perturbations, model=model, clip=clip, eps=eps, seed=seed)
+    perts = build_perturbations(perturbations, model=model, clip=clip, eps=eps, seed=seed,
+                                output=output)
     loader, total = batches(data, batch_size, sampler=sampler, allow_unlabelled=True)
     if forward_batch is None:
         forward_batch = getattr(loader, "batch_size", None) or batch_size
@@ -314,7 +330,7 @@ def analyze(
             sites, stats = accumulate(
                 model, loader, perts, layer_names, meas, device=dev, mode=mode,
                 forward_batch=forward_batch, max_samples=max_samples, total=total,
-                progress_enabled=progress, reseed=reseed_batch,
+                progress_enabled=progress, reseed=reseed_batch, output=output,
             )
     finally:
         model.train(was_training)

@@ -11,7 +11,9 @@ batches; it is read once per attack), a ``Dataset`` yielding ``(x, y)`` pairs, a
 ``(x, y)``, or a ``DataSplits`` from :func:`lsa_ext.data.load_dataset` (its ``test`` split is
 used, and its ``info`` gives the dataset name and data range). The model is moved to ``device``
 (``nn.Module.to``, in place) and put in eval mode for the evaluation; its previous train/eval
-flags and its parameters' ``requires_grad`` are restored.
+flags and its parameters' ``requires_grad`` are restored. Its output is read by
+:func:`lsa_ext.outputs.logits_of` (``output=``: how to select the logits from a tuple, dict or
+object output).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from lsa_ext.errors import LsaUserError
 from lsa_ext.io import atomic_write_csv, atomic_write_json
 from lsa_ext.losses import cross_entropy, predict
 from lsa_ext.modules import model_mode
+from lsa_ext.outputs import OutputSelector, check_selector, logits_of
 from lsa_ext.presets import DATA_RANGES, EPS_GRIDS
 from lsa_ext.progress import progress
 from lsa_ext.types import Perturbation
@@ -42,6 +45,7 @@ __all__ = [
     "EPS_GRIDS",
     "EvaluationResult",
     "accuracy",
+    "check_settings",
     "evaluate",
     "fgsm_accuracy_grid",
     "format_eps",
@@ -84,9 +88,10 @@ def _batch(xy: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return x.to(device), y.to(device=device, dtype=torch.long)
 
 
-def _correct(model: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _correct(model: Any, x: torch.Tensor, y: torch.Tensor,
+             output: OutputSelector = None) -> torch.Tensor:
     with torch.no_grad():
-        logits = model(x)
+        logits = logits_of(model(x), output, batch=x.shape[0])
     if not bool(torch.isfinite(logits).all()):
         raise LsaUserError("the model produced NaN/Inf logits during evaluation")
     return (predict(logits) == y).sum()
@@ -112,12 +117,20 @@ def accuracy(
     batch_size: int = 256,
     device: str | torch.device = "cpu",
     desc: str = "accuracy",
+    output: OutputSelector = None,
 ) -> float:
     """Accuracy in percent of ``model`` on the data, optionally on ``perturb(x, y)`` inputs.
 
     ``perturb`` is any callable ``(x, y) -> x̂`` (an attack from :mod:`lsa_ext.attacks`, a noise,
     another library's attack object). The model is in eval mode throughout (restored afterwards).
+    ``output``: logits selector (:func:`lsa_ext.outputs.logits_of`; default: a tensor, a dict's
+    ``"logits"`` or an object's ``.logits``).
+
+    Raises:
+        LsaUserError: bad batch size or device, empty data, NaN/Inf logits, or a model output
+            that holds no logits (the message names its type).
     """
+    output = check_selector(output)
     device, data, total = _prepare(model, dataset_or_loader, batch_size, device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     n = 0
@@ -126,7 +139,7 @@ def accuracy(
             x, y = _batch(xy, device)
             if perturb is not None:
                 x = perturb(x, y)
-            correct += _correct(model, x, y)
+            correct += _correct(model, x, y, output)
             n += y.shape[0]
     if n == 0:
         raise LsaUserError("the evaluation data is empty")
@@ -141,6 +154,7 @@ def fgsm_accuracy_grid(
     clip: tuple[float, float] | None,
     batch_size: int = 256,
     device: str | torch.device = "cpu",
+    output: OutputSelector = None,
 ) -> dict[float, float]:
     """FGSM accuracy (%) at each ε of ``eps_grid``: ``{eps: accuracy}`` in grid order.
 
@@ -148,12 +162,16 @@ def fgsm_accuracy_grid(
     point does not depend on ε), so the result equals ``accuracy(model, data,
     perturb=FGSM(model, eps, clip=clip))`` for each ε at the cost of one backward pass per batch.
     ``clip``: the data range ``(lo, hi)`` or ``None`` (two-moons); ε = 0 is clean accuracy.
+    ``output``: logits selector (:func:`lsa_ext.outputs.logits_of`).
     """
-    return _fgsm_grid(model, data, eps_grid, clip, batch_size, device)[0]
+    return _fgsm_grid(model, data, eps_grid, clip, batch_size, device, output)[0]
 
 
-def _fgsm_grid(model, data, eps_grid, clip, batch_size, device) -> tuple[dict[float, float], int]:
+def _fgsm_grid(model, data, eps_grid, clip, batch_size, device,
+               output: OutputSelector = None) -> tuple[dict[float, float], int]:
     grid = _check_grid(eps_grid)
+    clip = check_clip(clip)
+    output = check_selector(output)
     device, data, total = _prepare(model, data, batch_size, device)
     correct = torch.zeros(len(grid), dtype=torch.long, device=device)
     n = 0
@@ -165,7 +183,8 @@ def _fgsm_grid(model, data, eps_grid, clip, batch_size, device) -> tuple[dict[fl
             if any(e > 0 for e in grid):
                 with torch.enable_grad():
                     x_req = x.detach().requires_grad_(True)
-                    loss = cross_entropy(model(x_req), y, reduction="sum")
+                    logits = logits_of(model(x_req), output, batch=x.shape[0])
+                    loss = cross_entropy(logits, y, reduction="sum")
                     (grad,) = torch.autograd.grad(loss, x_req)
                 direction = grad.sign()
             for i, eps in enumerate(grid):
@@ -175,7 +194,7 @@ def _fgsm_grid(model, data, eps_grid, clip, batch_size, device) -> tuple[dict[fl
                     x_adv = x + eps * direction
                     if clip is not None:
                         x_adv = x_adv.clamp(clip[0], clip[1])
-                correct[i] += _correct(model, x_adv, y)
+                correct[i] += _correct(model, x_adv, y, output)
             n += y.shape[0]
     if n == 0:
         raise LsaUserError("the evaluation data is empty")
@@ -351,13 +370,61 @@ def _default_grid(dataset: str | None) -> tuple[float, ...]:
 def _robust_accuracy(
     model: Callable[[torch.Tensor], torch.Tensor], test: Any, attack: type[PGD] | type[APGD],
     eps_list: tuple[float, ...], steps: int, *, clip: Clip, seed: int, batch_size: int,
-    device: str | torch.device,
+    device: str | torch.device, output: OutputSelector,
 ) -> dict[float, float]:
-    """``{eps: accuracy under attack(model, eps, steps=steps)}`` (PGD or APGD) for each ε."""
-    return {eps: accuracy(model, test, batch_size=batch_size, device=device,
-                          perturb=attack(model, eps, steps=steps, clip=clip, seed=seed),
-                          desc=f"{attack.name.upper()}-{steps} eps={format_eps(eps)}")
-            for eps in eps_list}
+    """``{eps: accuracy under attack(model, eps, steps=steps)}`` (PGD or APGD) for each ε.
+
+    Every attack is built (and so checked) before the first one runs."""
+    attacks = {eps: attack(model, eps, steps=steps, clip=clip, seed=seed, output=output)
+               for eps in eps_list}
+    return {eps: accuracy(model, test, batch_size=batch_size, device=device, perturb=atk,
+                          desc=f"{attack.name.upper()}-{steps} eps={format_eps(eps)}",
+                          output=output)
+            for eps, atk in attacks.items()}
+
+
+def _settings(model, data, dataset, eps_grid, clip, pgd_eps, apgd_eps, pgd_steps, apgd_steps,
+              batch_size, device, seed, output):
+    """:func:`evaluate`'s checked settings: ``(dataset name, FGSM grid, clip, PGD ε list, APGD
+    ε list, batch size, output selector)``. ``data`` may be None (only its ``info`` is read)."""
+    name = _dataset_name(data, dataset)
+    grid = _check_grid(_default_grid(name) if eps_grid is None else eps_grid)
+    clip_range = _resolve_clip(data, name, clip)
+    pgd_list = _eps_list(pgd_eps)
+    apgd_list = _eps_list(apgd_eps)
+    batch_size = check_batch_size(batch_size)
+    output = check_selector(output)
+    resolve_device(device)
+    # the PGD/APGD settings fail here, not after the FGSM grid has run
+    for cls, eps_list, steps in ((PGD, pgd_list, pgd_steps), (APGD, apgd_list, apgd_steps)):
+        for eps in eps_list:
+            cls(model, eps, steps=steps, clip=clip_range, seed=seed, output=output)
+    return name, grid, clip_range, pgd_list, apgd_list, batch_size, output
+
+
+def check_settings(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    dataset: str | None = None,
+    eps_grid: Sequence[float] | None = None,
+    clip: tuple[float, float] | None | str = "auto",
+    pgd_eps: float | Sequence[float] | None = None,
+    apgd_eps: float | Sequence[float] | None = None,
+    pgd_steps: int = 20,
+    apgd_steps: int = 100,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    output: OutputSelector = None,
+) -> None:
+    """Checks :func:`evaluate`'s settings (same arguments, no data) without running anything,
+    e.g. before the data is loaded; ``clip="auto"`` takes the range of ``dataset``.
+
+    Raises:
+        LsaUserError: the first bad setting, worded as :func:`evaluate` words it.
+    """
+    _settings(model, None, dataset, eps_grid, clip, pgd_eps, apgd_eps, pgd_steps, apgd_steps,
+              batch_size, device, seed, output)
 
 
 def evaluate(
@@ -374,6 +441,7 @@ def evaluate(
     batch_size: int = 256,
     device: str | torch.device = "cpu",
     seed: int = 0,
+    output: OutputSelector = None,
 ) -> EvaluationResult:
     """FGSM accuracy over an ε grid, R&G score, and optional PGD / APGD-CE robust accuracy.
 
@@ -391,23 +459,25 @@ def evaluate(
             restart (Croce & Hein's defaults).
         batch_size, device: evaluation batch size and device (the model is moved there).
         seed: seed of the PGD / APGD random starts.
+        output: logits selector (:func:`lsa_ext.outputs.logits_of`; default: a tensor, a
+            dict's ``"logits"`` or an object's ``.logits``).
 
     Raises:
-        LsaUserError: unknown dataset without ``eps_grid`` / ``clip``, bad ε, empty data, NaN.
+        LsaUserError: unknown dataset without ``eps_grid`` / ``clip``, bad ε, steps, seed,
+            batch size, device or ``output`` (all checked before any data is read), empty
+            data, NaN, a model output that holds no logits.
     """
-    name = _dataset_name(data, dataset)
-    grid = _check_grid(_default_grid(name) if eps_grid is None else eps_grid)
-    clip_range = _resolve_clip(data, name, clip)
-    pgd_list = _eps_list(pgd_eps)
-    apgd_list = _eps_list(apgd_eps)
-    batch_size = check_batch_size(batch_size)
+    name, grid, clip_range, pgd_list, apgd_list, batch_size, output = _settings(
+        model, data, dataset, eps_grid, clip, pgd_eps, apgd_eps, pgd_steps, apgd_steps,
+        batch_size, device, seed, output)
     test = _test_split(data)
 
-    fgsm, n = _fgsm_grid(model, test, grid, clip_range, batch_size, device)
+    fgsm, n = _fgsm_grid(model, test, grid, clip_range, batch_size, device, output)
     clean = fgsm[0.0] if 0.0 in fgsm else accuracy(
-        model, test, batch_size=batch_size, device=device, desc="clean"
+        model, test, batch_size=batch_size, device=device, desc="clean", output=output
     )
-    common = {"clip": clip_range, "seed": seed, "batch_size": batch_size, "device": device}
+    common = {"clip": clip_range, "seed": seed, "batch_size": batch_size, "device": device,
+              "output": output}
     pgd = _robust_accuracy(model, test, PGD, pgd_list, pgd_steps, **common)
     apgd = _robust_accuracy(model, test, APGD, apgd_list, apgd_steps, **common)
     config = {

@@ -79,22 +79,25 @@ def mvl_on_the_fly(
     device: str = "cpu",
     samples: int = 512,
     progress: bool | None = None,
+    output: Any = None,
 ) -> list[str]:
     """Algorithm 2 on the fly: trains a copy of ``model`` normally (``epochs``), attacks a
     seeded subset of ``samples`` training points with ``at`` (ε = ``eps``, the training attack
     settings of :data:`lsa_ext.training.TRAIN_ATTACK_DEFAULTS`) and returns the most vulnerable
-    learnable layers for cut-off ``eta`` (``model`` itself is not changed).
+    learnable layers for cut-off ``eta`` (``model`` itself is not changed). ``output``: the
+    logits selector (:func:`lsa_ext.outputs.logits_of`).
 
     Raises:
         LsaUserError: bad training or attack settings, or no layer passes the cut-off.
     """
     probe = copy.deepcopy(unwrap(model))
     fit(probe, train_data, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
-        seed=seed, device=device, progress=progress)
-    attack = build_attack(at, probe, eps, clip=clip, seed=seed,
+        seed=seed, device=device, progress=progress, output=output)
+    attack = build_attack(at, probe, eps, clip=clip, seed=seed, output=output,
                           **TRAIN_ATTACK_DEFAULTS.get(at, {}))
     result = analyze(probe, _subset(train_data, samples, seed), {at: attack},
-                     layers="learnable", seed=seed, device=device, progress=progress)
+                     layers="learnable", seed=seed, device=device, progress=progress,
+                     output=output)
     names = result.mvl(eta, at)
     if not names:
         raise LsaUserError(f"no layer passes the MVL cut-off η={eta}; lower --eta")

@@ -134,7 +134,7 @@ def logits_of(output: Any, select: OutputSelector = None, *,
         LsaUserError: the output (or what ``select`` gives) is not a floating-point tensor, or
             has the wrong shape; the message names the output's type.
     """
-    t = _default(output) if select is None else _select(output, select)
+    t = _default(output) if select is None else _select(output, check_selector(select))
     if not isinstance(t, torch.Tensor):
         via = "" if select is None else f" (selected with output={select!r})"
         raise LsaUserError(

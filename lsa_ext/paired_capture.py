@@ -40,6 +40,7 @@ from torch import nn
 from lsa_ext.errors import LsaUserError
 from lsa_ext.losses import predict
 from lsa_ext.measures import Measure, MeasureFn, get_measure
+from lsa_ext.outputs import OutputSelector, logits_or_none
 from lsa_ext.probes import Capture
 
 PASS_MODES = ("concat", "two_pass")
@@ -138,6 +139,7 @@ def paired_measures(
     mode: str = "concat",
     forward_batch: int | None = None,
     predictions: bool = False,
+    output: OutputSelector = None,
 ) -> tuple[list[str], torch.Tensor] | tuple[list[str], torch.Tensor, torch.Tensor | None]:
     """Per-sample CM of every probed site for one clean batch and its perturbed twins.
 
@@ -153,6 +155,9 @@ def paired_measures(
         predictions: also return the model's predicted classes ``[P+1, B]`` (int64; row 0
             clean, row p+1 perturbed p; :func:`lsa_ext.losses.predict` on the output), or None
             when the output is not a ``[N, K]``/``[N, 1]``/``[N]`` tensor.
+        output: logits selector (:func:`lsa_ext.outputs.logits_or_none`), applied to every
+            forward's output; with the default None an output without logits gives no
+            predictions.
 
     Returns:
         ``(sites, values)``: sites in execution order and values ``[P, S, B]`` (float32, or
@@ -178,7 +183,7 @@ def paired_measures(
     preds: list[torch.Tensor] | None = [] if predictions else None
     for start in range(0, B, chunk):
         inputs = [t[start:start + chunk] for t in (x, *x_hats)]
-        col, outs = _run_chunk(model, layer_names, meas, inputs, mode)
+        col, outs = _run_chunk(model, layer_names, meas, inputs, mode, output)
         if preds is not None:
             p_chunk = _predictions(outs, P + 1, inputs[0].shape[0])
             preds = None if p_chunk is None else preds + [p_chunk]
@@ -199,20 +204,20 @@ def paired_measures(
 
 def _run_chunk(
     model: nn.Module, layer_names: Sequence[str], meas: Measure,
-    inputs: list[torch.Tensor], mode: str,
+    inputs: list[torch.Tensor], mode: str, output: OutputSelector = None,
 ) -> tuple[_Collector, list]:
     """Runs one clean chunk ``inputs[0]`` and its twins ``inputs[1:]`` under the probes."""
     col = _Collector(meas, inputs[0].shape[0], len(inputs) - 1, mode)
     with Capture(model, layer_names, on_output=col, detach=True) as cap:
         if mode == "concat":
             cap.reset()
-            outs = [model(torch.cat(inputs))]
+            outs = [logits_or_none(model(torch.cat(inputs)), output)]
         else:
             outs = []
             for k, xin in enumerate(inputs):
                 col.pass_index = k
                 cap.reset()
-                outs.append(model(xin))
+                outs.append(logits_or_none(model(xin), output))
     if not col.order:
         raise LsaUserError(
             f"none of the probed layers ran in the forward: {', '.join(layer_names)}"

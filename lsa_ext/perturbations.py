@@ -18,6 +18,7 @@ from torch import nn
 from lsa_ext.attacks import ATTACKS, build_attack
 from lsa_ext.errors import LsaUserError
 from lsa_ext.noise import NOISES
+from lsa_ext.outputs import OutputSelector
 from lsa_ext.types import Perturbation
 
 DEFAULT_EPS = 0.1  # ε of spec-built attacks that set none (L∞, in input units)
@@ -81,15 +82,20 @@ def build_perturbation(
     clip: tuple[float, float] | None = None,
     eps: float = DEFAULT_EPS,
     seed: int = 0,
+    output: OutputSelector = None,
+    num_classes: int | None = None,
 ) -> Perturbation:
     """One perturbation from its name and parameters.
 
     Noises (:data:`lsa_ext.noise.NOISES`) get ``clip`` and ``seed``; attacks
     (:data:`lsa_ext.attacks.ATTACKS`) get ``model``, ``eps`` (unless given in ``params``),
-    ``clip`` and ``seed``.
+    ``clip``, ``seed`` and ``output`` (the logits selector, :mod:`lsa_ext.outputs`).
+    ``num_classes``: when known (e.g. from the dataset), an attack that cannot run with that
+    many classes (APGD with the DLR loss and K < 3) is rejected here, before any work.
 
     Raises:
-        LsaUserError: unknown name (listing the choices) or bad parameters.
+        LsaUserError: unknown name (listing the choices), bad or unknown parameters, or an
+            attack unfit for ``num_classes``.
     """
     params = dict(params or {})
     key = name.strip().lower()
@@ -108,7 +114,12 @@ def build_perturbation(
             raise LsaUserError(f"eps must be >= 0, got {eps_value} for {key!r}")
         params.setdefault("clip", clip)
         params.setdefault("seed", seed)
-        return build_attack(key, model, eps_value, **params)
+        if output is not None:
+            params.setdefault("output", output)
+        attack = build_attack(key, model, eps_value, **params)
+        if num_classes is not None:
+            attack.check_num_classes(num_classes)
+        return attack
     raise LsaUserError(
         f"unknown perturbation {name!r}; choices: {', '.join(perturbation_names())}"
     )
@@ -127,6 +138,8 @@ def build_perturbations(
     clip: tuple[float, float] | None = None,
     eps: float = DEFAULT_EPS,
     seed: int = 0,
+    output: OutputSelector = None,
+    num_classes: int | None = None,
 ) -> dict[str, Perturbation]:
     """Named perturbations from any accepted form.
 
@@ -134,7 +147,8 @@ def build_perturbations(
     or a list mixing spec strings, callables ``(x, y) -> x̂`` (named by their ``name``
     attribute or lower-cased class/function name) and ``(name, callable)`` pairs. The i-th
     built-in perturbation gets ``seed + i``. Names are the bare perturbation names, or
-    ``name:key=value;...`` when two share a name.
+    ``name:key=value;...`` when two share a name. ``output`` and ``num_classes``: see
+    :func:`build_perturbation` (they apply to spec-built attacks).
     """
     if isinstance(specs, Mapping):
         items = list(specs.items())
@@ -159,7 +173,8 @@ def build_perturbations(
             built.append((e[0], e[0], e[1]))
         elif isinstance(e, tuple) and len(e) == 2 and isinstance(e[0], str):
             name, params = e
-            fn = build_perturbation(name, params, model=model, clip=clip, eps=eps, seed=seed + i)
+            fn = build_perturbation(name, params, model=model, clip=clip, eps=eps, seed=seed + i,
+                                    output=output, num_classes=num_classes)
             built.append((name, _label(name, params), fn))
         elif callable(e):
             n = getattr(e, "name", None)

@@ -26,6 +26,7 @@ from torch import nn
 from lsa_ext.errors import LsaUserError
 from lsa_ext.modules import strip_prefix, unwrap
 from lsa_ext.ops import relative_error_multi
+from lsa_ext.outputs import OutputSelector, check_selector, logits_of
 from lsa_ext.probes import Capture, select_layers
 
 
@@ -85,6 +86,7 @@ def lr_term(
     *,
     clean_logits: bool = True,
     eps: float = 1e-12,
+    output: OutputSelector = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """The LR term of Algorithm 3 for one batch: ``Σ_l γ_l · mean_i CM(φ_l(x_i), φ_l(x̂_i))``.
 
@@ -103,6 +105,9 @@ def lr_term(
         clean_logits: run the full clean forward and return its logits (default True). With
             False the clean forward stops after the last probed layer and ``None`` is returned.
         eps: denominator floor of the relative error (default 1e-12).
+        output: logits selector for models returning tuples, dicts or objects
+            (:func:`lsa_ext.outputs.logits_of`; default: a tensor, a dict's ``"logits"`` or an
+            object's ``.logits``).
 
     Returns:
         ``(lr_loss, logits_clean, logits_adv)``: a scalar float32 tensor, ``[B, K]`` (or None),
@@ -110,8 +115,10 @@ def lr_term(
 
     Raises:
         LsaUserError: no layers, ``x``/``x_adv`` of different shapes, a layer without a tensor
-            output, or a bad ``gamma`` (see :func:`gamma_tensor`).
+            output, a bad ``gamma`` (see :func:`gamma_tensor`), or a model output that holds
+            no logits (naming its type).
     """
+    output = check_selector(output)
     module = unwrap(model)
     names = [strip_prefix(n) for n in layers]
     if not names:
@@ -134,14 +141,14 @@ def lr_term(
         stop_early[0] = not clean_logits
         logits_clean: torch.Tensor | None = None
         try:
-            logits_clean = module(x)
+            logits_clean = logits_of(module(x), output, batch=x.shape[0])
         except _StopForward:
             pass
         clean = dict(store)
         store.clear()
         cap.reset()  # the adversarial pass' outputs are again the layers' first calls
         stop_early[0] = False
-        logits_adv = model(x_adv)
+        logits_adv = logits_of(model(x_adv), output, batch=x_adv.shape[0])
         adv = dict(store)
     missing = [n for n in names if n not in clean or n not in adv]
     if missing:

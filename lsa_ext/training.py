@@ -63,6 +63,7 @@ from lsa_ext.devices import resolve_device
 from lsa_ext.errors import LsaUserError
 from lsa_ext.losses import cross_entropy, kl_div, predict
 from lsa_ext.modules import unwrap
+from lsa_ext.outputs import OutputSelector, check_selector, logits_of
 from lsa_ext.progress import progress as progress_bar
 from lsa_ext.regularizer import gamma_tensor, lr_term, resolve_layers
 from lsa_ext.seeding import seed_everything
@@ -116,6 +117,8 @@ class Trainer:
         meta: plain-typed information stored in checkpoints (dataset and model names, ...).
         progress: progress bars on (True), off (False) or per ``LSA_PROGRESS``/tty (None).
         on_epoch: called as ``on_epoch(trainer, record)`` after each epoch's checkpoint.
+        output: logits selector for models returning tuples, dicts or objects
+            (:func:`lsa_ext.outputs.logits_of`), used by every pass and the built attack.
 
     Raises:
         LsaUserError: an invalid config, an unknown device, an empty training set or LR layers
@@ -133,8 +136,10 @@ class Trainer:
         meta: dict[str, Any] | None = None,
         progress: bool | None = None,
         on_epoch: Callable[[Trainer, dict[str, Any]], None] | None = None,
+        output: OutputSelector = None,
     ) -> None:
         config.validate()
+        self.output = check_selector(output)
         self.config = config
         self.device, self.model = _join_and_place(model, config.device)
         self.module = unwrap(self.model)
@@ -214,7 +219,7 @@ class Trainer:
             cfg.at, self.module, cfg.eps,
             clip=None if cfg.clip is None else tuple(cfg.clip),
             mode=cfg.attack_mode,
-            seed=cfg.seed + _EPOCH_SEED_STRIDE * (epoch + 1),
+            seed=cfg.seed + _EPOCH_SEED_STRIDE * (epoch + 1), output=self.output,
             **{**TRAIN_ATTACK_DEFAULTS.get(cfg.at, {}), **cfg.attack_kwargs},
         )
 
@@ -224,7 +229,7 @@ class Trainer:
         ``loss``, ``correct`` and, with an attack, ``base`` and ``lr_loss``)."""
         cfg = self.config
         if attack is None:
-            logits = self.model(x)
+            logits = logits_of(self.model(x), self.output, batch=x.shape[0])
             loss = cross_entropy(logits, y)
             return loss, {"loss": loss.detach(), "correct": (predict(logits) == y).sum()}
         x_adv = attack(x, y).detach()
@@ -232,12 +237,12 @@ class Trainer:
         if self.layers:
             lr_loss, logits_clean, logits_adv = lr_term(
                 self.model, x, x_adv, self.layers, self.gamma,
-                clean_logits=trades or cfg.full_clean_pass,
+                clean_logits=trades or cfg.full_clean_pass, output=self.output,
             )
         else:
             lr_loss = None
-            logits_clean = self.module(x) if trades else None
-            logits_adv = self.model(x_adv)
+            logits_clean = logits_of(self.module(x), self.output) if trades else None
+            logits_adv = logits_of(self.model(x_adv), self.output, batch=x_adv.shape[0])
         if trades:
             assert logits_clean is not None
             base = cross_entropy(logits_clean, y) + cfg.trades_beta * kl_div(logits_adv,
@@ -359,6 +364,7 @@ def train(
     out: str | os.PathLike | None = None,
     resume: str | os.PathLike | None = None,
     progress: bool | None = None,
+    output: OutputSelector = None,
 ) -> nn.Module:
     """Trains ``model`` with Algorithm 3 (AT-LR) or one of its base methods; returns it.
 
@@ -366,7 +372,8 @@ def train(
     (names, ``"L<k>"`` items, or a comma-separated string; None: no LR term) and ``gamma``
     (scalar or one per layer) define the LR term. See :class:`TrainConfig` for every setting and
     the module docstring for the choices made. ``out``: checkpoint folder; ``resume``: a
-    checkpoint to continue from.
+    checkpoint to continue from. ``output``: logits selector for models returning tuples,
+    dicts or objects (:func:`lsa_ext.outputs.logits_of`).
 
     Raises:
         LsaUserError: an invalid setting (see :meth:`TrainConfig.validate`), unknown layers, or
@@ -383,7 +390,8 @@ def train(
         batch_size=batch_size, optimizer=optimizer, lr=float(lr), momentum=float(momentum),
         weight_decay=float(weight_decay), scheduler=scheduler, seed=seed, device=device,
     )
-    trainer = Trainer(model, train_data, cfg, attack=attack, out=out, progress=progress)
+    trainer = Trainer(model, train_data, cfg, attack=attack, out=out, progress=progress,
+                      output=output)
     if resume is not None:
         trainer.resume(resume)
     return trainer.fit()
@@ -400,13 +408,14 @@ def fit(
     seed: int = 0,
     device: str = "cpu",
     progress: bool | None = None,
+    output: OutputSelector = None,
 ) -> nn.Module:
     """Plain (non-adversarial) training with cross-entropy: ``train(..., at="none")``.
 
     Deterministic for a given seed and initial model. Returns ``model`` (trained, in train mode).
     """
     return train(model, train_data, at="none", epochs=epochs, batch_size=batch_size, lr=lr,
-                 optimizer=optimizer, seed=seed, device=device, progress=progress)
+                 optimizer=optimizer, seed=seed, device=device, progress=progress, output=output)
 
 
 __all__ = [
