@@ -92,6 +92,49 @@ def dataset_info(name: str) -> DatasetInfo:
     return INFOS[key]
 
 
+def check_dataset_args(
+    name: str, root: str | os.PathLike | None = None, *, seed: int = 0, **options: Any
+) -> DatasetInfo:
+    """Checks :func:`load_dataset`'s arguments without reading any data; returns the info.
+
+    Everything that can be known from the arguments alone fails here: an unknown name, a
+    file-backed dataset (MNIST, CIFAR-10) without ``root``, unknown options, and bad values of
+    ``seed``, ``limit_train``/``limit_test`` and the generator options (moons ``n_train``,
+    ``n_test``, ``noise``; digits ``n_test``). Whether ``root`` holds the files is found by
+    reading it (:func:`load_dataset`).
+
+    Raises:
+        LsaUserError: the first bad argument.
+    """
+    key = _canonical(name)
+    check_int("seed", seed, minimum=0)
+    opts = dict(options)
+    for what in ("limit_train", "limit_test"):
+        if opts.get(what) is not None:
+            check_int(what, opts[what], minimum=1)
+        opts.pop(what, None)
+    if key == "moons":
+        o = _take_options(opts, MOONS_DEFAULTS, "moons")
+        check_int("n_train", o["n_train"], minimum=2)
+        check_int("n_test", o["n_test"], minimum=2)
+        check_number("noise", o["noise"])
+    elif key == "digits":
+        check_int("n_test", _take_options(opts, DIGITS_DEFAULTS, "digits")["n_test"],
+                  minimum=10)
+    else:
+        if opts:
+            raise LsaUserError(
+                f"unknown option(s) for dataset {key!r}: {', '.join(sorted(opts))} "
+                "(accepted: limit_train, limit_test)"
+            )
+        if root is None:
+            raise LsaUserError(
+                f"dataset {key!r} is read from local files: name the folder holding them "
+                f"(root=... / --data-dir); expected {', '.join(_EXPECTED[key])}"
+            )
+    return INFOS[key]
+
+
 def _canonical(name: str) -> str:
     if not isinstance(name, str):
         raise LsaUserError(f"dataset name must be a string, got {type(name).__name__}")
@@ -122,8 +165,9 @@ def load_dataset(
         LsaUserError: unknown name or option, bad option value, or missing/malformed files
             (the message lists the expected files and the folder searched).
     """
-    key = _canonical(name)
-    seed = check_int("seed", seed, minimum=0)
+    info = check_dataset_args(name, root, seed=seed, **options)  # nothing read yet
+    key = info.name
+    seed = int(seed)
     limit_train = options.pop("limit_train", None)
     limit_test = options.pop("limit_test", None)
     if key == "moons":
@@ -131,16 +175,7 @@ def load_dataset(
     elif key == "digits":
         x_tr, y_tr, x_te, y_te = _load_digits(seed, options)
     else:
-        if options:
-            raise LsaUserError(
-                f"unknown option(s) for dataset {key!r}: {', '.join(sorted(options))} "
-                "(accepted: limit_train, limit_test)"
-            )
-        if root is None:
-            raise LsaUserError(
-                f"dataset {key!r} is read from local files: name the folder holding them "
-                f"(root=... / --data-dir); expected {', '.join(_EXPECTED[key])}"
-            )
+        assert root is not None
         loader = _load_mnist if key == "mnist" else _load_cifar10
         x_tr, y_tr, x_te, y_te = loader(Path(root).expanduser())
     rng = np.random.default_rng(np.random.SeedSequence([seed, 7]))

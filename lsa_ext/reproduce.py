@@ -40,7 +40,8 @@ from torch import nn
 
 from lsa_ext._version import versions
 from lsa_ext.checkpoint import torch_load
-from lsa_ext.data import DataSplits, load_dataset
+from lsa_ext.checks import check_int, check_number
+from lsa_ext.data import DataSplits, check_dataset_args, load_dataset
 from lsa_ext.devices import resolve_device
 from lsa_ext.errors import LsaUserError
 from lsa_ext.evaluation import fgsm_accuracy_grid, format_eps
@@ -253,11 +254,11 @@ def _protocol(dataset: str, *, quick: bool, methods: Sequence[str] | None, epoch
     if quick:
         changes.update(epochs=2, data_options={"limit_train": 256, "limit_test": 200})
     if epochs is not None:
-        changes["epochs"] = int(epochs)
+        changes["epochs"] = check_int("epochs", epochs, minimum=1)
     if eps is not None:
-        changes["eps"] = float(eps)
+        changes["eps"] = check_number("eps", eps, positive=True)
     if gamma is not None:
-        changes["gamma"] = float(gamma)
+        changes["gamma"] = check_number("gamma", gamma)
     if methods is not None:
         known = [m for m in AT_METHODS if m != "none"]
         bad = [m for m in methods if m not in known]
@@ -318,14 +319,17 @@ def reproduce(
                       gamma=gamma)
     out = Path(out)
     check_dir(out)
-    data = load_dataset(proto.dataset, seed=0, **proto.data_options)
-    clip = data.info.data_range
-    runs_plan = plan(proto, build_model(proto.model, data.info, seed=0), proto.methods, layers)
-    seeds = [int(s) for s in seeds]
+    # every setting is checked before the data is read and the first run starts
+    info = check_dataset_args(proto.dataset, seed=0, **proto.data_options)
+    clip = info.data_range
+    runs_plan = plan(proto, build_model(proto.model, info, seed=0), proto.methods, layers)
+    if isinstance(seeds, (str, bytes)) or not seeds:
+        raise LsaUserError(f"seeds must be a non-empty list of integers, got {seeds!r}")
+    seeds = [check_int("seed", s, minimum=0) for s in seeds]
     resolve_device(device)
-    # every setting is checked before the first run starts
     jobs = [(name, method, layer, seed, _train_config(proto, method, layer, seed, clip, device))
             for seed in seeds for name, method, layer in runs_plan]
+    data = load_dataset(proto.dataset, seed=0, **proto.data_options)
     ensure_dir(out / "runs")
     results: list[RunResult] = []
     models: dict[str, nn.Module] = {}

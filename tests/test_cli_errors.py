@@ -68,11 +68,19 @@ CASES = [
     ([*A, "--perturbations", "fgsm:eps=-1"], "eps must be >= 0"),
     ([*A, "--batch-size", "0"], "--batch-size must be >= 1"),
     ([*A, "--batch-size", "x"], "invalid int value: 'x'"),
-    ([*A, "--epochs", "-1"], "--epochs must be >= 0"),
+    ([*A, "--epochs", "-1"], "--epochs must be >= 1"),
     ([*A, "--seed", "-1"], "seed must be >= 0"),
     ([*A, "--out", "afile"], "'afile' is a file"),
     ([*A, "--out", "afile/sub"], "'afile' is a file"),
     ([*A, "--device", "tpu9"], "unknown device 'tpu9'"),
+    # analyze: mistakes found from the arguments alone (issue 10 case 10: DLR used to be
+    # rejected after a minute of training)
+    ([*A, "--dataset", "moons", "--perturbations", "apgd:loss=dlr"],
+     "the DLR loss of APGD needs at least 3 classes; the data has 2"),
+    ([*A, "--perturbations", "pgd:stepz=3"], "bad parameters for attack 'pgd'"),
+    ([*A, "--perturbations", "gaussian:sdt=0.1"], "bad parameters for noise 'gaussian'"),
+    ([*A, "--eta", "inf"], "--eta must be a finite number"),
+    ([*A, "--epochs", "0"], "--epochs must be >= 1"),
     # train
     ([*T, "--dataset", "nope"], "unknown dataset 'nope'"),
     ([*T, "--at", "cw"], "invalid choice: 'cw'"),
@@ -92,6 +100,15 @@ CASES = [
     ([*T, "--out", "afile"], "'afile' is a file"),
     ([*T, "--dataset", "mnist", "--data-dir", "empty"], "MNIST files not found"),
     ([*T, "--at", "pgd", "--lr-layers", "mvl", "--mvl-report", "none.json"], "does not exist"),
+    ([*T, "--at", "pgd", "--restarts", "2"], "bad parameters for attack 'pgd'"),
+    ([*T, "--at", "fgsm", "--alpha", "0.1"], "bad parameters for attack 'fgsm'"),
+    ([*T, "--at", "pgd", "--steps", "0"], "steps must be >= 1"),
+    ([*T, "--at", "apgd", "--restarts", "0"], "n_restarts must be >= 1"),
+    ([*T, "--mvl-report", "none.json"], "--mvl-report is read only with --lr-layers mvl"),
+    ([*T, "--lr-layers", "mvl"], "--lr-layers mvl needs an --at method"),
+    ([*T, "--at", "pgd", "--lr-layers", "mvl", "--eta", "nan"], "--eta must be a finite"),
+    ([*T, "--limit-test", "0"], "limit_test must be >= 1"),
+    ([*T, "--dataset", "mnist"], "name the folder"),
     (["train", "--resume", "--out", "empty"], "does not exist"),
     (["train", "--resume", "trunc.pt", "--out", "run"], "truncated or corrupt"),
     # evaluate
@@ -102,14 +119,18 @@ CASES = [
     ([*E, "--eps-grid", "0,abc"], "--eps-grid must be a number or comma-separated numbers"),
     ([*E, "--device", "tpu9"], "unknown device 'tpu9'"),
     ([*E, "--out", "afile"], "'afile' is a file"),
+    ([*E, "--pgd-eps", "0.1", "--pgd-steps", "0"], "steps must be >= 1"),
+    ([*E, "--apgd-eps", "-0.1"], "eps must be >= 0"),
+    ([*E, "--limit-test", "0"], "limit_test must be >= 1"),
     # reproduce
     (["reproduce", "mnist"], "invalid choice: 'mnist'"),
     ([*R, "--seeds", "a"], "--seeds must be an integer or comma-separated integers"),
     ([*R, "--methods", "cw"], "unknown method(s) ['cw']"),
     ([*R, "--layers", "L9"], "4 learnable layers"),
-    ([*R, "--epochs", "-1"], "epochs must be an integer ≥ 1"),
-    ([*R, "--gamma", "-1"], "gamma must be finite"),
+    ([*R, "--epochs", "-1"], "epochs must be >= 1"),
+    ([*R, "--gamma", "-1"], "gamma must be >= 0"),
     ([*R, "--device", "tpu9"], "unknown device 'tpu9'"),
+    ([*R, "--eps", "0"], "eps must be > 0"),
     (["reproduce", "moons", "--quick", "--out", "afile"], "'afile' is a file"),
     # the command itself
     (["bogus"], "invalid choice: 'bogus'"),
@@ -127,6 +148,46 @@ def test_user_error_is_one_line_exit_2(files, capsys, argv, message):
     assert message in lines[0]
     assert not (files / "cache").exists(), "the case trained a model before failing"
     assert not (files / "run" / "last.pt").exists() and not (files / "rep" / "runs").exists()
+
+
+# messages that can only come from reading the data folder
+READS_FILES = ("t10k-images-idx3-ubyte", "test_batch", "MNIST files not found")
+BEFORE_DATA = [c for c in CASES if c[1] not in READS_FILES]
+
+
+@pytest.mark.parametrize(("argv", "message"), BEFORE_DATA,
+                         ids=[" ".join(c[0][:1] + c[0][-2:]) for c in BEFORE_DATA])
+def test_argument_mistakes_fail_before_any_data_is_read(files, capsys, monkeypatch, argv,
+                                                        message):
+    """Issue 10 point 6: every mistake detectable from the arguments is rejected before any
+    data is loaded (and so before any training)."""
+    import lsa_ext.data
+    import lsa_ext.reproduce
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("data was loaded before the arguments were checked")
+
+    monkeypatch.setattr(lsa_ext.data, "load_dataset", no_loading)
+    monkeypatch.setattr(lsa_ext.reproduce, "load_dataset", no_loading)
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_dlr_on_two_classes_fails_before_training_in_a_subprocess(tmp_path):
+    """Issue 10 case 10, as a user runs it: exit 2, one line naming DLR, no model written."""
+    cache = tmp_path / "cache"
+    env = {**__import__("os").environ, "LSA_CACHE_DIR": str(cache)}
+    p = subprocess.run(
+        [sys.executable, "-m", "lsa_ext.cli", "analyze", "--dataset", "moons", "--epochs", "1",
+         "--perturbations", "apgd:loss=dlr,steps=3", "--no-plot", "--out",
+         str(tmp_path / "out"), "--max-samples", "32"],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines() == [
+        "lsa analyze: error: the DLR loss of APGD needs at least 3 classes; the data has 2 "
+        "(use loss=ce)"]
+    assert not cache.exists() or not list(cache.glob("*.pt"))
+    assert not (tmp_path / "out" / "report.json").exists()
 
 
 def test_help_and_module_entry_point(tmp_path):

@@ -6,6 +6,7 @@ naming its type (API) or one line and exit status 2 (CLI)."""
 from __future__ import annotations
 
 import collections
+import json
 from dataclasses import dataclass
 
 import pytest
@@ -14,6 +15,7 @@ from torch import nn
 
 import lsa_ext
 from lsa_ext.attacks import PGD
+from lsa_ext.cli import main
 from lsa_ext.errors import LsaUserError
 from lsa_ext.evaluation import accuracy, evaluate
 from lsa_ext.outputs import check_model_output, logits_of, select_output
@@ -209,3 +211,73 @@ def test_analysis_without_logits_reports_no_accuracy_but_selects_them_on_request
     want = lsa_ext.analyze(Net("plain"), (x, y), noise, progress=False)
     assert res0.accuracy == want.accuracy and res0.accuracy is not None
     assert res.mean.tolist() == want.mean.tolist()
+
+
+# ----------------------------------------------------------------------------- CLI
+FACTORIES = '''
+from torch import nn
+from lsa_ext.outputs import select_output
+
+class N(nn.Module):
+    def __init__(self, k, kind):
+        super().__init__()
+        self.kind = kind
+        self.fc1, self.act, self.fc2 = nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, k)
+
+    def forward(self, x):
+        h = self.act(self.fc1(x)); z = self.fc2(h)
+        return z if self.kind == "plain" else (z, h)
+
+def plain(num_classes=2):
+    return N(num_classes, "plain")
+
+def tuple_out(num_classes=2):
+    return N(num_classes, "tuple")
+
+def selected(num_classes=2):
+    return select_output(N(num_classes, "tuple"), 0)
+
+def five_logits(num_classes=2):
+    return N(5, "plain")
+'''
+
+
+@pytest.fixture
+def factories(tmp_path, monkeypatch):
+    (tmp_path / "outnets_e10.py").write_text(FACTORIES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LSA_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path
+
+
+ANALYZE = ["analyze", "--dataset", "moons", "--epochs", "1", "--max-samples", "64",
+           "--perturbations", "gaussian,fgsm", "--no-plot", "--no-cache"]
+
+
+@pytest.mark.parametrize(("factory", "words"), [
+    ("tuple_out", "the model returned a tuple (Tensor[2, 2] float32, Tensor[2, 16] float32)"),
+    ("five_logits", "the model gives 5 logit(s) per sample but the data has 2 classes"),
+])
+@pytest.mark.parametrize("command", ["analyze", "train"])
+def test_cli_rejects_other_outputs_in_one_line_before_training(factories, capsys, factory,
+                                                                words, command):
+    argv = ([*ANALYZE[:1], "--dataset", "moons", "--epochs", "1"] if command == "analyze"
+            else ["train", "--dataset", "moons", "--epochs", "1", "--out", "run"])
+    assert main([*argv, "--model", f"outnets_e10:{factory}"]) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"lsa {command}: error: ")
+    assert words in lines[0]
+    assert not (factories / "cache").exists() and not (factories / "run" / "last.pt").exists()
+
+
+def test_cli_factory_with_select_output_equals_the_plain_twin(factories, capsys):
+    reports = {}
+    for factory in ("plain", "selected"):
+        out = factories / factory
+        assert main([*ANALYZE, "--model", f"outnets_e10:{factory}", "--out", str(out)]) == 0
+        reports[factory] = json.loads((out / "report.json").read_text())
+    capsys.readouterr()
+    assert reports["selected"]["accuracy"] is not None
+    for key in ("layers", "perturbations", "accuracy", "mvl"):
+        assert reports["selected"][key] == reports["plain"][key]

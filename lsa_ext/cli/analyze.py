@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -103,23 +104,41 @@ def _check_args(args: argparse.Namespace) -> None:
         raise LsaUserError(f"--eps must be >= 0, got {args.eps}")
     if args.batch_size < 1:
         raise LsaUserError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.epochs is not None and args.epochs < 0:
-        raise LsaUserError(f"--epochs must be >= 0, got {args.epochs}")
+    if args.epochs is not None and args.epochs < 1 and not args.checkpoint:
+        raise LsaUserError(f"--epochs must be >= 1, got {args.epochs}")
     if args.max_samples is not None and args.max_samples < 1:
         raise LsaUserError(f"--max-samples must be >= 1, got {args.max_samples}")
-    if args.eta != args.eta:
-        raise LsaUserError("--eta must be a number")
+    if not math.isfinite(args.eta):
+        raise LsaUserError(f"--eta must be a finite number, got {args.eta}")
+    if args.seed < 0:
+        raise LsaUserError(f"--seed must be >= 0, got {args.seed}")
 
 
-def _trained_model(args, splits, model_name: str, epochs: int, device):
-    """Builds the model; loads --checkpoint, or the cache, or trains (and caches)."""
+def _checked_model(args, info, model_name: str, eps: float):
+    """The model, built and checked with everything the arguments decide, before any data is
+    read or any training starts: the layer selection, the model's output (one forward on two
+    zero inputs: logits that fit the dataset's classes), the perturbation specs (names,
+    parameters, and whether they fit the class count, e.g. APGD's DLR loss) and
+    ``--checkpoint`` (loaded here)."""
     from lsa_ext.models import build_model, load_weights
+    from lsa_ext.outputs import check_model_output
+    from lsa_ext.perturbations import build_perturbations
     from lsa_ext.probes import select_layers
 
-    model = build_model(model_name, splits.info, seed=args.seed)
-    select_layers(model, args.layers)  # a typo fails here, before any training
+    model = build_model(model_name, info, seed=args.seed)
+    select_layers(model, args.layers)
+    check_model_output(model, info.input_shape, info.num_classes)
+    build_perturbations(args.perturbations, model=model, clip=info.data_range, eps=eps,
+                        seed=args.seed, num_classes=info.num_classes)
     if args.checkpoint:
         load_weights(model, args.checkpoint)
+    return model
+
+
+def _trained_model(args, model, splits, model_name: str, epochs: int, device):
+    """``(model, source)``: the --checkpoint model as is, else the cache, else trained (and
+    cached)."""
+    if args.checkpoint:
         return model, "checkpoint"
     path = None if args.no_cache else cache_dir() / cache_name(
         model_name, splits.info.name, args.seed, epochs, args.batch_size, args.data_dir)
@@ -134,29 +153,26 @@ def run(args: argparse.Namespace) -> int:
     check_dir(args.out)
     import lsa_ext
     from lsa_ext import distributed
-    from lsa_ext.data import load_dataset
+    from lsa_ext.data import check_dataset_args, load_dataset
     from lsa_ext.devices import resolve_device
     from lsa_ext.measures import get_measure
     from lsa_ext.models import DEFAULT_MODEL
+    from lsa_ext.perturbations import build_perturbations
 
-    get_measure(args.measure)  # fail on a bad name before any training
+    # every argument is checked before any data is read or any training starts
+    get_measure(args.measure)
     device = resolve_device(args.device)
+    # shape, classes, range, and --data-dir given where files are needed: nothing read yet
+    info = check_dataset_args(args.dataset, args.data_dir, seed=args.seed)
+    model_name = args.model or DEFAULT_MODEL[info.name]
+    epochs = args.epochs if args.epochs is not None else DEFAULT_EPOCHS.get(info.name, 10)
+    eps = args.eps if args.eps is not None else DEFAULT_EPS.get(info.name, 0.1)
+    model = _checked_model(args, info, model_name, eps)
     # under torchrun: join the job (each rank on its own GPU); otherwise nothing changes
     device = distributed.init_from_env(args.dist_backend, device, args.dist_timeout).device
     main = distributed.is_main()  # only rank 0 prints and writes
     splits = load_dataset(args.dataset, args.data_dir, seed=args.seed)
-    info = splits.info
-    model_name = args.model or DEFAULT_MODEL[info.name]
-    epochs = args.epochs if args.epochs is not None else DEFAULT_EPOCHS.get(info.name, 10)
-    eps = args.eps if args.eps is not None else DEFAULT_EPS.get(info.name, 0.1)
-    # build the perturbations once on an untrained copy, so a bad name or parameter fails
-    # before any training (layers are checked the same way in _trained_model)
-    from lsa_ext.models import build_model
-    from lsa_ext.perturbations import build_perturbations
-
-    build_perturbations(args.perturbations, model=build_model(model_name, info, seed=args.seed),
-                        clip=info.data_range, eps=eps, seed=args.seed)
-    model, source = _trained_model(args, splits, model_name, epochs, device)
+    model, source = _trained_model(args, model, splits, model_name, epochs, device)
     model.to(device)
     perts = build_perturbations(args.perturbations, model=model, clip=info.data_range, eps=eps,
                                 seed=args.seed)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lsa_ext.cli.options import add_device_option, parse_list
-from lsa_ext.cli.train import add_data_args, default_model, load_data
+from lsa_ext.cli.train import add_data_args, check_data_args, default_model, load_data
 from lsa_ext.errors import LsaUserError
 from lsa_ext.evaluation import format_eps
 from lsa_ext.presets import EPS_GRIDS
@@ -72,10 +72,12 @@ def _meta(path: Path) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lsa_ext.evaluation import evaluate
+    from lsa_ext.evaluation import check_settings, evaluate
     from lsa_ext.io import check_dir
     from lsa_ext.models import build_model, load_weights
+    from lsa_ext.outputs import check_model_output
 
+    # every argument is checked before any data is read
     path = Path(args.checkpoint)
     if not path.is_file():
         raise LsaUserError(f"checkpoint {path} does not exist")
@@ -85,22 +87,24 @@ def run(args: argparse.Namespace) -> int:
     if dataset is None:
         raise LsaUserError(f"{path} is not an 'lsa train' checkpoint: name its --dataset "
                            "(and --model)")
-    data = load_data(dataset, args.data_dir or meta.get("data_dir"),
-                     args.data_seed if args.dataset else meta.get("data_seed", args.data_seed),
-                     None, args.limit_test)
+    data_dir = args.data_dir or meta.get("data_dir")
+    data_seed = args.data_seed if args.dataset else meta.get("data_seed", args.data_seed)
+    info = check_data_args(dataset, data_dir, data_seed, None, args.limit_test)
     model_name = args.model or (meta.get("model") if not args.dataset or
                                 args.dataset == meta.get("dataset") else None) \
-        or default_model(data.info.name)
-    model = build_model(model_name, data.info)
+        or default_model(info.name)
+    model = build_model(model_name, info)
     load_weights(model, path)
+    check_model_output(model, info.input_shape, info.num_classes)
     pgd = parse_list(args.pgd_eps, float, "--pgd-eps")
     apgd = parse_list(args.apgd_eps, float, "--apgd-eps")
-    result = evaluate(
-        model, data, eps_grid=parse_list(args.eps_grid, float, "--eps-grid"),
-        pgd_eps=pgd or None, apgd_eps=apgd or None, pgd_steps=args.pgd_steps,
-        apgd_steps=args.apgd_steps, batch_size=args.batch_size, device=args.device,
-        seed=args.seed,
-    )
+    settings = {"eps_grid": parse_list(args.eps_grid, float, "--eps-grid"),
+                "pgd_eps": pgd or None, "apgd_eps": apgd or None, "pgd_steps": args.pgd_steps,
+                "apgd_steps": args.apgd_steps, "batch_size": args.batch_size,
+                "device": args.device, "seed": args.seed}
+    check_settings(model, dataset=info.name, **settings)
+    data = load_data(dataset, data_dir, data_seed, None, args.limit_test)
+    result = evaluate(model, data, **settings)
     result.to_json(str(out / "evaluation.json"))
     result.to_csv(str(out / "evaluation.csv"))
     print(f"{model_name} from {path} on {data.info.name} test ({len(data.test)} samples)")

@@ -10,6 +10,7 @@ Writes under ``--out``: ``config.json`` (the run's settings), ``last.pt`` after 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -138,14 +139,53 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+# --------------------------------------------------------------------------- checks
+def check_data_args(dataset: str, data_dir: str | None, data_seed: int,
+                    limit_train: int | None = None, limit_test: int | None = None):
+    """:func:`lsa_ext.data.check_dataset_args` with the CLI's options: the dataset's info,
+    every data option checked, nothing read."""
+    from lsa_ext.data import check_dataset_args
+
+    return check_dataset_args(dataset, data_dir, seed=data_seed, limit_train=limit_train,
+                              limit_test=limit_test)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    mvl = args.lr_layers is not None and args.lr_layers.strip().lower() == "mvl"
+    if args.mvl_report and not mvl:
+        raise LsaUserError("--mvl-report is read only with --lr-layers mvl")
+    if mvl and args.at == "none":
+        raise LsaUserError("--lr-layers mvl needs an --at method other than 'none'")
+    if not math.isfinite(args.eta):
+        raise LsaUserError(f"--eta must be a finite number, got {args.eta}")
+
+
+def check_training_attack(cfg, model, num_classes: int) -> None:
+    """Builds the training attack of ``cfg`` once (as :class:`lsa_ext.training.Trainer` will at
+    each epoch), so bad attack settings (--steps, --alpha, --restarts) and an attack unfit for
+    the dataset's class count fail before any data is read or any training starts."""
+    if cfg.at == "none":
+        return
+    from lsa_ext.attacks import build_attack
+    from lsa_ext.train_config import TRAIN_ATTACK_DEFAULTS
+
+    attack = build_attack(cfg.at, model, cfg.eps,
+                          clip=None if cfg.clip is None else tuple(cfg.clip),
+                          mode=cfg.attack_mode, seed=cfg.seed,
+                          **{**TRAIN_ATTACK_DEFAULTS.get(cfg.at, {}), **cfg.attack_kwargs})
+    attack.check_num_classes(num_classes)
+
+
 # --------------------------------------------------------------------------- run
 def run(args: argparse.Namespace) -> int:
     from lsa_ext import checkpoint as ckpt
     from lsa_ext import distributed
     from lsa_ext.io import atomic_write_json, check_dir
     from lsa_ext.models import build_model
-    from lsa_ext.training import TrainConfig, Trainer
+    from lsa_ext.outputs import check_model_output
+    from lsa_ext.training import TrainConfig, Trainer, gamma_tensor
 
+    _check_args(args)
     out = check_dir(args.out)
     # under torchrun: join the job (DDP, one GPU per rank); only rank 0 prints and writes
     distributed.init_from_env(args.dist_backend, args.device, args.dist_timeout)
@@ -158,6 +198,7 @@ def run(args: argparse.Namespace) -> int:
         if args.epochs is not None:
             cfg.epochs = args.epochs
         cfg.device = args.device
+        cfg.validate()
         data = load_data(meta["dataset"], args.data_dir or meta.get("data_dir"),
                          meta.get("data_seed", 0), meta.get("limit_train"), meta.get("limit_test"))
         model = build_model(meta["model"], data.info, seed=cfg.seed)
@@ -168,23 +209,36 @@ def run(args: argparse.Namespace) -> int:
             print(f"resuming {trainer.run_name} from {path} after epoch "
                   f"{trainer.epoch}/{cfg.epochs}", file=sys.stderr)
     else:
-        data = load_data(args.dataset, args.data_dir, args.data_seed, args.limit_train,
-                         args.limit_test)
-        name = data.info.name
+        # every argument is checked before any data is read or any training starts
+        # shape, classes, range and the data options: known without reading any data
+        info = check_data_args(args.dataset, args.data_dir, args.data_seed, args.limit_train,
+                               args.limit_test)
+        name = info.name
         model_name = args.model or default_model(name)
-        model = build_model(model_name, data.info, seed=args.seed)
+        model = build_model(model_name, info, seed=args.seed)
+        check_model_output(model, info.input_shape, info.num_classes)
         eps = args.eps if args.eps is not None else DEFAULT_EPS.get(name, 0.3)
-        layers = resolve_lr_layers(args, model, data, eps)
+        mvl = args.lr_layers is not None and args.lr_layers.strip().lower() == "mvl"
         cfg = TrainConfig(
             at=args.at, eps=float(eps), attack_kwargs=attack_kwargs(args),
             attack_mode=args.attack_mode,
-            clip=None if data.info.data_range is None else list(data.info.data_range),
-            lr_layers=layers, gamma=parse_gamma(args.gamma), trades_beta=args.trades_beta,
+            clip=None if info.data_range is None else list(info.data_range),
+            lr_layers=[] if mvl else resolve_lr_layers(args, model, None, eps),
+            gamma=parse_gamma(args.gamma), trades_beta=args.trades_beta,
             full_clean_pass=args.full_clean_pass, epochs=_epochs(args),
             batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
             momentum=args.momentum, weight_decay=args.weight_decay, scheduler=args.scheduler,
             seed=args.seed, device=args.device,
         )
+        cfg.validate()
+        check_training_attack(cfg, model, info.num_classes)
+        if cfg.lr_layers:
+            gamma_tensor(cfg.gamma, len(cfg.lr_layers))
+        mvl_names = (mvl_from_report_layers(args, model) if mvl and args.mvl_report else None)
+        data = load_data(args.dataset, args.data_dir, args.data_seed, args.limit_train,
+                         args.limit_test)
+        if mvl:
+            cfg.lr_layers = mvl_names or resolve_lr_layers(args, model, data, eps)
         meta = {"dataset": name, "model": model_name, "data_dir": args.data_dir,
                 "data_seed": args.data_seed, "limit_train": args.limit_train,
                 "limit_test": args.limit_test}
@@ -231,8 +285,19 @@ def _on_epoch(out: Path):
     return on_epoch
 
 
+def mvl_from_report_layers(args: argparse.Namespace, model) -> list[str]:
+    """The LR layers from --mvl-report (read before any data; no training)."""
+    from lsa_ext.mvl_select import mvl_from_report
+    from lsa_ext.training import resolve_layers
+
+    names = mvl_from_report(args.mvl_report, args.eta)
+    print(f"most vulnerable layers (η={args.eta}): {', '.join(names)}", file=sys.stderr)
+    return resolve_layers(model, names)
+
+
 def resolve_lr_layers(args: argparse.Namespace, model, data, eps: float) -> list[str]:
-    """The LR layer names from --lr-layers (names, L<k>, or mvl)."""
+    """The LR layer names from --lr-layers (names, L<k>, or mvl; ``data`` is needed only for
+    mvl computed on the fly)."""
     from lsa_ext.mvl_select import mvl_from_report, mvl_on_the_fly
     from lsa_ext.training import resolve_layers
 
