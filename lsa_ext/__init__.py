@@ -5,7 +5,7 @@ Fused ops (C++/CUDA, registered as ``torch.ops.lsa_ext.*``) under a thin Python 
 
 from __future__ import annotations
 
-from lsa_ext import attacks, measures, noise, probes
+from lsa_ext import attacks, measures, noise, outputs, probes
 from lsa_ext._version import __version__
 from lsa_ext.analysis import AnalysisResult, analyze
 from lsa_ext.data import DatasetInfo, DataSplits, load_dataset
@@ -34,6 +34,7 @@ __all__ = [
     "load_weights",
     "measures",
     "noise",
+    "outputs",
     "probes",
     "backend",
     "relative_error",
