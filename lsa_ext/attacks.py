@@ -5,10 +5,11 @@ Every attack is built as ``Attack(model, eps, ...)`` and called on a batch: ``x`
 and device. Shared behaviour (class :class:`Attack`):
 
 - dtypes: float16, bfloat16, float32 and float64 inputs (with a model of that dtype). Steps and
-  projections are computed in float32 (float64 for float64 inputs); the model sees, and the
-  attack returns, points of ``x``'s dtype projected exactly (:class:`lsa_ext.budget.Budget`):
-  ``|x̂ − x| ≤ ε`` per coordinate (L∞) or ``‖x̂ − x‖₂ ≤ ε`` per sample (L2) and
-  ``lo ≤ x̂ ≤ hi``, evaluated in float64, with no rounding slack.
+  projections are computed in float32 (float64 for float64 inputs); the attack returns points
+  of ``x``'s dtype projected exactly (:class:`lsa_ext.budget.Budget`): ``|x̂ − x| ≤ ε`` per
+  coordinate (L∞) or ``‖x̂ − x‖₂ ≤ ε`` per sample (L2) and ``lo ≤ x̂ ≤ hi``, evaluated in
+  float64, with no rounding slack. The model sees L∞ iterates projected the same way and L2
+  iterates cast to ``x``'s dtype and clipped.
 - ``output``: how the logits are read from the model's output (:mod:`lsa_ext.outputs`):
   ``None`` (a tensor; a dict's ``"logits"``; an object's ``.logits``), an index, a key or a
   callable. Any other output is one :class:`~lsa_ext.errors.LsaUserError` naming its type.
@@ -241,10 +242,14 @@ class Attack:
         return loss
 
     def _model_input(self, x_adv: torch.Tensor) -> torch.Tensor:
-        """The point the model sees for the iterate ``x_adv`` (working dtype): projected
-        exactly into the budget in the input's dtype, detached — the point returned if it is
-        the result."""
+        """The point the model sees for the iterate ``x_adv`` (working dtype), in the input's
+        dtype, detached. L∞: projected exactly (two clamps), so it is the point returned if it
+        is the result. L2: cast and clipped only (the exact L2 projection costs a float64 pass
+        and a host sync; the iterate is already in the ball up to rounding, and the result
+        gets the exact projection)."""
         assert self._budget is not None, "attack helpers run inside Attack.__call__"
+        if self._budget.norm == "L2":
+            return self._budget.cast(x_adv)
         return self._budget.project(x_adv)
 
     def _logits_at(self, x_in: torch.Tensor) -> torch.Tensor:

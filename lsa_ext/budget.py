@@ -92,6 +92,16 @@ class Budget:
             return torch.minimum(torch.maximum(out, self._lo), self._hi)
         return self._project_l2(x_adv.detach())
 
+    @torch.no_grad()
+    def cast(self, x_adv: torch.Tensor) -> torch.Tensor:
+        """``x_adv`` in ``x``'s dtype, clamped into the clip range (exact), detached: the cheap
+        projection for iterates already projected onto the ball in a wider dtype (the ball
+        may be exceeded by rounding; :meth:`project` is exact)."""
+        out = x_adv.detach().to(self.dtype)
+        if self._clip is not None:
+            out = torch.minimum(torch.maximum(out, self._clip[0]), self._clip[1])
+        return out
+
     def _project_l2(self, x_adv: torch.Tensor) -> torch.Tensor:
         xd = self._xd
         delta = x_adv.to(torch.float64) - xd
