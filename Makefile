@@ -17,7 +17,7 @@ $(PY):
 $(VENV)/.deps: $(PY) pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q setuptools wheel ninja numpy scikit-learn matplotlib tqdm \
-		pytest pytest-benchmark hypothesis ruff
+		pytest pytest-benchmark pytest-timeout hypothesis ruff
 	touch $@
 
 # The extension is built without build isolation (isolation would fetch a multi-GB torch).

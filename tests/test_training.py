@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import math
 
 import pytest
@@ -233,12 +234,18 @@ def test_at_lr_under_distributed_data_parallel_matches_plain_model(tmp_path):
     plain = training.train(_mlp(6, out=2), (x, y), **kw)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
                             world_size=1)
+    inner = _mlp(6, out=2)
     try:
-        ddp = nn.parallel.DistributedDataParallel(_mlp(6, out=2))
+        ddp = nn.parallel.DistributedDataParallel(inner)
         training.train(ddp, (x, y), **kw)
+        # Free the wrapper (and the trainer's cycles holding it) while the group is alive: a
+        # DDP reducer destroyed after destroy_process_group can deadlock a gloo worker thread
+        # against the GIL.
+        del ddp
+        gc.collect()
     finally:
         dist.destroy_process_group()
-    for p, q in zip(plain.parameters(), ddp.module.parameters(), strict=True):
+    for p, q in zip(plain.parameters(), inner.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
