@@ -48,6 +48,8 @@ class Preset:
         train_eps: L∞ budget of the training attack (``lsa train`` without ``--eps``).
         analyze_eps: L∞ budget of the analysis attacks (``lsa analyze`` without ``--eps``).
         eps_grid: the FGSM ε grid of the paper's evaluation tables (ε = 0 is clean accuracy).
+        small_model: the default model is tiny (a few thousand parameters): one intra-op
+            thread is fastest (``lsa --threads auto``, :mod:`lsa_ext.threads`).
     """
 
     data_range: Clip
@@ -55,6 +57,7 @@ class Preset:
     train_eps: float
     analyze_eps: float
     eps_grid: tuple[float, ...]
+    small_model: bool = False
 
 
 #: FGSM ε grid of the paper's Tables 2 (two-moons) and 3 (MNIST).
@@ -63,8 +66,10 @@ PAPER_GRID: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
 CIFAR10_GRID: tuple[float, ...] = (0.0, 0.01, 0.03, 0.1, 0.2)
 
 PRESETS: dict[str, Preset] = {
-    "moons": Preset(None, "model_a", train_eps=0.3, analyze_eps=0.1, eps_grid=PAPER_GRID),
-    "digits": Preset((0.0, 1.0), "model_b", train_eps=0.2, analyze_eps=0.1, eps_grid=PAPER_GRID),
+    "moons": Preset(None, "model_a", train_eps=0.3, analyze_eps=0.1, eps_grid=PAPER_GRID,
+                    small_model=True),
+    "digits": Preset((0.0, 1.0), "model_b", train_eps=0.2, analyze_eps=0.1, eps_grid=PAPER_GRID,
+                     small_model=True),
     "mnist": Preset((0.0, 1.0), "model_b", train_eps=0.3, analyze_eps=0.1, eps_grid=PAPER_GRID),
     "cifar10": Preset((0.0, 1.0), "vgg19", train_eps=8 / 255, analyze_eps=8 / 255,
                       eps_grid=CIFAR10_GRID),

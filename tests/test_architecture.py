@@ -16,7 +16,7 @@ LAYERS: dict[str, int] = {
     # 0 foundation: no lsa_ext imports beyond this layer
     **dict.fromkeys(["errors", "_version", "types", "checks", "io", "progress", "devices",
                      "modules", "seeding", "batches", "presets", "losses", "_extension",
-                     "reference"], 0),
+                     "reference", "threads"], 0),
     # 1 fused ops
     "ops": 1,
     # 2 building blocks: perturbations, probes, measures, statistics, data, files, ranks

@@ -1,4 +1,4 @@
-"""Options shared by the subcommands: comma-separated lists and ``--device``.
+"""Options shared by the subcommands: comma-separated lists, ``--device`` and ``--threads``.
 
 ``--gamma 0.1,0.2``, ``--eps-grid 0,0.1,0.3``, ``--seeds 0,1,2``, ``--methods fgsm,pgd``: one
 parser, so every list option accepts the same spelling (blanks and empty items ignored) and
@@ -44,3 +44,23 @@ def add_device_option(parser: argparse._ActionsContainer, default: str = "cpu") 
     parser or argument group; the value is checked by :func:`lsa_ext.devices.resolve_device`."""
     parser.add_argument("--device", default=default,
                         help=f"cpu, cuda, cuda:N or auto (default: {default})")
+
+
+def add_threads_option(parser: argparse.ArgumentParser) -> None:
+    """Adds ``--threads N|auto`` (intra-op CPU threads; default ``auto``, see
+    :mod:`lsa_ext.threads`)."""
+    parser.add_argument(
+        "--threads", default="auto", metavar="N|auto",
+        help="intra-op CPU threads (default auto: OMP_NUM_THREADS if set, 1 for the embedded "
+             "datasets' tiny models, else torch's default capped at the idle cores)")
+
+
+def apply_threads_option(args: argparse.Namespace) -> int:
+    """Sets torch's intra-op threads from ``args.threads``; a run on an embedded dataset's
+    default model (``presets.PRESETS[...].small_model``) counts as a tiny model."""
+    from lsa_ext.presets import PRESETS
+    from lsa_ext.threads import set_threads
+
+    preset = PRESETS.get(str(getattr(args, "dataset", None) or "").lower())
+    small = preset is not None and preset.small_model and getattr(args, "model", None) is None
+    return set_threads(getattr(args, "threads", "auto"), small_model=small)
