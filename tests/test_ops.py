@@ -1,8 +1,8 @@
 """Compiled relative-error ops against the float64 pure-PyTorch reference.
 
 Covers randomized shapes, dtypes and memory layouts (hypothesis), every reduction, large and tiny
-samples, both CPU instruction-set paths, NaN and zero-norm samples, thread-count determinism,
-backend() and the reference fallback.
+samples, both CPU instruction-set paths, NaN and zero-norm samples, backend() and the reference
+fallback. Threads: tests/test_ops_threads.py.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import subprocess
 import sys
 import textwrap
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -231,22 +230,6 @@ def test_one_huge_sample_and_many_tiny_samples(device):
         torch.testing.assert_close(got.double().cpu(), want, rtol=2e-6, atol=0)
 
 
-def test_results_do_not_depend_on_thread_count():
-    threads = torch.get_num_threads()
-    a, b = random_pair([1, 2_000_003], torch.float32, "cpu", seed=3, mean=1.0)
-    layers = [random_pair([3, *s], torch.float32, "cpu", seed=i) for i, s in
-              enumerate([(64, 40, 40), (7,), (300, 300)])]
-    try:
-        torch.set_num_threads(1)
-        one = lsa_ext.sq_sums(a, b), lsa_ext.sq_sums_multi(*zip(*layers, strict=True))
-        torch.set_num_threads(max(2, threads))
-        many = lsa_ext.sq_sums(a, b), lsa_ext.sq_sums_multi(*zip(*layers, strict=True))
-    finally:
-        torch.set_num_threads(threads)
-    for x, y in zip(one, many, strict=True):
-        assert torch.equal(x[0], y[0]) and torch.equal(x[1], y[1])
-
-
 def test_empty_batch_and_empty_samples(device):
     for shape in ([0, 3, 4], [3, 0], [2, 5, 0, 2]):
         a = torch.randn(shape, device=device, requires_grad=True)
@@ -400,32 +383,3 @@ def test_composite_reference_kernels_match_compiled():
     torch.testing.assert_close(ga[0], torch.ops.lsa_ext.sq_sums_backward(gd, gn, a, b)[0])
     with pytest.raises(ValueError, match="empty list"):
         torch.ops.lsa_ext.sq_sums_multi([], [])
-
-
-def _forked_child(a, b, want, want_ga, queue):
-    # Only lsa_ext ops and numpy here: PyTorch's own OpenMP-parallel ops (torch.equal on large
-    # tensors...) hang in a forked child once the parent used them (libgomp is not fork-safe).
-    got = lsa_ext.sq_sums(a, b)
-    ga, _ = torch.ops.lsa_ext.sq_sums_backward(torch.ones(2), torch.zeros(2), a, b)
-    same = np.array_equal(got[0].numpy(), want[0].numpy())
-    queue.put(bool(same and np.array_equal(ga.numpy(), want_ga.numpy())))
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="fork start method")
-def test_parallel_kernels_work_in_a_forked_child():
-    """DataLoader-style fork after the parallel kernels ran: no hang, same results."""
-    import multiprocessing as mp
-
-    a, b = random_pair([2, 1_500_000], torch.float32, "cpu", seed=10)
-    want = lsa_ext.sq_sums(a, b)  # runs the multi-threaded path in the parent first
-    want_ga, _ = torch.ops.lsa_ext.sq_sums_backward(torch.ones(2), torch.zeros(2), a, b)
-    ctx = mp.get_context("fork")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_forked_child, args=(a, b, want, want_ga, queue))
-    proc.start()
-    proc.join(timeout=60)
-    if proc.exitcode is None:
-        proc.kill()
-        proc.join()
-    assert proc.exitcode == 0, "forked child hung or failed"
-    assert queue.get(timeout=5)

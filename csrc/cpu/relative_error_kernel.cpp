@@ -6,7 +6,10 @@
 // not pay per-sample scheduling). One parallel region serves every layer of a multi-layer call;
 // threads take items from a shared counter (dynamic scheduling, robust on a busy machine). Work
 // under ~1M elements runs on the calling thread. Each item reads its slice of clean and perturbed
-// once.
+// once. The parallel region is ATen's at::parallel_for, an OpenMP region inlined from ATen's
+// headers: this file must be compiled with the compiler's OpenMP flag (setup.py adds -fopenmp),
+// without which the pragma is ignored and one thread runs everything. cpu_threads_last_call()
+// reports how many threads ran the last call (tests/test_ops_threads.py).
 //
 // Determinism: whole samples are summed inside one item; a split sample's chunk partials are
 // stored per item and combined in float64 in chunk order afterwards. Results therefore do not
@@ -197,6 +200,9 @@ bool in_forked_child() {
 }
 const bool kInitPid = (in_forked_child(), true);  // records the pid when the library loads
 
+// Threads that ran the last call of this (calling) thread: 1 when it ran serially.
+thread_local int last_call_threads = 0;
+
 // Runs fn(item_index) for every item: serially for small work (or in a forked child), else on
 // all intra-op threads (at::parallel_for, i.e. PyTorch's OpenMP pool, whose threads are usually
 // still spinning from the previous op) pulling items from a shared counter: dynamic scheduling,
@@ -208,15 +214,19 @@ void run_items(const Plan& plan, const Fn& fn) {
   if (plan.total < kSerialBelow || helpers <= 0 || at::in_parallel_region() ||
       in_forked_child()) {
     for (int64_t it = 0; it < n; ++it) fn(it);
+    last_call_threads = 1;
     return;
   }
   std::atomic<int64_t> next{0};
+  std::atomic<int> entered{0};
   at::parallel_for(0, helpers + 1, 1, [&](int64_t, int64_t) {
+    entered.fetch_add(1, std::memory_order_relaxed);
     for (int64_t it = next.fetch_add(1, std::memory_order_relaxed); it < n;
          it = next.fetch_add(1, std::memory_order_relaxed)) {
       fn(it);
     }
   });
+  last_call_threads = entered.load();
 }
 
 // Asks Linux to back the fresh, not yet touched buffer of `t` with transparent huge pages
@@ -419,6 +429,16 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sq_sums_multi_backw
 }
 
 }  // namespace
+
+int cpu_threads_last_call() { return last_call_threads; }
+
+int cpu_openmp_version() {
+#ifdef _OPENMP
+  return _OPENMP;
+#else
+  return 0;
+#endif
+}
 
 TORCH_LIBRARY_IMPL(lsa_ext, CPU, m) {
   m.impl("sq_sums", &sq_sums_cpu);
