@@ -211,6 +211,60 @@ def test_half_precision_gradients_round_like_torch(device, dtype):
     torch.testing.assert_close(gb, (-t).to(dtype), rtol=0, atol=0)
 
 
+LARGE_GRAD_CASES = [
+    # >= 8 MiB per gradient: huge-page buffers and streaming stores on CPU. Odd sample sizes put
+    # sample starts off the vector alignment (scalar head before the streaming loop).
+    ([3, 1_000_003], torch.float32, "contiguous"),
+    ([2, 2_100_001], torch.float16, "contiguous"),
+    ([2, 2_100_001], torch.bfloat16, "contiguous"),
+    ([2, 600_001], torch.float64, "contiguous"),
+    ([16, 64, 48, 48], torch.float32, "channels_last"),
+    ([3, 1_000_003], torch.float32, "batch_transposed"),  # not sample-major: computed, copied
+]
+
+
+@pytest.mark.parametrize(("shape", "dtype", "layout"), LARGE_GRAD_CASES)
+@pytest.mark.parametrize("isa", ["default", "generic"])
+def test_large_gradients_match_float64_formula(device, shape, dtype, layout, isa):
+    a, b = random_pair(shape, dtype, device, seed=7, mean=1.0)
+    if layout == "channels_last":
+        a = a.contiguous(memory_format=torch.channels_last)
+    elif layout == "batch_transposed":
+        a = a.t().contiguous().t()
+    g = torch.Generator().manual_seed(8)
+    acc = reference.acc_dtype(dtype)
+    gd = torch.randn(shape[0], generator=g, dtype=torch.float64).to(acc).to(device)
+    gn = torch.randn(shape[0], generator=g, dtype=torch.float64).to(acc).to(device)
+    with cpu_isa(isa):
+        ga, gb = torch.ops.lsa_ext.sq_sums_backward(gd, gn, a, b)
+    assert ga.stride() == torch.empty_like(a).stride() == gb.stride()
+    view = (-1,) + (1,) * (a.dim() - 1)
+    a64, b64 = a.double().cpu(), b.double().cpu()
+    gd64, gn64 = gd.double().cpu().view(view), gn.double().cpu().view(view)
+    want_a = 2 * (a64 - b64) * gd64 + 2 * a64 * gn64
+    want_b = -2 * (a64 - b64) * gd64
+    rtol = GRAD_RTOL[dtype]
+    scale = max(want_a.abs().max().item(), want_b.abs().max().item())
+    torch.testing.assert_close(ga.double().cpu(), want_a, rtol=rtol, atol=rtol * scale)
+    torch.testing.assert_close(gb.double().cpu(), want_b, rtol=rtol, atol=rtol * scale)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="huge-page buffers are Linux-only")
+def test_large_cpu_gradients_are_ordinary_tensors_on_huge_page_boundaries():
+    """Large gradients come from 2 MiB-aligned mappings, and behave like any CPU tensor."""
+    a, b = random_pair([3, 1_000_003], torch.float32, "cpu", seed=9)
+    ga, gb = torch.ops.lsa_ext.sq_sums_backward(torch.ones(3), torch.ones(3), a, b)
+    assert ga.data_ptr() % (1 << 21) == 0 and gb.data_ptr() % (1 << 21) == 0
+    want = ga.clone()
+    ga.resize_(4, 1_000_003)  # resizable storage: grows through the same allocator
+    assert torch.equal(ga[:3], want)
+    gb.add_(1.0).mul_(0.5)
+    assert ga.untyped_storage().nbytes() >= 4 * 1_000_003 * 4
+    small, _ = torch.ops.lsa_ext.sq_sums_backward(torch.ones(3), torch.ones(3), a[:, :1000],
+                                                  b[:, :1000])
+    assert small.data_ptr() % 64 == 0  # small outputs: the default allocator
+
+
 # ----------------------------------------------------------------------------- sizes
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_multi_million_element_samples_are_accurate(device, dtype):
