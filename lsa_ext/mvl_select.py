@@ -71,7 +71,8 @@ def mvl_from_report(path: str | os.PathLike, eta: float, perturbation: str | Non
                            f"(have {', '.join(perts)})")
     names = result.mvl(eta, perturbation)
     if not names:
-        raise LsaUserError(f"no layer passes the MVL cut-off η={eta} in {path}; lower --eta")
+        raise LsaUserError(f"no layer passes the MVL cut-off η={eta} in {path}; lower --eta "
+                           "(eta= in the API)")
     return _sites(names)
 
 
@@ -109,7 +110,8 @@ def mvl_on_the_fly(
                      layers="learnable", seed=seed, device=device, progress=progress)
     names = result.mvl(eta, at)
     if not names:
-        raise LsaUserError(f"no layer passes the MVL cut-off η={eta}; lower --eta")
+        raise LsaUserError(f"no layer passes the MVL cut-off η={eta}; lower --eta (eta= in "
+                           "the API)")
     return _sites(names)
 
 
