@@ -147,18 +147,22 @@ def lr_op_fn(trainer: Trainer, x: torch.Tensor, impl: str) -> Callable[[], None]
 
 
 def interleaved(fns: dict[str, Callable[[], None]], repeats: int,
-                warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds of each callable per repeat, timing them round-robin ``repeats`` times."""
+                warmup: int = 1) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall-clock and CPU seconds (``time.process_time``: this process, all threads) of each
+    callable per repeat, timing them round-robin ``repeats`` times. On a shared machine the
+    CPU time is the steadier measure of the work done: time spent descheduled is not in it."""
     for f in fns.values():
         for _ in range(warmup):
             f()
-    times: dict[str, list[float]] = {k: [] for k in fns}
+    wall: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for k, f in fns.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             f()
-            times[k].append(time.perf_counter() - t0)
-    return times
+            cpu[k].append(time.process_time() - c0)
+            wall[k].append(time.perf_counter() - t0)
+    return wall, cpu
 
 
 def digits_contenders(device: str = "cpu") -> tuple[dict[str, Callable[[], None]], dict]:
@@ -216,20 +220,28 @@ def _load() -> str:
     return "load average " + " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
-def _table(title: str, res: dict[str, list[float]]) -> str:
-    """Median and minimum per contender (ms) and their ratios to the matching base."""
-    med = {k: statistics.median(v) for k, v in res.items()}
-    low = {k: min(v) for k, v in res.items()}
+def _base_of(k: str, res: dict) -> str:
+    if k.startswith("part"):
+        return "step base"
+    b = next((f"{p} base" for p in ("step", "TRADES") if k.startswith(p)), "base")
+    return b if b in res else "base"
+
+
+def _table(title: str, wall: dict[str, list[float]], cpu: dict[str, list[float]]) -> str:
+    """Per contender: median and minimum wall time, median CPU time (ms), each as a ratio to
+    the matching base row."""
+    med = {k: statistics.median(v) for k, v in wall.items()}
+    low = {k: min(v) for k, v in wall.items()}
+    cmed = {k: statistics.median(v) for k, v in cpu.items()}
     lines = [f"\n{title}", "",
-             "| contender | median ms | × base (median) | min ms | × base (min) |",
-             "|---|---|---|---|---|"]
-    for k in res:
-        b = next((f"{p} base" for p in ("step", "TRADES") if k.startswith(p)), "base")
-        b = b if b in res else "base"
-        if k.startswith("part"):
-            b = "step base"
+             "| contender | median ms | × base | min ms | × base (min) | CPU ms (median) "
+             "| × base (CPU) |",
+             "|---|---|---|---|---|---|---|"]
+    for k in wall:
+        b = _base_of(k, wall)
         lines.append(f"| {k} | {med[k] * 1e3:.1f} | {med[k] / med[b]:.3f} | "
-                     f"{low[k] * 1e3:.1f} | {low[k] / low[b]:.3f} |")
+                     f"{low[k] * 1e3:.1f} | {low[k] / low[b]:.3f} | {cmed[k] * 1e3:.1f} | "
+                     f"{cmed[k] / cmed[b]:.3f} |")
     return "\n".join(lines)
 
 
@@ -289,20 +301,20 @@ def main() -> None:
     if not args.skip_digits:
         fns, info = digits_contenders(args.device)
         print(f"{_load()} (before the digits rounds)")
-        res = interleaved(fns, args.repeats)
+        wall, cpu = interleaved(fns, args.repeats)
         print(f"{_load()} (after)")
         print(_table(f"Model B, 8×8 digits: one AT-PGD-10 epoch ({info['steps']} steps of 128), "
                      "AT-TRADES-10 epochs (× TRADES base), one step on a fixed batch of 128 "
                      "('step' rows, × step base), and the CM "
                      f"fwd+bwd alone on that batch's captured outputs ('op' rows); 'auto' ran "
-                     f"{info['plan']}", res))
+                     f"{info['plan']}", wall, cpu))
     if not args.skip_vgg:
         fns, info = vgg_contenders(args.vgg_batch, args.device)
         print(f"\n{_load()} (before the VGG rounds)")
-        res = interleaved(fns, args.vgg_repeats)
+        wall, cpu = interleaved(fns, args.vgg_repeats)
         print(f"{_load()} (after)")
         print(_table(f"VGG-19, one AT-PGD-10 training step, batch {args.vgg_batch}×3×32×32; "
-                     f"'auto' ran {info['plan']}", res))
+                     f"'auto' ran {info['plan']}", wall, cpu))
 
 
 if __name__ == "__main__":
