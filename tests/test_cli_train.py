@@ -20,13 +20,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_train_writes_checkpoint_config_history_and_weights(tmp_path, capsys):
     out = tmp_path / "run"
     rc = main(["train", *TINY, "--at", "fgsm", "--eps", "0.2", "--lr-layers", "L1,fc3",
-               "--gamma", "0.5,2", "--epochs", "2", "--out", str(out)])
+               "--gamma", "0.5,2", "--lr-pass", "two_pass", "--epochs", "2", "--out", str(out)])
     assert rc == 0
     text = capsys.readouterr().out
     assert "AT-FGSM-LR-L1+L2" in text and "clean test acc" in text
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["config"]["lr_layers"] == ["fc2", "fc3"]
-    assert cfg["config"]["gamma"] == [0.5, 2.0]
+    assert cfg["config"]["gamma"] == [0.5, 2.0] and cfg["config"]["lr_pass"] == "two_pass"
     assert cfg["meta"]["dataset"] == "moons" and cfg["meta"]["model"] == "model_a"
     hist = json.loads((out / "history.json").read_text())
     assert [h["epoch"] for h in hist] == [1, 2] and all(h["lr_loss"] > 0 for h in hist)

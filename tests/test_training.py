@@ -125,14 +125,22 @@ def test_lr_term_early_stop_gives_same_loss_and_gradients():
     model = _mlp(3, out=2)
     x = torch.randn(6, 2)
     x_adv = x + 0.05
-    full, lc, _ = training.lr_term(model, x, x_adv, ["0"], 1.5, clean_logits=True)
+    kw = {"lr_pass": "two_pass"}
+    full, lc, _ = training.lr_term(model, x, x_adv, ["0"], 1.5, clean_logits=True, **kw)
     gfull = torch.autograd.grad(full, list(model.parameters()), allow_unused=True)
-    short, none, _ = training.lr_term(model, x, x_adv, ["0"], 1.5, clean_logits=False)
+    short, none, _ = training.lr_term(model, x, x_adv, ["0"], 1.5, clean_logits=False, **kw)
     gshort = torch.autograd.grad(short, list(model.parameters()), allow_unused=True)
     assert lc is not None and none is None
     assert torch.equal(full, short)
     for a, b in zip(gfull, gshort, strict=True):
         assert (a is None and b is None) or torch.equal(a, b)
+    # one concatenated forward: the same term up to float rounding
+    cat, lcat, _ = training.lr_term(model, x, x_adv, ["0"], 1.5, lr_pass="concat")
+    gcat = torch.autograd.grad(cat, list(model.parameters()), allow_unused=True)
+    torch.testing.assert_close(cat, full)
+    torch.testing.assert_close(lcat, lc)
+    for a, b in zip(gfull, gcat, strict=True):
+        assert (a is None and b is None) or torch.testing.assert_close(a, b) is None
 
 
 def test_lr_term_on_ddp_style_wrapper_strips_module_prefix():

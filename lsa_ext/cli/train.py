@@ -89,7 +89,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Train with Algorithm 3 (AT-LR) or a base method. Checkpoints every epoch "
                     "under --out; --resume continues a killed run bit for bit.",
     )
-    from lsa_ext.train_config import AT_METHODS, ATTACK_MODES, OPTIMIZERS, SCHEDULERS
+    from lsa_ext.train_config import AT_METHODS, ATTACK_MODES, LR_PASSES, OPTIMIZERS, SCHEDULERS
 
     add_data_args(p)
     g = p.add_argument_group("adversarial training")
@@ -117,6 +117,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--full-clean-pass", action="store_true",
                    help="run the whole clean forward for LR (default: stop after the last "
                         "regularized layer unless TRADES needs clean logits)")
+    g.add_argument("--lr-pass", default="auto", choices=LR_PASSES,
+                   help="LR term: one forward of clean+adversarial batches (concat), two "
+                        "forwards (two_pass), or auto (default; see README)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=None, help=f"default {DEFAULT_EPOCHS}")
     g.add_argument("--batch-size", type=int, default=128, help="default 128")
@@ -180,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
             attack_mode=args.attack_mode,
             clip=None if data.info.data_range is None else list(data.info.data_range),
             lr_layers=layers, gamma=parse_gamma(args.gamma), trades_beta=args.trades_beta,
-            full_clean_pass=args.full_clean_pass, epochs=_epochs(args),
+            full_clean_pass=args.full_clean_pass, lr_pass=args.lr_pass, epochs=_epochs(args),
             batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
             momentum=args.momentum, weight_decay=args.weight_decay, scheduler=args.scheduler,
             seed=args.seed, device=args.device,
