@@ -20,7 +20,7 @@ LAYERS: dict[str, int] = {
     # 1 fused ops
     "ops": 1,
     # 2 building blocks: perturbations, probes, measures, statistics, data, files, ranks
-    **dict.fromkeys(["noise", "attacks", "measures", "probes", "mvl", "cm_stats", "data",
+    **dict.fromkeys(["noise", "attacks", "measures", "probes", "mvl", "masking", "cm_stats", "data",
                      "checkpoint", "distributed", "report"], 2),
     # 3 method: LSA (Algorithms 1-2), AT-LR (Algorithm 3), evaluation, architectures
     **dict.fromkeys(["perturbations", "paired_capture", "result", "analysis", "regularizer",

@@ -27,7 +27,7 @@ from lsa_ext.presets import ANALYZE_EPS
 log = logging.getLogger("lsa_ext.cli.analyze")
 
 DEFAULT_PERTURBATIONS = "gaussian,salt,pepper,speckle,fgsm,pgd"
-DEFAULT_EPOCHS = {"moons": 30, "digits": 15, "mnist": 2, "cifar10": 10}
+DEFAULT_EPOCHS = {"moons": 30, "digits": 15, "mnist5k": 5, "mnist": 2, "cifar10": 10}
 DEFAULT_EPS = ANALYZE_EPS  # attack ε per dataset where a spec sets none (lsa_ext.presets)
 CSV_NAME, JSON_NAME, PNG_NAME = "layers.csv", "report.json", "lsa.png"
 DESCRIPTION = """\
@@ -58,7 +58,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--dataset", default="digits",
-                   help="moons, digits, mnist or cifar10 (default: digits)")
+                   help="moons, digits, mnist5k, mnist or cifar10 (default: digits)")
+    from lsa_ext.cli.options import add_moons_options
+
+    add_moons_options(p)
     p.add_argument("--data-dir", default=None,
                    help="folder with the MNIST IDX / CIFAR-10 python files (no download)")
     p.add_argument("--model", default=None,
@@ -111,7 +114,7 @@ def _check_args(args: argparse.Namespace) -> None:
         raise LsaUserError("--eta must be a number")
 
 
-def _trained_model(args, splits, model_name: str, epochs: int, device):
+def _trained_model(args, splits, model_name: str, epochs: int, device, data_options):
     """Builds the model; loads --checkpoint, or the cache, or trains (and caches)."""
     from lsa_ext.models import build_model, load_weights
     from lsa_ext.probes import select_layers
@@ -122,7 +125,8 @@ def _trained_model(args, splits, model_name: str, epochs: int, device):
         load_weights(model, args.checkpoint)
         return model, "checkpoint"
     path = None if args.no_cache else cache_dir() / cache_name(
-        model_name, splits.info.name, args.seed, epochs, args.batch_size, args.data_dir)
+        model_name, splits.info.name, args.seed, epochs, args.batch_size, args.data_dir,
+        data_options=data_options)
     return load_or_train(model, splits.train, path, epochs=epochs, batch_size=args.batch_size,
                          seed=args.seed, device=device)
 
@@ -144,7 +148,10 @@ def run(args: argparse.Namespace) -> int:
     # under torchrun: join the job (each rank on its own GPU); otherwise nothing changes
     device = distributed.init_from_env(args.dist_backend, device, args.dist_timeout).device
     main = distributed.is_main()  # only rank 0 prints and writes
-    splits = load_dataset(args.dataset, args.data_dir, seed=args.seed)
+    from lsa_ext.cli.options import dataset_options
+
+    data_options = dataset_options(args, args.dataset)
+    splits = load_dataset(args.dataset, args.data_dir, seed=args.seed, **data_options)
     info = splits.info
     model_name = args.model or DEFAULT_MODEL[info.name]
     epochs = args.epochs if args.epochs is not None else DEFAULT_EPOCHS.get(info.name, 10)
@@ -156,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
 
     build_perturbations(args.perturbations, model=build_model(model_name, info, seed=args.seed),
                         clip=info.data_range, eps=eps, seed=args.seed)
-    model, source = _trained_model(args, splits, model_name, epochs, device)
+    model, source = _trained_model(args, splits, model_name, epochs, device, data_options)
     model.to(device)
     perts = build_perturbations(args.perturbations, model=model, clip=info.data_range, eps=eps,
                                 seed=args.seed)
@@ -172,6 +179,7 @@ def run(args: argparse.Namespace) -> int:
     config = {
         "dataset": info.name,
         "data_dir": args.data_dir,
+        "data_options": splits.options,
         "model": model_name,
         "checkpoint": args.checkpoint,
         "epochs": None if args.checkpoint else epochs,

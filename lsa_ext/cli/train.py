@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lsa_ext.cli.options import parse_list
+from lsa_ext.cli.options import add_moons_options, dataset_options, parse_list
 from lsa_ext.errors import LsaUserError
 from lsa_ext.presets import TRAIN_EPS
 
@@ -30,10 +30,11 @@ def _epochs(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- shared options
 def add_data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
-    """--dataset, --data-dir, --model, --data-seed, --limit-train, --limit-test."""
+    """--dataset, --data-dir, --model, --data-seed, --limit-train, --limit-test and the moons
+    options (--moons-scale, --moons-noise, --moons-samples)."""
     g = p.add_argument_group("data and model")
     g.add_argument("--dataset", default=None if required else "moons",
-                   help="moons, digits, mnist or cifar10 (default: moons)")
+                   help="moons, digits, mnist5k, mnist or cifar10 (default: moons)")
     g.add_argument("--data-dir", default=None, help="folder with the MNIST/CIFAR-10 files")
     g.add_argument("--model", default=None,
                    help="model_a, model_b, vgg19, wrn28_10 or package.module:factory "
@@ -42,19 +43,33 @@ def add_data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
                    help="seed of the data generation/split (default 0)")
     g.add_argument("--limit-train", type=int, default=None, help="use a random training subset")
     g.add_argument("--limit-test", type=int, default=None, help="use a random test subset")
+    add_moons_options(g)
 
 
 def load_data(dataset: str, data_dir: str | None, data_seed: int,
-              limit_train: int | None = None, limit_test: int | None = None):
-    """``lsa_ext.data.load_dataset`` with the CLI's options."""
+              limit_train: int | None = None, limit_test: int | None = None,
+              options: dict[str, Any] | None = None):
+    """``lsa_ext.data.load_dataset`` with the CLI's options (``options``: dataset options such
+    as moons' ``scale``, ``noise``, ``n_train``)."""
     from lsa_ext.data import load_dataset
 
-    opts: dict[str, Any] = {}
+    opts: dict[str, Any] = dict(options or {})
     if limit_train is not None:
         opts["limit_train"] = limit_train
     if limit_test is not None:
         opts["limit_test"] = limit_test
     return load_dataset(dataset, data_dir, seed=data_seed, **opts)
+
+
+def stored_data_options(meta: dict[str, Any]) -> dict[str, Any]:
+    """The dataset options a training run recorded (``meta["data_options"]``). Runs recorded
+    before the options existed used make_moons' raw coordinates (two-moons was not yet
+    standardized)."""
+    from lsa_ext.data import dataset_info
+
+    if "data_options" in meta:
+        return dict(meta["data_options"] or {})
+    return {"scale": "raw"} if dataset_info(meta["dataset"]).name == "moons" else {}
 
 
 def default_model(dataset: str) -> str:
@@ -162,7 +177,8 @@ def run(args: argparse.Namespace) -> int:
             cfg.epochs = args.epochs
         cfg.device = args.device
         data = load_data(meta["dataset"], args.data_dir or meta.get("data_dir"),
-                         meta.get("data_seed", 0), meta.get("limit_train"), meta.get("limit_test"))
+                         meta.get("data_seed", 0), meta.get("limit_train"), meta.get("limit_test"),
+                         stored_data_options(meta))
         model = build_model(meta["model"], data.info, seed=cfg.seed)
         trainer = Trainer(model, data.train, cfg, out=out, meta=meta,
                           on_epoch=_on_epoch(out))
@@ -172,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
                   f"{trainer.epoch}/{cfg.epochs}", file=sys.stderr)
     else:
         data = load_data(args.dataset, args.data_dir, args.data_seed, args.limit_train,
-                         args.limit_test)
+                         args.limit_test, dataset_options(args, args.dataset))
         name = data.info.name
         model_name = args.model or default_model(name)
         model = build_model(model_name, data.info, seed=args.seed)
@@ -190,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
         )
         meta = {"dataset": name, "model": model_name, "data_dir": args.data_dir,
                 "data_seed": args.data_seed, "limit_train": args.limit_train,
-                "limit_test": args.limit_test}
+                "limit_test": args.limit_test, "data_options": data.options}
         trainer = Trainer(model, data.train, cfg, out=out, meta=meta, on_epoch=_on_epoch(out))
         if main:
             atomic_write_json(out / "config.json", {"config": cfg.to_dict(), "meta": meta})
