@@ -54,19 +54,8 @@ from lsa_ext.losses import cross_entropy, kl_div
 from lsa_ext.modules import MODES, model_mode
 from lsa_ext.outputs import OutputSelector, check_selector, logits_of
 
-__all__ = [
-    "APGD",
-    "ATTACKS",
-    "FAST",
-    "FGSM",
-    "PGD",
-    "TRADES",
-    "Attack",
-    "apgd_checkpoints",
-    "build_attack",
-    "dlr_loss",
-    "model_mode",
-]
+__all__ = ["APGD", "ATTACKS", "FAST", "FGSM", "PGD", "TRADES", "Attack", "apgd_checkpoints",
+           "build_attack", "dlr_loss", "model_mode"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 NORMS = {"linf": "Linf", "inf": "Linf", "l2": "L2"}

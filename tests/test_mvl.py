@@ -90,9 +90,10 @@ def test_mvl_from_report_checks_the_schema_and_names(tmp_path):
         mvl_from_report(tmp_path / "plain.json", 0.0)
     rep["schema"] = "lsa_ext.analysis/1"
     (tmp_path / "r.json").write_text(json.dumps(rep))
-    # mu = 0.5, sigma = 0.4: only b (mean 0.9) exceeds mu + 0.5 sigma; '#2' stripped
-    assert mvl_from_report(tmp_path / "r.json", 0.5) == ["b"]  # the one adversarial entry
-    assert mvl_from_report(tmp_path / "r.json", 0.5, "gaussian") == ["b"]
+    # mu = 0.5, sigma = 0.4: only b#2 (mean 0.9) exceeds mu + 0.5 sigma; the site is kept as
+    # reported (b's second call), so training regularises exactly that call
+    assert mvl_from_report(tmp_path / "r.json", 0.5) == ["b#2"]  # the one adversarial entry
+    assert mvl_from_report(tmp_path / "r.json", 0.5, "gaussian") == ["b#2"]
     with pytest.raises(LsaUserError, match="no perturbation 'pgd'"):
         mvl_from_report(tmp_path / "r.json", 0.5, "pgd")
     with pytest.raises(LsaUserError, match="lower --eta"):

@@ -28,7 +28,7 @@ from lsa_ext.presets import ANALYZE_EPS
 log = logging.getLogger("lsa_ext.cli.analyze")
 
 DEFAULT_PERTURBATIONS = "gaussian,salt,pepper,speckle,fgsm,pgd"
-DEFAULT_EPOCHS = {"moons": 30, "digits": 15, "mnist": 2, "cifar10": 10}
+DEFAULT_EPOCHS = {"moons": 30, "digits": 15, "mnist5k": 5, "mnist": 2, "cifar10": 10}
 DEFAULT_EPS = ANALYZE_EPS  # attack ε per dataset where a spec sets none (lsa_ext.presets)
 CSV_NAME, JSON_NAME, PNG_NAME = "layers.csv", "report.json", "lsa.png"
 DESCRIPTION = """\
@@ -59,7 +59,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--dataset", default="digits",
-                   help="moons, digits, mnist or cifar10 (default: digits)")
+                   help="moons, digits, mnist5k, mnist or cifar10 (default: digits)")
+    from lsa_ext.cli.options import add_moons_options
+
+    add_moons_options(p)
     p.add_argument("--data-dir", default=None,
                    help="folder with the MNIST IDX / CIFAR-10 python files (no download)")
     p.add_argument("--model", default=None,
@@ -135,13 +138,14 @@ def _checked_model(args, info, model_name: str, eps: float):
     return model
 
 
-def _trained_model(args, model, splits, model_name: str, epochs: int, device):
+def _trained_model(args, model, splits, model_name: str, epochs: int, device, data_options):
     """``(model, source)``: the --checkpoint model as is, else the cache, else trained (and
     cached)."""
     if args.checkpoint:
         return model, "checkpoint"
     path = None if args.no_cache else cache_dir() / cache_name(
-        model_name, splits.info.name, args.seed, epochs, args.batch_size, args.data_dir)
+        model_name, splits.info.name, args.seed, epochs, args.batch_size, args.data_dir,
+        data_options=data_options)
     return load_or_train(model, splits.train, path, epochs=epochs, batch_size=args.batch_size,
                          seed=args.seed, device=device)
 
@@ -153,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
     check_dir(args.out)
     import lsa_ext
     from lsa_ext import distributed
+    from lsa_ext.cli.options import dataset_options
     from lsa_ext.data import check_dataset_args, load_dataset
     from lsa_ext.devices import resolve_device
     from lsa_ext.measures import get_measure
@@ -162,8 +167,10 @@ def run(args: argparse.Namespace) -> int:
     # every argument is checked before any data is read or any training starts
     get_measure(args.measure)
     device = resolve_device(args.device)
-    # shape, classes, range, and --data-dir given where files are needed: nothing read yet
-    info = check_dataset_args(args.dataset, args.data_dir, seed=args.seed)
+    # shape, classes, range, the data options, and --data-dir given where files are needed:
+    # nothing read yet
+    data_options = dataset_options(args, args.dataset)
+    info = check_dataset_args(args.dataset, args.data_dir, seed=args.seed, **data_options)
     model_name = args.model or DEFAULT_MODEL[info.name]
     epochs = args.epochs if args.epochs is not None else DEFAULT_EPOCHS.get(info.name, 10)
     eps = args.eps if args.eps is not None else DEFAULT_EPS.get(info.name, 0.1)
@@ -171,8 +178,8 @@ def run(args: argparse.Namespace) -> int:
     # under torchrun: join the job (each rank on its own GPU); otherwise nothing changes
     device = distributed.init_from_env(args.dist_backend, device, args.dist_timeout).device
     main = distributed.is_main()  # only rank 0 prints and writes
-    splits = load_dataset(args.dataset, args.data_dir, seed=args.seed)
-    model, source = _trained_model(args, model, splits, model_name, epochs, device)
+    splits = load_dataset(args.dataset, args.data_dir, seed=args.seed, **data_options)
+    model, source = _trained_model(args, model, splits, model_name, epochs, device, data_options)
     model.to(device)
     perts = build_perturbations(args.perturbations, model=model, clip=info.data_range, eps=eps,
                                 seed=args.seed)
@@ -188,6 +195,7 @@ def run(args: argparse.Namespace) -> int:
     config = {
         "dataset": info.name,
         "data_dir": args.data_dir,
+        "data_options": splits.options,
         "model": model_name,
         "checkpoint": args.checkpoint,
         "epochs": None if args.checkpoint else epochs,

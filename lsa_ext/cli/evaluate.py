@@ -12,8 +12,14 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from lsa_ext.cli.options import add_device_option, parse_list
-from lsa_ext.cli.train import add_data_args, check_data_args, default_model, load_data
+from lsa_ext.cli.options import add_device_option, dataset_options, parse_list
+from lsa_ext.cli.train import (
+    add_data_args,
+    check_data_args,
+    default_model,
+    load_data,
+    stored_data_options,
+)
 from lsa_ext.errors import LsaUserError
 from lsa_ext.evaluation import format_eps
 from lsa_ext.presets import EPS_GRIDS
@@ -32,8 +38,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evaluate", help="FGSM ε-grid accuracy, R&G score, PGD/APGD robust accuracy",
         description=f"Evaluates a trained model: FGSM accuracy on the paper's ε grid "
-                    f"({_grids_text()}), the R&G score (their sum), and optional PGD/APGD "
-                    "robust accuracy.",
+                    f"({_grids_text()}), the R&G score (their sum), the same grid under PGD "
+                    "(random start; R&G under PGD) and under random sign noise ±ε, flags of "
+                    "gradient masking (FGSM accuracy rising with ε, PGD above FGSM, an attack "
+                    "above random noise), and optional PGD/APGD robust accuracy at other ε.",
     )
     p.add_argument("--checkpoint", required=True,
                    help="an 'lsa train' checkpoint (last.pt), model.pt, or any state_dict file")
@@ -41,7 +49,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eps-grid", default=None, help="FGSM ε values, comma-separated "
                                                    "(default: the paper's grid for the dataset)")
     p.add_argument("--pgd-eps", default=None, help="ε value(s) for PGD robust accuracy")
-    p.add_argument("--pgd-steps", type=int, default=20, help="PGD steps (default 20)")
+    p.add_argument("--pgd-steps", type=int, default=20,
+                   help="PGD steps, also of the masking checks (default 20)")
+    p.add_argument("--no-masking-checks", action="store_true",
+                   help="skip PGD over the grid, the sign noise and the masking flags")
+    p.add_argument("--masking-tol", type=float, default=0.5,
+                   help="percentage points a masking check must exceed (default 0.5)")
     p.add_argument("--apgd-eps", default=None, help="ε value(s) for APGD-CE robust accuracy")
     p.add_argument("--apgd-steps", type=int, default=100, help="APGD steps (default 100)")
     p.add_argument("--batch-size", type=int, default=256)
@@ -89,7 +102,12 @@ def run(args: argparse.Namespace) -> int:
                            "(and --model)")
     data_dir = args.data_dir or meta.get("data_dir")
     data_seed = args.data_seed if args.dataset else meta.get("data_seed", args.data_seed)
-    info = check_data_args(dataset, data_dir, data_seed, None, args.limit_test)
+    if args.dataset:  # named here: the data options are this command's
+        options = dataset_options(args, dataset)
+    else:  # the run's own data options, with any given here on top
+        options = {**stored_data_options(meta),
+                   **dataset_options(args, dataset, name_scale=False)}
+    info = check_data_args(dataset, data_dir, data_seed, None, args.limit_test, options)
     model_name = args.model or (meta.get("model") if not args.dataset or
                                 args.dataset == meta.get("dataset") else None) \
         or default_model(info.name)
@@ -101,14 +119,17 @@ def run(args: argparse.Namespace) -> int:
     settings = {"eps_grid": parse_list(args.eps_grid, float, "--eps-grid"),
                 "pgd_eps": pgd or None, "apgd_eps": apgd or None, "pgd_steps": args.pgd_steps,
                 "apgd_steps": args.apgd_steps, "batch_size": args.batch_size,
-                "device": args.device, "seed": args.seed}
+                "device": args.device, "seed": args.seed,
+                "masking_checks": not args.no_masking_checks, "masking_tol": args.masking_tol}
     check_settings(model, dataset=info.name, **settings)
-    data = load_data(dataset, data_dir, data_seed, None, args.limit_test)
+    data = load_data(dataset, data_dir, data_seed, None, args.limit_test, options)
     result = evaluate(model, data, **settings)
     result.to_json(str(out / "evaluation.json"))
     result.to_csv(str(out / "evaluation.csv"))
     print(f"{model_name} from {path} on {data.info.name} test ({len(data.test)} samples)")
     print(result.table())
-    print(f"R&G score: {result.rg:.2f}")
+    print(f"R&G score: {result.rg:.2f}"
+          + (f"; under PGD-{args.pgd_steps}: {result.rg_pgd:.2f}" if result.rg_pgd is not None
+             else ""))
     print(f"written: {out / 'evaluation.json'}, {out / 'evaluation.csv'}")
     return 0

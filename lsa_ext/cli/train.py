@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lsa_ext.cli.options import parse_list
+from lsa_ext.cli.options import add_moons_options, dataset_options, parse_list
 from lsa_ext.errors import LsaUserError
 from lsa_ext.presets import TRAIN_EPS
 
@@ -31,10 +31,11 @@ def _epochs(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- shared options
 def add_data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
-    """--dataset, --data-dir, --model, --data-seed, --limit-train, --limit-test."""
+    """--dataset, --data-dir, --model, --data-seed, --limit-train, --limit-test and the moons
+    options (--moons-scale, --moons-noise, --moons-samples)."""
     g = p.add_argument_group("data and model")
     g.add_argument("--dataset", default=None if required else "moons",
-                   help="moons, digits, mnist or cifar10 (default: moons)")
+                   help="moons, digits, mnist5k, mnist or cifar10 (default: moons)")
     g.add_argument("--data-dir", default=None, help="folder with the MNIST/CIFAR-10 files")
     g.add_argument("--model", default=None,
                    help="model_a, model_b, vgg19, wrn28_10 or package.module:factory "
@@ -43,19 +44,33 @@ def add_data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
                    help="seed of the data generation/split (default 0)")
     g.add_argument("--limit-train", type=int, default=None, help="use a random training subset")
     g.add_argument("--limit-test", type=int, default=None, help="use a random test subset")
+    add_moons_options(g)
 
 
 def load_data(dataset: str, data_dir: str | None, data_seed: int,
-              limit_train: int | None = None, limit_test: int | None = None):
-    """``lsa_ext.data.load_dataset`` with the CLI's options."""
+              limit_train: int | None = None, limit_test: int | None = None,
+              options: dict[str, Any] | None = None):
+    """``lsa_ext.data.load_dataset`` with the CLI's options (``options``: dataset options such
+    as moons' ``scale``, ``noise``, ``n_train``)."""
     from lsa_ext.data import load_dataset
 
-    opts: dict[str, Any] = {}
+    opts: dict[str, Any] = dict(options or {})
     if limit_train is not None:
         opts["limit_train"] = limit_train
     if limit_test is not None:
         opts["limit_test"] = limit_test
     return load_dataset(dataset, data_dir, seed=data_seed, **opts)
+
+
+def stored_data_options(meta: dict[str, Any]) -> dict[str, Any]:
+    """The dataset options a training run recorded (``meta["data_options"]``). Runs recorded
+    before the options existed used make_moons' raw coordinates (two-moons was not yet
+    standardized)."""
+    from lsa_ext.data import dataset_info
+
+    if "data_options" in meta:
+        return dict(meta["data_options"] or {})
+    return {"scale": "raw"} if dataset_info(meta["dataset"]).name == "moons" else {}
 
 
 def default_model(dataset: str) -> str:
@@ -90,7 +105,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Train with Algorithm 3 (AT-LR) or a base method. Checkpoints every epoch "
                     "under --out; --resume continues a killed run bit for bit.",
     )
-    from lsa_ext.train_config import AT_METHODS, ATTACK_MODES, OPTIMIZERS, SCHEDULERS
+    from lsa_ext.train_config import AT_METHODS, ATTACK_MODES, LR_PASSES, OPTIMIZERS, SCHEDULERS
 
     add_data_args(p)
     g = p.add_argument_group("adversarial training")
@@ -118,6 +133,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--full-clean-pass", action="store_true",
                    help="run the whole clean forward for LR (default: stop after the last "
                         "regularized layer unless TRADES needs clean logits)")
+    g.add_argument("--lr-pass", default="auto", choices=LR_PASSES,
+                   help="LR term: one forward of clean+adversarial batches (concat), two "
+                        "forwards (two_pass), or auto (default; see README)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=None, help=f"default {DEFAULT_EPOCHS}")
     g.add_argument("--batch-size", type=int, default=128, help="default 128")
@@ -141,13 +159,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 # --------------------------------------------------------------------------- checks
 def check_data_args(dataset: str, data_dir: str | None, data_seed: int,
-                    limit_train: int | None = None, limit_test: int | None = None):
-    """:func:`lsa_ext.data.check_dataset_args` with the CLI's options: the dataset's info,
-    every data option checked, nothing read."""
+                    limit_train: int | None = None, limit_test: int | None = None,
+                    options: dict[str, Any] | None = None):
+    """:func:`lsa_ext.data.check_dataset_args` with the CLI's options (as :func:`load_data`
+    takes them): the dataset's info, every data option checked, nothing read."""
     from lsa_ext.data import check_dataset_args
 
     return check_dataset_args(dataset, data_dir, seed=data_seed, limit_train=limit_train,
-                              limit_test=limit_test)
+                              limit_test=limit_test, **(options or {}))
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -200,7 +219,8 @@ def run(args: argparse.Namespace) -> int:
         cfg.device = args.device
         cfg.validate()
         data = load_data(meta["dataset"], args.data_dir or meta.get("data_dir"),
-                         meta.get("data_seed", 0), meta.get("limit_train"), meta.get("limit_test"))
+                         meta.get("data_seed", 0), meta.get("limit_train"), meta.get("limit_test"),
+                         stored_data_options(meta))
         model = build_model(meta["model"], data.info, seed=cfg.seed)
         trainer = Trainer(model, data.train, cfg, out=out, meta=meta,
                           on_epoch=_on_epoch(out))
@@ -211,8 +231,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         # every argument is checked before any data is read or any training starts
         # shape, classes, range and the data options: known without reading any data
+        options = dataset_options(args, args.dataset)
         info = check_data_args(args.dataset, args.data_dir, args.data_seed, args.limit_train,
-                               args.limit_test)
+                               args.limit_test, options)
         name = info.name
         model_name = args.model or default_model(name)
         model = build_model(model_name, info, seed=args.seed)
@@ -225,7 +246,7 @@ def run(args: argparse.Namespace) -> int:
             clip=None if info.data_range is None else list(info.data_range),
             lr_layers=[] if mvl else resolve_lr_layers(args, model, None, eps),
             gamma=parse_gamma(args.gamma), trades_beta=args.trades_beta,
-            full_clean_pass=args.full_clean_pass, epochs=_epochs(args),
+            full_clean_pass=args.full_clean_pass, lr_pass=args.lr_pass, epochs=_epochs(args),
             batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
             momentum=args.momentum, weight_decay=args.weight_decay, scheduler=args.scheduler,
             seed=args.seed, device=args.device,
@@ -236,12 +257,12 @@ def run(args: argparse.Namespace) -> int:
             gamma_tensor(cfg.gamma, len(cfg.lr_layers))
         mvl_names = (mvl_from_report_layers(args, model) if mvl and args.mvl_report else None)
         data = load_data(args.dataset, args.data_dir, args.data_seed, args.limit_train,
-                         args.limit_test)
+                         args.limit_test, options)
         if mvl:
             cfg.lr_layers = mvl_names or resolve_lr_layers(args, model, data, eps)
         meta = {"dataset": name, "model": model_name, "data_dir": args.data_dir,
                 "data_seed": args.data_seed, "limit_train": args.limit_train,
-                "limit_test": args.limit_test}
+                "limit_test": args.limit_test, "data_options": data.options}
         trainer = Trainer(model, data.train, cfg, out=out, meta=meta, on_epoch=_on_epoch(out))
         if main:
             atomic_write_json(out / "config.json", {"config": cfg.to_dict(), "meta": meta})
