@@ -13,7 +13,10 @@ Contenders, timed interleaved (base, LR, base, LR, ...) on the same data in one 
   with the guard, two passes cloning every site (``copy="always"``), and the default (concat,
   BatchNorm run per half).
 * The LR term's own cost: the fused ``relative_error_multi`` forward + backward on the captured
-  layer outputs of that step, and the same with the pure-PyTorch reference.
+  layer outputs of that step, and the same with the pure-PyTorch reference; the in-place
+  guard's own cost: cloning every site output of both passes vs watching them by reference.
+* The two kinds of pass a step is made of ('part' rows): one attack iteration and one
+  training pass, whose ratio to the step is the LR term's floor.
 
 Script (prints the tables of benchmarks/README.md, with the command and load averages)::
 
@@ -146,6 +149,33 @@ def lr_op_fn(trainer: Trainer, x: torch.Tensor, impl: str) -> Callable[[], None]
     return run
 
 
+def guard_fns(trainer: Trainer, x: torch.Tensor, label: str) -> dict[str, Callable[[], None]]:
+    """What the in-place guard adds to one step on its own, for the sites' outputs of both
+    passes: cloning them all (``copy="always"``, the first batch of ``"auto"``, and ``"auto"``
+    on sites changed in place) vs the steady ``"auto"`` work on sites left by reference (a
+    version-counter read when kept and one when checked)."""
+    from lsa_ext.probes import InplaceGuard
+
+    model = trainer.module
+    names = trainer.layers
+    with Capture(model, names, copy="never") as cap:
+        model(torch.cat([x, x]))
+    outs = [cap.outputs[n].detach().requires_grad_() * 1.0 for n in names]
+    guard = InplaceGuard("auto")
+    guard.copied = {n: False for n in names}
+
+    def clone_all() -> None:
+        for t in outs:
+            t.clone()
+
+    def watch() -> None:
+        for n, t in zip(names, outs, strict=True):
+            guard.keep(n, t)
+        guard.check()
+
+    return {f"op {label} clone": clone_all, f"op {label} guard watch": watch}
+
+
 def interleaved(fns: dict[str, Callable[[], None]], repeats: int,
                 warmup: int = 1) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Wall-clock and CPU seconds (``time.process_time``: this process, all threads) of each
@@ -187,6 +217,7 @@ def digits_contenders(device: str = "cpu") -> tuple[dict[str, Callable[[], None]
     fns.update({"op L0 fused": lr_op_fn(t1, x, "fused"),
                 "op L0..L3 fused": lr_op_fn(t4["auto"], x, "fused"),
                 "op L0..L3 reference": lr_op_fn(t4["auto"], x, "reference")})
+    fns.update(guard_fns(t4["auto"], x, "L0..L3"))
     plan = t4["auto"].regularizer.plan(t4["auto"].model, x, clean_logits=False)
     return fns, {"steps": len(range(0, len(d.train), 128)), "plan": plan}
 
@@ -212,6 +243,7 @@ def vgg_contenders(batch: int = 32, device: str = "cpu"):
     fns.update({"op L1 fused": lr_op_fn(t1, x, "fused"),
                 f"op {len(convs)} convs fused": lr_op_fn(tall["auto"], x, "fused"),
                 f"op {len(convs)} convs reference": lr_op_fn(tall["auto"], x, "reference")})
+    fns.update(guard_fns(tall["auto"], x, f"{len(convs)} convs"))
     plan = tall["auto"].regularizer.plan(tall["auto"].model, x, clean_logits=False)
     return fns, {"plan": plan}
 

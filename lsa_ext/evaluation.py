@@ -605,7 +605,7 @@ def evaluate(
         dataset=name, n_samples=n, fgsm=fgsm, rg=rg_score(fgsm), clean=clean,
         pgd=pgd, apgd=apgd, config=config, noise=noise, rg_pgd=rg_pgd, masking=flags,
     )
-    log.info("evaluation on %s: R&G %.2f, clean %.2f%%", name, result.rg, result.clean)
+    log.debug("evaluation on %s: R&G %.2f, clean %.2f%%", name, result.rg, result.clean)
     if flags:
         log.warning("possible gradient masking on %s: %s", name, ", ".join(map(str, flags)))
     return result

@@ -59,7 +59,7 @@ from lsa_ext.checks import check_int, check_number
 from lsa_ext.data import DataSplits, check_dataset_args, load_dataset
 from lsa_ext.devices import resolve_device
 from lsa_ext.errors import LsaUserError
-from lsa_ext.evaluation import evaluate, fgsm_accuracy_grid, format_eps
+from lsa_ext.evaluation import evaluate, format_eps
 from lsa_ext.io import (
     atomic_write_csv,
     atomic_write_json,
@@ -314,14 +314,6 @@ def _jsonable(obj: Any) -> Any:
 def _flags_cell(masking: dict[str, int], seeds: int) -> str:
     """``"fgsm_above_noise (2/3), pgd_above_fgsm (1/3)"``, or ``"—"`` for none."""
     return ", ".join(f"{k} ({n}/{seeds})" for k, n in masking.items()) or "—"
-
-
-# --------------------------------------------------------------------------- evaluation
-def fgsm_accuracies(model: torch.nn.Module, test: Any, eps_grid: Sequence[float],
-                    clip: tuple[float, float] | None, device: str = "cpu") -> list[float]:
-    """FGSM accuracy (%) at each ε of ``eps_grid`` (ε = 0: clean), via lsa_ext.evaluation."""
-    grid = fgsm_accuracy_grid(model, test, eps_grid, clip=clip, device=device)
-    return [float(a) for a in grid.values()]
 
 
 # --------------------------------------------------------------------------- protocol

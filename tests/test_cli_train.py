@@ -172,3 +172,18 @@ def test_runs_recorded_before_data_options_were_raw_moons():
     assert stored_data_options({"dataset": "digits"}) == {}
     assert stored_data_options({"dataset": "moons", "data_options": {"scale": "standard"}}) == {
         "scale": "standard"}
+
+
+def test_mnist5k_trains_and_evaluates_with_model_b_at_28x28(tmp_path, capsys):
+    out = tmp_path / "m5k"
+    assert main(["train", "--dataset", "mnist5k", "--limit-train", "64", "--limit-test", "32",
+                 "--batch-size", "32", "--epochs", "1", "--out", str(out)]) == 0
+    meta = json.loads((out / "config.json").read_text())["meta"]
+    assert meta["model"] == "model_b" and meta["data_options"] == {"n_test": 1000}
+    weights = torch.load(out / "model.pt", weights_only=True)
+    assert weights["fc1.weight"].shape == (100, 64 * 3 * 3)  # valid convs on 28×28
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(out / "last.pt"), "--limit-test", "32",
+                 "--no-masking-checks"]) == 0
+    text = capsys.readouterr().out
+    assert "on mnist5k test (32 samples)" in text and "masking flags" not in text
