@@ -58,7 +58,8 @@ from torch import nn
 
 from lsa_ext import checkpoint as ckpt
 from lsa_ext import distributed
-from lsa_ext.batches import batches, num_samples
+from lsa_ext.batches import auto_clip, batches, num_samples
+from lsa_ext.collapse import CollapseWatch
 from lsa_ext.devices import resolve_device
 from lsa_ext.errors import LsaUserError
 from lsa_ext.losses import cross_entropy, kl_div, predict
@@ -134,7 +135,7 @@ class Trainer:
         progress: bool | None = None,
         on_epoch: Callable[[Trainer, dict[str, Any]], None] | None = None,
     ) -> None:
-        config.validate()
+        config.validate(custom_attack=attack is not None)
         self.config = config
         self.device, self.model = _join_and_place(model, config.device)
         self.module = unwrap(self.model)
@@ -157,7 +158,11 @@ class Trainer:
         self.epoch = 0
         self.history: list[dict[str, Any]] = []
         self._fresh = True
-        self.run_name = run_name(config.at, self.layers, self.module)
+        self.run_name = run_name("custom" if attack is not None and config.at == "none"
+                                 else config.at, self.layers, self.module)
+        # warns once when training collapses or diverges (lsa_ext.collapse)
+        self.watch = CollapseWatch(train_data, config, self.layers,
+                                   steps_per_epoch=-(-self.num_samples // config.batch_size))
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -204,10 +209,10 @@ class Trainer:
     # ----------------------------------------------------------------- steps
     def _attack_for_epoch(self, epoch: int) -> Perturbation | None:
         cfg = self.config
-        if cfg.at == "none":
-            return None
         if self.attack_override is not None:
             return self.attack_override
+        if cfg.at == "none":
+            return None
         from lsa_ext.attacks import build_attack
 
         return build_attack(
@@ -324,6 +329,8 @@ class Trainer:
                 raise self._diverged(f"parameters {', '.join(bad[:3])} became NaN/Inf in epoch "
                                      f"{record['epoch']}", done=record["epoch"] - 1)
             self.save()
+            if distributed.is_main():
+                self.watch.check(self.module, record)
             log.debug("%s epoch %d/%d: %s", self.run_name, record["epoch"],
                       self.config.epochs,
                       ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
@@ -340,7 +347,7 @@ def train(
     at: str = "none",
     eps: float = 0.3,
     lr_layers: str | Sequence[str] | None = None,
-    gamma: float | Sequence[float] = 1.0,
+    gamma: float | Sequence[float] = 0.1,
     epochs: int = 10,
     batch_size: int = 128,
     optimizer: str = "adam",
@@ -350,7 +357,7 @@ def train(
     scheduler: str = "none",
     seed: int = 0,
     device: str = "cpu",
-    clip: tuple[float, float] | None = None,
+    clip: tuple[float, float] | None | str = "auto",
     attack_kwargs: dict[str, Any] | None = None,
     attack_mode: str = "eval",
     trades_beta: float = 6.0,
@@ -368,10 +375,25 @@ def train(
     the module docstring for the choices made. ``out``: checkpoint folder; ``resume``: a
     checkpoint to continue from.
 
+    ``train_data`` may be a :class:`lsa_ext.data.DataSplits` (its training set is used).
+    ``clip``: the range adversarial inputs are clipped to; ``"auto"`` (default, as ``lsa
+    train``): the dataset's range (:func:`lsa_ext.batches.auto_clip`: a DataSplits' data range,
+    else [0, 1] for tensors within it, else none); ``None``: no clipping. ``attack``: a callable
+    ``(x, y) -> x̂`` used instead of the one ``at`` builds; with ``at="none"`` the base loss is
+    ``CE(f(x̂), y)`` (the run is named ``AT-CUSTOM``). ``gamma`` defaults to 0.1 (γ = 1
+    collapsed training in our runs; README, "AT-LR training").
+
     Raises:
         LsaUserError: an invalid setting (see :meth:`TrainConfig.validate`), unknown layers, or
             an unreadable ``resume`` checkpoint; :class:`TrainingDivergedError` on NaN/Inf.
     """
+    if hasattr(train_data, "info") and hasattr(train_data, "train"):  # a DataSplits
+        clip = auto_clip(train_data) if isinstance(clip, str) and clip == "auto" else clip
+        train_data = train_data.train
+    if isinstance(clip, str):
+        if clip != "auto":
+            raise LsaUserError(f"clip must be 'auto', None or a pair (lo, hi), got {clip!r}")
+        clip = auto_clip(train_data)
     if isinstance(lr_layers, str):
         lr_layers = [s.strip() for s in lr_layers.split(",") if s.strip()]
     cfg = TrainConfig(

@@ -24,7 +24,7 @@ LAYERS: dict[str, int] = {
                      "checkpoint", "distributed", "report"], 2),
     # 3 method: LSA (Algorithms 1-2), AT-LR (Algorithm 3), evaluation, architectures
     **dict.fromkeys(["perturbations", "paired_capture", "result", "analysis", "regularizer",
-                     "train_config", "training", "evaluation", "models"], 3),
+                     "train_config", "training", "collapse", "evaluation", "models"], 3),
     # 4 experiments built from the method
     **dict.fromkeys(["mvl_select", "model_cache", "reproduce"], 4),
     # 5 interfaces
