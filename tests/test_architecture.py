@@ -29,7 +29,7 @@ LAYERS: dict[str, int] = {
     **dict.fromkeys(["mvl_select", "model_cache", "reproduce"], 4),
     # 5 interfaces
     **dict.fromkeys(["", "cli", "cli.__main__", "cli.analyze", "cli.demo", "cli.evaluate",
-                     "cli.options", "cli.reproduce", "cli.train"], 5),
+                     "cli.options", "cli.reproduce", "cli.runs", "cli.train"], 5),
 }
 
 

@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from lsa_ext.cli.options import add_device_option, parse_list
+from lsa_ext.errors import LsaUserError
 from lsa_ext.reproduce import PROTOCOLS
 
 
@@ -19,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "rg.png (Fig. 6) and, for moons, boundaries.png (Fig. 7) under --out. "
                     "Finished runs are cached in --out/runs and skipped on a rerun.",
     )
-    p.add_argument("dataset", choices=tuple(PROTOCOLS))
+    p.add_argument("dataset", nargs="?", choices=tuple(PROTOCOLS),
+                   help=f"the protocol: {' or '.join(PROTOCOLS)}")
     p.add_argument("--out", default=None, help="output folder (default runs/reproduce-DATASET)")
     p.add_argument("--seeds", default="0", help="comma-separated training seeds (default 0)")
     p.add_argument("--quick", action="store_true",
@@ -31,8 +33,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated LR layers, e.g. L0,L2 (default: every learnable layer)")
     p.add_argument("--epochs", type=int, default=None, help="override the protocol's epochs")
     p.add_argument("--eps", type=float, default=None, help="override the training ε")
-    p.add_argument("--gamma", type=float, default=None, help="override γ (default 1)")
-    add_device_option(p)
+    p.add_argument("--gamma", type=float, default=None,
+                   help="override γ (default 1, the protocol's; lsa train's default is 0.1)")
+    # cpu, unlike analyze/train/evaluate (auto): the protocol's models are tiny, run fastest on
+    # the CPU, and the tables of docs/results.md were measured there
+    add_device_option(p, default="cpu")
     p.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     p.set_defaults(func=run)
 
@@ -42,12 +47,15 @@ def run(args: argparse.Namespace) -> int:
 
     from lsa_ext.reproduce import reproduce
 
+    if args.dataset is None:
+        raise LsaUserError(f"name a dataset: lsa reproduce {{{','.join(PROTOCOLS)}}} [options], "
+                           f"e.g. lsa reproduce {next(iter(PROTOCOLS))} --quick")
     seeds = parse_list(args.seeds, int, "--seeds") or [0]
     out = Path(args.out or f"runs/reproduce-{args.dataset}")
 
     def on_run(r, cached):
         accs = " ".join(f"{a:6.2f}" for a in r.accuracies)
-        tag = "cached" if cached else f"{r.seconds:.1f}s"
+        tag = "cached" if cached else f"{r.seconds:.1f} s"
         print(f"{r.name:<22} seed {r.seed}: {accs}  R&G {r.rg:7.2f}  ({tag})", file=sys.stderr)
 
     res = reproduce(args.dataset, out=out, seeds=seeds, quick=args.quick,
