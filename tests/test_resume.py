@@ -131,7 +131,7 @@ def test_conflicting_resume_options_are_named(tmp_path, capsys):
                  "fgsm", "--lr-layers", "fc2", "--epochs", "2"]) == 0
     assert "1 of 2 epochs done, continuing with epoch 2/2" in capsys.readouterr().err
     assert main(["train", "--out", str(out), "--resume"]) == 0
-    assert "is complete (2/2 epochs): nothing to resume" in capsys.readouterr().err
+    assert "is complete (2 of 2 epochs done): nothing to resume" in capsys.readouterr().err
 
 
 def test_resume_from_corrupt_checkpoint_is_a_clear_error(tmp_path):

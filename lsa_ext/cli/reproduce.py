@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lsa_ext.cli.options import add_device_option, parse_list
+from lsa_ext.cli.options import add_device_option, parse_list, plural
 from lsa_ext.errors import LsaUserError
 from lsa_ext.reproduce import PROTOCOLS
 
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
                     epochs=args.epochs, eps=args.eps, gamma=args.gamma, device=args.device,
                     figures=not args.no_figures, on_run=on_run)
     p = res.protocol
-    print(f"\n{args.dataset}: {p.model}, {p.epochs} epochs, training ε = {p.eps:g}, "
+    print(f"\n{args.dataset}: {p.model}, {plural(p.epochs, 'epoch')}, training ε = {p.eps:g}, "
           f"γ = {p.gamma:g}, seeds {','.join(map(str, seeds))}; FGSM accuracy (%) per ε\n")
     print(res.table())
     print("\nR&G next to the paper's:\n")

@@ -280,8 +280,9 @@ def _resume(args: argparse.Namespace) -> int:
     trainer.load_state_dict(state)
     if done >= cfg.epochs:
         if main:
-            print(f"{trainer.run_name} in {out} is complete ({done}/{cfg.epochs} epochs): nothing "
-                  f"to resume; to train longer, add --epochs N with N > {done}", file=sys.stderr)
+            print(f"{trainer.run_name} in {out} is complete ({done} of "
+                  f"{plural(cfg.epochs, 'epoch')} done): nothing to resume; to train longer, add "
+                  f"--epochs N with N > {done}", file=sys.stderr)
         return 0
     if main:
         print(f"resuming {trainer.run_name} from {path}: {done} of {plural(cfg.epochs, 'epoch')} "
