@@ -36,6 +36,7 @@ from lsa_ext.training import TRAIN_ATTACK_DEFAULTS, fit
 
 log = logging.getLogger("lsa_ext.mvl_select")
 
+
 def _module_names(sites: list[str]) -> list[str]:
     """Module names of probe sites (``"act#2"`` → ``"act"``)."""
     return [s.split("#")[0] for s in sites]
