@@ -16,8 +16,8 @@ $(PY):
 # torch is installed only when missing (a GPU machine's preinstalled torch is kept).
 $(VENV)/.deps: $(PY) pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q setuptools wheel ninja numpy scikit-learn matplotlib tqdm \
-		pytest pytest-benchmark hypothesis ruff
+	$(PY) -m pip install -q setuptools wheel ninja numpy scikit-learn mlxtend matplotlib tqdm \
+		pytest pytest-benchmark pytest-timeout hypothesis ruff
 	touch $@
 
 # The extension is built without build isolation (isolation would fetch a multi-GB torch).

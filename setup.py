@@ -16,6 +16,7 @@ import glob
 import os
 import re
 import subprocess
+import sys
 
 import torch
 from setuptools import setup
@@ -86,6 +87,17 @@ def _arch_env() -> str:
     return os.environ.get("TORCH_CUDA_ARCH_LIST", "")
 
 
+def _openmp_flags() -> list[str]:
+    """Compiler/linker flags enabling OpenMP when this torch's ATen parallel backend is OpenMP
+    (ATen/Config.h AT_PARALLEL_OPENMP); none otherwise, and none on macOS, whose Apple clang has
+    no -fopenmp (the kernels then run on the calling thread)."""
+    if "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return []
+    if sys.platform == "darwin":
+        return []
+    return ["/openmp"] if os.name == "nt" else ["-fopenmp"]
+
+
 def _extension():
     debug = os.environ.get("LSA_DEBUG") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
@@ -93,7 +105,12 @@ def _extension():
     sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     # No -std flag: torch.utils.cpp_extension adds the standard its headers need (C++20 for
     # torch >= 2.13; C++17 would fail with torch 2.14's headers).
-    extra = {"cxx": list(opt)}
+    # OpenMP: the kernels' at::parallel_for is inlined from ATen's headers as an OpenMP parallel
+    # region, so without the compiler's OpenMP flag it silently runs on one thread. PyTorch's CPU
+    # wheels ship their libgomp.so.1; linking -fopenmp records that same soname, so the loaded
+    # extension shares PyTorch's OpenMP runtime (and its torch.set_num_threads setting).
+    openmp = _openmp_flags()
+    extra = {"cxx": list(opt) + openmp}
     define_macros = []
     if _want_cuda():
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
@@ -111,6 +128,7 @@ def _extension():
             sources,
             include_dirs=[os.path.join(HERE, "csrc")],
             extra_compile_args=extra,
+            extra_link_args=openmp,
             define_macros=define_macros,
         )
     return CppExtension(
@@ -118,6 +136,7 @@ def _extension():
         sources,
         include_dirs=[os.path.join(HERE, "csrc")],
         extra_compile_args=extra,
+        extra_link_args=openmp,
         define_macros=define_macros,
     )
 

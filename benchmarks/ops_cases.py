@@ -2,9 +2,14 @@
 bench_ops.py (pytest-benchmark) and ops_table.py (one table, all contenders interleaved).
 
 Every case holds one set of inputs; its contenders are zero-argument callables on that data:
-``fused`` (lsa_ext), ``naive`` (the expression a user would write), ``compiled`` (torch.compile
-of that expression), ``loop`` (one fused call per layer), ``bandwidth`` (``a.sum() + b.sum()``:
-reads both inputs once).
+``fused`` (lsa_ext), ``before`` (the same public API on a baseline build's kernels, see
+baseline.py; only when one is given), ``naive`` (the expression a user would write),
+``compiled`` (torch.compile of that expression), ``loop`` (one fused call per layer),
+``bandwidth`` (``a.sum() + b.sum()``: reads both inputs once).
+
+torch.compile bakes the intra-op thread count into its C++ kernels (``#pragma omp parallel
+num_threads(N)``, N = torch.get_num_threads() at compile time, no guard on it): build the cases
+after torch.set_num_threads, and call :func:`reset_compiled` when the thread count changes.
 """
 
 from __future__ import annotations
@@ -64,20 +69,29 @@ class Case:
 _COMPILED: dict[str, Callable] = {}
 
 
+def reset_compiled() -> None:
+    """Forgets the torch.compile contenders, so the next calls compile for the current number of
+    intra-op threads (Inductor's CPU kernels have it baked in)."""
+    _COMPILED.clear()
+    torch._dynamo.reset()
+    torch._inductor.config.cpp.threads = torch.get_num_threads()
+
+
 def _compiled(kind: str) -> Callable:
-    """torch.compile of the naive expression (compiled once per process and kind)."""
+    """torch.compile of the naive expression (compiled once per kind until reset_compiled)."""
     if kind not in _COMPILED:
         fn = {"fwd": naive, "loss": naive_loss, "multi": naive_multi}[kind]
         _COMPILED[kind] = torch.compile(fn, fullgraph=True, dynamic=False)
     return _COMPILED[kind]
 
 
-def forward_case(name: str, shape, targets=None) -> Case:
+def forward_case(name: str, shape, targets=None, before=None) -> Case:
     a, b = _pair(shape)
     return Case(
         name=name,
         contenders={
             "fused": lambda: lsa_ext.relative_error(a, b),
+            **({"before": lambda: before.relative_error(a, b)} if before else {}),
             "naive": lambda: naive(a, b),
             "compiled": lambda: _compiled("fwd")(a, b),
             "bandwidth": lambda: a.sum() + b.sum(),
@@ -87,12 +101,14 @@ def forward_case(name: str, shape, targets=None) -> Case:
     )
 
 
-def backward_case(name: str, shape, targets=None) -> Case:
+def backward_case(name: str, shape, targets=None, before=None) -> Case:
     a, b = _pair(shape, requires_grad=True)
     return Case(
         name=name,
         contenders={
             "fused": _backward(lambda: lsa_ext.relative_error(a, b).sum(), [a, b]),
+            **({"before": _backward(lambda: before.relative_error(a, b).sum(), [a, b])}
+               if before else {}),
             "naive": _backward(lambda: naive_loss(a, b), [a, b]),
             "compiled": _backward(lambda: _compiled("loss")(a, b), [a, b]),
         },
@@ -101,7 +117,7 @@ def backward_case(name: str, shape, targets=None) -> Case:
     )
 
 
-def multi_case(name: str, batch: int, targets=None) -> Case:
+def multi_case(name: str, batch: int, targets=None, before=None) -> Case:
     pairs = [_pair((batch, *s), seed=i) for i, s in enumerate(VGG19_CIFAR_CONV_SHAPES)]
     cleans = [a for a, _ in pairs]
     perturbeds = [b for _, b in pairs]
@@ -109,6 +125,8 @@ def multi_case(name: str, batch: int, targets=None) -> Case:
         name=name,
         contenders={
             "fused": lambda: lsa_ext.relative_error_multi(cleans, perturbeds),
+            **({"before": lambda: before.relative_error_multi(cleans, perturbeds)}
+               if before else {}),
             "loop": lambda: torch.stack(
                 [lsa_ext.relative_error(a, b) for a, b in zip(cleans, perturbeds, strict=True)]
             ),
@@ -121,19 +139,21 @@ def multi_case(name: str, batch: int, targets=None) -> Case:
     )
 
 
-def all_cases() -> list[Case]:
-    """The table's rows (issue #2 targets on [128, 64, 32, 32] float32 and VGG-19/CIFAR)."""
+def all_cases(before=None) -> list[Case]:
+    """The table's rows: issue #2's and #11's targets on [128, 64, 32, 32] float32 and on the
+    VGG-19/CIFAR conv outputs. ``before``: a baseline.Baseline for the "before" contender."""
     return [
         forward_case(
-            "forward [128,64,32,32] f32", (128, 64, 32, 32),
-            targets={"naive": 5.0, "compiled": 1.0, "bandwidth": 1 / 1.2},
+            "forward [128,64,32,32] f32", (128, 64, 32, 32), before=before,
+            targets={"naive": 5.0, "compiled": 1.0, "bandwidth": 0.9},
         ),
         backward_case(
-            "fwd+bwd [128,64,32,32] f32", (128, 64, 32, 32), targets={"naive": 3.0}
+            "fwd+bwd [128,64,32,32] f32", (128, 64, 32, 32), before=before,
+            targets={"naive": 3.0, "compiled": 2.0},
         ),
-        multi_case("multi VGG-19 16 convs B=128", 128, targets={"loop": 1.5}),
-        multi_case("multi VGG-19 16 convs B=8", 8, targets={"loop": 1.5}),
-        multi_case("multi VGG-19 16 convs B=1", 1, targets={"loop": 1.5}),
-        forward_case("forward B=1 [1,8388608] f32", (1, 8_388_608)),
-        forward_case("forward B=4096 [4096,3,4,4] f32", (4096, 3, 4, 4)),
+        multi_case("multi VGG-19 16 convs B=128", 128, targets={"loop": 1.0}, before=before),
+        multi_case("multi VGG-19 16 convs B=8", 8, targets={"loop": 1.0}, before=before),
+        multi_case("multi VGG-19 16 convs B=1", 1, targets={"loop": 1.0}, before=before),
+        forward_case("forward B=1 [1,8388608] f32", (1, 8_388_608), before=before),
+        forward_case("forward B=4096 [4096,3,4,4] f32", (4096, 3, 4, 4), before=before),
     ]

@@ -1,12 +1,19 @@
-"""Prints one table: the fused relative-error ops against every contender on the same data.
+"""Prints the fused relative-error ops against every contender on the same data, per thread count.
 
 Usage:
-    .venv/bin/python benchmarks/ops_table.py [--repeats 21] [--only SUBSTRING]
+    .venv/bin/python benchmarks/ops_table.py [--repeats 21] [--threads 1,2] [--only SUBSTRING]
+        [--before /tmp/lsa_ext_base/lsa_ext/_C...so]
 
-Each row is one case (benchmarks/ops_cases.py). Contenders of a row run interleaved, one call
-each per round (so a noisy neighbour slows all of them alike), after warm-up calls that also
-compile the torch.compile contender; the table holds the median over rounds. "x" columns are
+For each intra-op thread count (torch.set_num_threads) one table; each row is one case
+(benchmarks/ops_cases.py). Contenders of a row run interleaved, one call each per round (so a
+noisy neighbour slows all of them alike), after warm-up calls that also compile the torch.compile
+contender for that thread count; the table holds the median over rounds. "x" columns are
 contender time / fused time (> 1: fused is faster); the last column checks the issue's targets.
+"fused CPU/wall" is the process's CPU time (time.process_time, all threads) over wall time
+summed over the fused calls: above 1 when the kernel ran on several threads; "thr" is the number
+of threads that ran the last fused kernel call (lsa_ext._extension.cpu_threads_last_call).
+``--before``: a baseline build (benchmarks/build_baseline.py) run as the "before" contender.
+The load average (1 min) is printed before and after each table.
 """
 
 from __future__ import annotations
@@ -22,59 +29,93 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from ops_cases import all_cases  # noqa: E402
+from ops_cases import all_cases, reset_compiled  # noqa: E402
 
 import lsa_ext  # noqa: E402
+from lsa_ext import _extension  # noqa: E402
 
-COLUMNS = ["fused", "naive", "compiled", "loop", "bandwidth"]
+COLUMNS = ["fused", "before", "naive", "compiled", "loop", "bandwidth"]
 
 
-def measure(contenders, repeats: int, warmup: int = 3) -> dict[str, float]:
+def load_average() -> str:
+    if not hasattr(os, "getloadavg"):
+        return "n/a"
+    return "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+
+
+def measure(contenders, repeats: int, warmup: int = 3) -> dict[str, tuple[float, float, int]]:
+    """Per contender: (median wall seconds, CPU/wall ratio, threads of the last fused call)."""
     for fn in contenders.values():
         for _ in range(warmup):
             fn()
-    times: dict[str, list[float]] = {k: [] for k in contenders}
+    wall: dict[str, list[float]] = {k: [] for k in contenders}
+    cpu: dict[str, float] = dict.fromkeys(contenders, 0.0)
+    threads: dict[str, int] = dict.fromkeys(contenders, 0)
     for _ in range(repeats):
         for name, fn in contenders.items():
+            c0 = time.process_time()
             t0 = time.perf_counter()
             fn()
-            times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+            t1 = time.perf_counter()
+            cpu[name] += time.process_time() - c0
+            wall[name].append(t1 - t0)
+            threads[name] = _extension.cpu_threads_last_call()
+    return {k: (statistics.median(v), cpu[k] / sum(v), threads[k]) for k, v in wall.items()}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repeats", type=int, default=21)
-    p.add_argument("--only", default="", help="run only cases whose name contains this")
-    args = p.parse_args(argv)
-
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{platform.processor() or platform.machine()}, backend {lsa_ext.backend()}, "
-          f"load average {load:.1f}, median of {args.repeats} interleaved rounds")
-    header = ["case", "fused ms", "fused GB/s"] + [f"{c} ms (x)" for c in COLUMNS[1:]]
-    header.append("targets")
+def table(cases, repeats: int) -> bool:
+    header = ["case", "fused ms", "fused CPU/wall", "thr", "fused GB/s"]
+    header += [f"{c} ms (x)" for c in COLUMNS[1:]] + ["targets"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     all_met = True
-    for case in all_cases():
-        if args.only and args.only not in case.name:
-            continue
-        med = measure(case.contenders, args.repeats)
-        fused = med["fused"]
-        row = [case.name, f"{fused * 1e3:.2f}", f"{case.bytes_read / fused / 1e9:.1f}"]
+    for case in cases:
+        med = measure(case.contenders, repeats)
+        fused, fused_cpu, fused_threads = med["fused"]
+        row = [case.name, f"{fused * 1e3:.2f}", f"{fused_cpu:.2f}", str(fused_threads),
+               f"{case.bytes_read / fused / 1e9:.1f}"]
         for c in COLUMNS[1:]:
-            row.append(f"{med[c] * 1e3:.2f} ({med[c] / fused:.2f}x)" if c in med else "—")
+            row.append(f"{med[c][0] * 1e3:.2f} ({med[c][0] / fused:.2f}x)" if c in med else "—")
         checks = []
         for c, want in case.targets.items():
-            got = med[c] / fused
+            got = med[c][0] / fused
             ok = got >= want
             all_met &= ok
             verdict = f"≥ {want:.2f}x ok" if ok else f"< {want:.2f}x MISSED"
             checks.append(f"{c} {got:.2f}x {verdict}")
         row.append("; ".join(checks) or "—")
         print("| " + " | ".join(row) + " |", flush=True)
-    print(f"# all targets met: {all_met}")
+    return all_met
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=21, help="interleaved rounds (median)")
+    p.add_argument("--threads", default="1,2", help="comma-separated intra-op thread counts")
+    p.add_argument("--only", default="", help="run only cases whose name contains this")
+    p.add_argument("--before", default="", help="baseline library (build_baseline.py)")
+    p.add_argument("--ns", default="lsa_ext_base", help="op namespace of --before")
+    args = p.parse_args(argv)
+    before = None
+    if args.before:
+        import baseline
+
+        before = baseline.load(args.before, args.ns)
+
+    print(f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs, backend {lsa_ext.backend()}, "
+          f"OpenMP {_extension.cpu_openmp_version()}, median of {args.repeats} interleaved rounds"
+          + (f", before = {args.before}" if before else ""))
+    all_met = True
+    for n in (int(t) for t in args.threads.split(",")):
+        torch.set_num_threads(n)
+        reset_compiled()
+        cases = [c for c in all_cases(before) if args.only in c.name]
+        print(f"\n## {n} thread{'s' if n > 1 else ''} (load average {load_average()})\n")
+        all_met &= table(cases, args.repeats)
+        print(f"\n(load average after: {load_average()})")
+        del cases
+    print(f"\n# all targets met: {all_met}")
     return 0
 
 

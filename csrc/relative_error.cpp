@@ -6,11 +6,32 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "relative_error.h"
+
+namespace {
+
+PyObject* py_cpu_threads_last_call(PyObject*, PyObject*) {
+  return PyLong_FromLong(lsa_ext::cpu_threads_last_call());
+}
+
+PyObject* py_cpu_openmp_version(PyObject*, PyObject*) {
+  return PyLong_FromLong(lsa_ext::cpu_openmp_version());
+}
+
+PyMethodDef module_methods[] = {
+    {"cpu_threads_last_call", py_cpu_threads_last_call, METH_NOARGS,
+     "Threads that ran this thread's last CPU kernel call (1: serial, 0: none yet)."},
+    {"cpu_openmp_version", py_cpu_openmp_version, METH_NOARGS,
+     "_OPENMP version the CPU kernels were compiled with (0: without OpenMP, serial)."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 extern "C" {
 // Importing lsa_ext._C loads this shared library, whose static initialisers register the ops.
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT, "_C", "lsa_ext compiled operators", -1, nullptr};
+      PyModuleDef_HEAD_INIT, "_C", "lsa_ext compiled operators", -1, module_methods};
   return PyModule_Create(&module_def);
 }
 }

@@ -73,4 +73,11 @@ inline std::pair<at::Tensor, at::Tensor> same_layout(const at::Tensor& a, const 
   return {aa, bb};
 }
 
+// Parallel-execution facts of the CPU kernels (cpu/relative_error_kernel.cpp), exposed to Python
+// as lsa_ext._C.cpu_threads_last_call() / lsa_ext._C.cpu_openmp_version():
+// threads that ran the calling thread's last CPU kernel call (1: it ran serially; 0: no call yet),
+int cpu_threads_last_call();
+// and the _OPENMP version the kernels were compiled with (0: compiled without OpenMP, serial).
+int cpu_openmp_version();
+
 }  // namespace lsa_ext

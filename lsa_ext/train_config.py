@@ -29,6 +29,8 @@ SCHEDULERS = ("none", "cosine", "step")
 # attack as its ``mode``). "keep" is not offered: the training loop holds the model in train
 # mode, so "keep" would be "train".
 ATTACK_MODES = tuple(m for m in MODES if m != "keep")
+# How the LR term runs the clean and adversarial batches (lsa_ext.regularizer).
+LR_PASSES = ("auto", "concat", "two_pass")
 # Attack settings used for *training* unless given in ``attack_kwargs``: Madry et al.'s PGD
 # returns its last iterate; APGD runs 10 iterations (torchattacks' default, far cheaper than the
 # 100 of the evaluation setting). Everything else is the attack's own default.
@@ -57,11 +59,16 @@ class TrainConfig:
             ``mode`` (:data:`lsa_ext.modules.MODES`): ``"eval"`` (default) or ``"train"``
             (:data:`ATTACK_MODES`).
         clip: valid input range ``(lo, hi)`` or None (no clipping, e.g. two-moons).
-        lr_layers: qualified names of the regularized layers M (empty: no LR term).
+        lr_layers: the regularized sites M (empty: no LR term): module names (a module's
+            first call) or ``name#k`` (its k-th call), as :func:`lsa_ext.regularizer.
+            resolve_layers` gives them; the trainer resolves ``"L<k>"``, globs and kinds.
         gamma: γ, one value for all layers or one per layer (default 0.1: γ = 1 collapsed
             training in our runs, README "AT-LR training").
         trades_beta: β of the TRADES objective (default 6.0).
-        full_clean_pass: see :mod:`lsa_ext.training` (default False; TRADES always runs it).
+        full_clean_pass: see :mod:`lsa_ext.trainer` (default False; TRADES always runs it).
+        lr_pass: how the clean and adversarial batches run for the LR term: ``"auto"``
+            (default), ``"concat"`` (one forward of both) or ``"two_pass"``
+            (:data:`lsa_ext.regularizer.LR_PASSES`).
         epochs, batch_size: default 10, 128.
         optimizer: ``adam`` (default), ``adamw`` or ``sgd``; ``lr`` (1e-3), ``momentum`` (0.9,
             SGD only), ``weight_decay`` (0).
@@ -80,6 +87,7 @@ class TrainConfig:
     gamma: float | list[float] = 0.1
     trades_beta: float = 6.0
     full_clean_pass: bool = False
+    lr_pass: str = "auto"
     epochs: int = 10
     batch_size: int = 128
     optimizer: str = "adam"
@@ -96,6 +104,7 @@ class TrainConfig:
         _check_choice("training method", self.at, AT_METHODS)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("scheduler", self.scheduler, SCHEDULERS)
+        _check_choice("lr_pass", self.lr_pass, LR_PASSES)
         if self.attack_mode not in ATTACK_MODES:
             raise LsaUserError(f"attack_mode must be one of {', '.join(ATTACK_MODES)}, got "
                                f"{self.attack_mode!r}")

@@ -16,17 +16,17 @@ LAYERS: dict[str, int] = {
     # 0 foundation: no lsa_ext imports beyond this layer
     **dict.fromkeys(["errors", "_version", "types", "checks", "io", "progress", "devices",
                      "modules", "seeding", "batches", "presets", "losses", "_extension",
-                     "reference"], 0),
+                     "reference", "threads", "collapse"], 0),
     # 1 fused ops
     "ops": 1,
     # 2 building blocks: perturbations, probes, measures, statistics, data, files, ranks
-    **dict.fromkeys(["noise", "attacks", "measures", "probes", "mvl", "cm_stats", "data",
+    **dict.fromkeys(["noise", "attacks", "measures", "probes", "mvl", "masking", "cm_stats", "data",
                      "checkpoint", "distributed", "report"], 2),
     # 3 method: LSA (Algorithms 1-2), AT-LR (Algorithm 3), evaluation, architectures
     **dict.fromkeys(["perturbations", "paired_capture", "result", "analysis", "regularizer",
-                     "train_config", "training", "collapse", "evaluation", "models"], 3),
+                     "train_config", "trainer", "evaluation", "models"], 3),
     # 4 experiments built from the method
-    **dict.fromkeys(["mvl_select", "model_cache", "reproduce"], 4),
+    **dict.fromkeys(["mvl_select", "training", "model_cache", "reproduce"], 4),
     # 5 interfaces
     **dict.fromkeys(["", "cli", "cli.__main__", "cli.analyze", "cli.demo", "cli.evaluate",
                      "cli.options", "cli.reproduce", "cli.runs", "cli.train"], 5),

@@ -159,3 +159,16 @@ def test_entry_point_exit_code_without_traceback(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "unknown dataset 'nope'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_moons_scale_names_the_cached_model(tmp_path, capsys):
+    base = ["analyze", "--dataset", "moons", "--epochs", "1", "--max-samples", "32",
+            "--perturbations", "gaussian,fgsm", "--no-plot"]
+    assert main([*base, "--out", str(tmp_path / "s")]) == 0
+    assert main([*base, "--moons-scale", "raw", "--out", str(tmp_path / "r")]) == 0
+    capsys.readouterr()
+    names = sorted(p.name for p in (tmp_path / "cache").glob("model_a-moons-*"))
+    assert names == ["model_a-moons-seed0-ep1-scale=raw.pt",
+                     "model_a-moons-seed0-ep1-scale=standard.pt"]
+    conf = [json.loads((tmp_path / d / "report.json").read_text())["config"] for d in "sr"]
+    assert [c["data_options"]["scale"] for c in conf] == ["standard", "raw"]

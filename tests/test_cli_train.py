@@ -20,13 +20,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_train_writes_checkpoint_config_history_and_weights(tmp_path, capsys):
     out = tmp_path / "run"
     rc = main(["train", *TINY, "--at", "fgsm", "--eps", "0.2", "--lr-layers", "L1,fc3",
-               "--gamma", "0.5,2", "--epochs", "2", "--out", str(out)])
+               "--gamma", "0.5,2", "--lr-pass", "two_pass", "--epochs", "2", "--out", str(out)])
     assert rc == 0
     text = capsys.readouterr().out
     assert "AT-FGSM-LR-L1+L2" in text and "clean test acc" in text
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["config"]["lr_layers"] == ["fc2", "fc3"]
-    assert cfg["config"]["gamma"] == [0.5, 2.0]
+    assert cfg["config"]["gamma"] == [0.5, 2.0] and cfg["config"]["lr_pass"] == "two_pass"
     assert cfg["meta"]["dataset"] == "moons" and cfg["meta"]["model"] == "model_a"
     hist = json.loads((out / "history.json").read_text())
     assert [h["epoch"] for h in hist] == [1, 2] and all(h["lr_loss"] > 0 for h in hist)
@@ -135,3 +135,62 @@ def test_lr_layers_mvl_on_the_fly(tmp_path, capsys):
     layers = json.loads((out / "config.json").read_text())["config"]["lr_layers"]
     assert layers and set(layers) <= {"fc1", "fc2", "fc3"}  # never the output layer fc4
     assert "LR layers (--lr-layers mvl, η=0): " in capsys.readouterr().err
+
+
+def test_moons_options_reach_training_and_evaluation(tmp_path, capsys):
+    from lsa_ext.data import load_dataset
+    from lsa_ext.models import build_model
+
+    out = tmp_path / "raw"
+    assert main(["train", "--dataset", "moons", "--moons-scale", "raw", "--moons-noise", "0.1",
+                 "--moons-samples", "300", "--limit-test", "100", "--epochs", "1",
+                 "--out", str(out)]) == 0
+    meta = json.loads((out / "config.json").read_text())["meta"]
+    want = {"n_train": 300, "n_test": 1000, "noise": 0.1, "scale": "raw"}
+    assert meta["data_options"] == want
+    capsys.readouterr()
+    # evaluate takes the run's data options: raw coordinates, noise 0.1
+    assert main(["evaluate", "--checkpoint", str(out / "last.pt"), "--limit-test", "100",
+                 "--out", str(tmp_path / "ev")]) == 0
+    text = capsys.readouterr().out
+    assert "PGD-20" in text and "noise ±eps" in text and "masking flags" in text
+    rep = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
+    data = load_dataset("moons", limit_test=100, **want)
+    model = build_model("model_a", data.info)
+    model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
+    x, y = data.test.tensors
+    assert rep["clean_accuracy"] == pytest.approx(_fgsm_accuracy(model, x, y, 0.0), abs=1e-9)
+    assert rep["rg_pgd"] == pytest.approx(
+        rep["clean_accuracy"] + sum(r["accuracy"] for r in rep["pgd"]), abs=1e-9)
+    assert [r["eps"] for r in rep["noise"]] == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
+    # a moons option for another dataset is a one-line error before any work
+    assert main(["train", "--dataset", "digits", "--moons-noise", "0.1",
+                 "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert "--moons-noise only apply to the moons dataset" in err and "Traceback" not in err
+    assert main(["train", "--moons-scale", "minmax", "--out", str(tmp_path / "d")]) == 2
+    assert "invalid choice: 'minmax'" in capsys.readouterr().err
+
+
+def test_runs_recorded_before_data_options_were_raw_moons():
+    from lsa_ext.cli.train import stored_data_options
+
+    assert stored_data_options({"dataset": "moons"}) == {"scale": "raw"}
+    assert stored_data_options({"dataset": "digits"}) == {}
+    assert stored_data_options({"dataset": "moons", "data_options": {"scale": "standard"}}) == {
+        "scale": "standard"}
+
+
+def test_mnist5k_trains_and_evaluates_with_model_b_at_28x28(tmp_path, capsys):
+    out = tmp_path / "m5k"
+    assert main(["train", "--dataset", "mnist5k", "--limit-train", "64", "--limit-test", "32",
+                 "--batch-size", "32", "--epochs", "1", "--out", str(out)]) == 0
+    meta = json.loads((out / "config.json").read_text())["meta"]
+    assert meta["model"] == "model_b" and meta["data_options"] == {"n_test": 1000}
+    weights = torch.load(out / "model.pt", weights_only=True)
+    assert weights["fc1.weight"].shape == (100, 64 * 3 * 3)  # valid convs on 28×28
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(out / "last.pt"), "--limit-test", "32",
+                 "--no-masking-checks"]) == 0
+    text = capsys.readouterr().out
+    assert "on mnist5k test (32 samples)" in text and "masking flags" not in text

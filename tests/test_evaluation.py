@@ -23,8 +23,10 @@ from lsa_ext.evaluation import (
     evaluate,
     fgsm_accuracy_grid,
     rg_score,
+    sign_noise_accuracy_grid,
 )
 from lsa_ext.losses import cross_entropy
+from lsa_ext.masking import masking_flags
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -125,11 +127,12 @@ def test_batching_and_data_forms_agree(moons):
 
 def test_pgd_and_apgd_accuracy(moons):
     model, x, y = moons
-    res = evaluate(model, (x, y), dataset="moons", pgd_eps=0.3, apgd_eps=[0.3], apgd_steps=20)
+    kw = {"pgd_eps": 0.3, "apgd_eps": [0.3], "apgd_steps": 20, "masking_checks": False}
+    res = evaluate(model, (x, y), dataset="moons", **kw)
     assert set(res.pgd) == {0.3} and set(res.apgd) == {0.3}
     assert res.pgd[0.3] < res.fgsm[0.3]  # PGD stronger than FGSM
     assert res.apgd[0.3] < res.clean
-    again = evaluate(model, (x, y), dataset="moons", pgd_eps=0.3, apgd_eps=[0.3], apgd_steps=20)
+    again = evaluate(model, (x, y), dataset="moons", **kw)
     assert again.to_dict() == res.to_dict()  # same seed, same report
 
 
@@ -171,7 +174,8 @@ def test_data_splits_and_image_clip(tmp_path):
 
 def test_result_files_and_table(moons, tmp_path):
     model, x, y = moons
-    res = evaluate(model, (x, y), dataset="moons", pgd_eps=0.1, pgd_steps=2)
+    res = evaluate(model, (x, y), dataset="moons", pgd_eps=0.1, pgd_steps=2,
+                   masking_checks=False)
     res.to_json(tmp_path / "eval.json")
     res.to_csv(tmp_path / "eval.csv")
     doc = json.loads((tmp_path / "eval.json").read_text())
@@ -234,3 +238,94 @@ def test_empty_data_and_nan_model():
         accuracy(model, (torch.zeros(0, 2), torch.zeros(0, dtype=torch.long)))
     with pytest.raises(LsaUserError, match="NaN"):
         accuracy(lambda t: t[:, :1] * float("nan"), (torch.zeros(3, 2), torch.zeros(3).long()))
+
+
+# ----------------------------------------------------------------------------- masking checks
+class _Quantized(nn.Module):
+    """``inner(round(x / q) · q)``: the rounding has zero gradient almost everywhere, so FGSM's
+    direction is 0 and FGSM leaves every input in place — a textbook masked gradient — while
+    random noise of the same size still moves inputs across the quantisation cells."""
+
+    def __init__(self, inner: nn.Module, q: float) -> None:
+        super().__init__()
+        self.inner, self.q = inner, q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(torch.round(x / self.q) * self.q)
+
+
+def test_sign_noise_grid_matches_a_straightforward_computation(moons):
+    model, x, y = moons
+    grid = (0.0, 0.2, 0.5)
+    got = sign_noise_accuracy_grid(model, (x, y), grid, clip=None, seed=3, batch_size=1024)
+    g = torch.Generator().manual_seed(3)
+    s = 2.0 * torch.randint(0, 2, x.shape, generator=g).double() - 1.0  # one batch: one draw
+    assert set(s.unique().tolist()) == {-1.0, 1.0}
+    m64 = _double(model)
+
+    def ref(xs, eps, lo=-math.inf, hi=math.inf):
+        with torch.no_grad():
+            pred = (m64((xs.double() + eps * s).clamp(lo, hi)).squeeze(1) > 0).long()
+        return 100.0 * (pred == y).double().mean().item()
+
+    for eps in grid:
+        assert got[eps] == pytest.approx(ref(x, eps), abs=1e-9)
+    assert got[0.5] < got[0.0]  # noise of this size does hurt the plain model
+    lo, hi = float(x.min()), float(x.max()) - 1.0
+    x_in = x.clamp(lo, hi)
+    clipped = sign_noise_accuracy_grid(model, (x_in, y), (0.5,), clip=(lo, hi), seed=3,
+                                       batch_size=1024)
+    assert clipped[0.5] == pytest.approx(ref(x_in, 0.5, lo, hi), abs=1e-9)
+
+
+def _double(model: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(model).double().eval()
+
+
+def test_plain_model_reports_pgd_rg_and_raises_no_masking_flag(moons):
+    model, x, y = moons
+    res = evaluate(model, (x, y), dataset="moons")
+    grid = EPS_GRIDS["moons"]
+    assert set(res.pgd) == {e for e in grid if e > 0} and tuple(res.noise) == grid
+    assert res.rg_pgd == pytest.approx(res.clean + math.fsum(res.pgd.values()), abs=1e-9)
+    for e in res.pgd:  # PGD-20 is at least as strong as FGSM, both beat random noise
+        assert res.pgd[e] <= res.fgsm[e] + 0.5 and res.fgsm[e] < res.noise[e]
+    assert res.masking == []
+    assert "masking flags (tolerance 0.5 points): none" in res.table()
+    assert res.table().splitlines()[3].split()[-1] == f"{res.rg_pgd:.2f}"  # PGD-20 row's R&G
+
+
+def test_quantized_input_model_is_flagged_as_masked(moons, tmp_path):
+    model, x, y = moons
+    masked = _Quantized(model, q=0.25).eval()
+    res = evaluate(masked, (x, y), dataset="moons")
+    assert len(set(res.fgsm.values())) == 1  # zero gradient: FGSM never moves an input
+    names = [f.name for f in res.masking]
+    assert "fgsm_above_noise" in names
+    (flag,) = [f for f in res.masking if f.name == "fgsm_above_noise"]
+    assert 0.5 in flag.eps and res.fgsm[0.5] > res.noise[0.5] + 0.5
+    assert res.rg_pgd < res.rg  # PGD's random start finds what FGSM cannot
+    res.to_json(tmp_path / "e.json")
+    res.to_csv(tmp_path / "e.csv")
+    assert EvaluationResult.from_dict(json.loads((tmp_path / "e.json").read_text())) == res
+    rows = {r["metric"]: r for r in csv.DictReader((tmp_path / "e.csv").open())}
+    assert rows["masking_flags"]["value"] == ";".join(names)
+    assert float(rows["rg_pgd"]["value"]) == res.rg_pgd and rows["rg_pgd"]["steps"] == "20"
+
+
+def test_masking_flags_from_accuracies():
+    # the detached-φ(x) AT-FGSM-LR run of issue 12: FGSM accuracy rises with ε, PGD is lower
+    fgsm = {0.0: 90.0, 0.1: 87.9, 0.2: 89.1, 0.3: 89.5}
+    pgd = {0.1: 86.0, 0.2: 80.0, 0.3: 75.0}
+    noise = {0.1: 89.0, 0.2: 88.0, 0.3: 86.0}
+    flags = masking_flags(fgsm, pgd, noise)
+    assert [str(f) for f in flags] == ["fgsm_nonmonotone@0.2", "fgsm_above_noise@0.2,0.3"]
+    assert [f.name for f in masking_flags(fgsm, pgd, noise, tol=1.5)] == ["fgsm_above_noise"]
+    assert [str(f) for f in masking_flags({0.0: 90, 0.1: 60}, {0.1: 70}, {0.1: 65})] == [
+        "pgd_above_fgsm@0.1", "pgd_above_noise@0.1"]
+    assert masking_flags({0.0: 90, 0.1: 60, 0.2: 60.4}, {0.1: 59}, {0.1: 80}) == []
+    assert masking_flags(fgsm) == [masking_flags(fgsm)[0]]  # only the FGSM check without others
+    with pytest.raises(LsaUserError, match="tol"):
+        masking_flags(fgsm, tol=-1)

@@ -45,6 +45,12 @@ def test_cache_location_and_name(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert cache_dir() == tmp_path / "xdg" / "lsa_ext"
     assert cache_name("model_b", "digits", 0, 15) == "model_b-digits-seed0-ep15.pt"
+    # the data options are part of the key: standardized and raw moons never share a model
+    assert cache_name("model_a", "moons", 0, 30, data_options={"scale": "standard"}) == (
+        "model_a-moons-seed0-ep30-scale=standard.pt")
+    assert cache_name("model_a", "moons", 0, 30, data_options={"scale": "raw", "noise": 0.1,
+                                                               "n_train": 500}) == (
+        "model_a-moons-seed0-ep30-n_train=500-noise=0.1-scale=raw.pt")
     assert cache_name("pkg.m:f", "mnist", 1, 2, batch_size=64).startswith(
         "pkg.m_f-mnist-seed1-ep2-bs64")
     a = cache_name("model_b", "mnist", 0, 2, data_dir=str(tmp_path / "a"))

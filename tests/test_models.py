@@ -51,7 +51,7 @@ def test_model_a_structure_output_and_param_count():
 
 @pytest.mark.parametrize(
     ("info", "padding", "fc1_in"),
-    [(DIGITS, 2, 64 * 2 * 2), (MNIST, 0, 64 * 3 * 3)],
+    [(DIGITS, 2, 64 * 2 * 2), (MNIST, 0, 64 * 3 * 3), (dataset_info("mnist5k"), 0, 64 * 3 * 3)],
 )
 def test_model_b_sized_to_data(info, padding, fc1_in):
     m = build_model("model_b", info, seed=0)

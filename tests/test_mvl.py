@@ -90,14 +90,15 @@ def test_mvl_from_report_checks_the_schema_and_names(tmp_path, caplog):
         mvl_from_report(tmp_path / "plain.json", 0.0)
     rep["schema"] = "lsa_ext.analysis/1"
     (tmp_path / "r.json").write_text(json.dumps(rep))
-    # mu = 0.5, sigma = 0.4: only b (mean 0.9) exceeds mu + 0.5 sigma; '#2' stripped
-    assert mvl_from_report(tmp_path / "r.json", 0.5) == ["b"]  # the one adversarial entry
-    assert mvl_from_report(tmp_path / "r.json", 0.5, "gaussian") == ["b"]
+    # mu = 0.5, sigma = 0.4: only b#2 (mean 0.9) exceeds mu + 0.5 sigma; the site is kept as
+    # reported (b's second call), so training regularises exactly that call
+    assert mvl_from_report(tmp_path / "r.json", 0.5) == ["b#2"]  # the one adversarial entry
+    assert mvl_from_report(tmp_path / "r.json", 0.5, "gaussian") == ["b#2"]
     with pytest.raises(LsaUserError, match="no perturbation 'pgd'"):
         mvl_from_report(tmp_path / "r.json", 0.5, "pgd")
     # no layer passes η = 5: the top-ranked layer, and a warning that says so
     with caplog.at_level("WARNING", logger="lsa_ext.mvl_select"):
-        assert mvl_from_report(tmp_path / "r.json", 5.0) == ["b"]
+        assert mvl_from_report(tmp_path / "r.json", 5.0) == ["b#2"]  # the site as reported
     assert [r.getMessage() for r in caplog.records] == [
         f"no layer passes the MVL cut-off eta=5 in {tmp_path / 'r.json'}: taking the top-ranked "
         "layer b#2 (a lower eta selects by the cut-off)"]

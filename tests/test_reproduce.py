@@ -19,10 +19,21 @@ def test_plan_follows_the_paper_protocol():
     from lsa_ext.models import build_model
 
     model = build_model("model_a", dataset_info("moons"))
-    names = [n for n, _, _ in rp.plan(rp.PROTOCOLS["moons"], model)]
+    names = [r.name for r in rp.plan(rp.PROTOCOLS["moons"], model)]
     assert names[:5] == ["Normal", "AT-FGSM", "AT-PGD", "AT-TRADES", "AT-FAST"]
     assert names[5:8] == ["AT-FGSM-LR-L0", "AT-FGSM-LR-L1", "AT-FGSM-LR-L2"]
     assert len(names) == 1 + 4 + 4 * 3  # L3 is the output layer: not regularized by default
+    # an LR variant adds one run per (method, layer), named with its suffix, configured with
+    # its TrainConfig overrides
+    variant = rp.LRVariant("[g2]", {"gamma": 2.0})
+    proto = rp.dataclasses.replace(rp.PROTOCOLS["moons"], methods=("fgsm",),
+                                   lr_variants=(rp.LRVariant(), variant))
+    runs = rp.plan(proto, model, layers=["L2"])
+    assert [r.name for r in runs] == ["Normal", "AT-FGSM", "AT-FGSM-LR-L2", "AT-FGSM-LR-L2[g2]"]
+    cfg = rp._train_config(proto, "fgsm", "L2", 0, None, "cpu", runs[-1].variant)
+    assert cfg.gamma == 2.0 and rp._train_config(proto, "fgsm", "L2", 0, None, "cpu").gamma == 1
+    with pytest.raises(rp.LsaUserError, match="unknown TrainConfig"):
+        rp._train_config(proto, "fgsm", "L2", 0, None, "cpu", rp.LRVariant("x", {"bogus": 1}))
 
 
 def test_reproduce_moons_quick_cli_table_files_and_cache(tmp_path, capsys):
@@ -35,13 +46,22 @@ def test_reproduce_moons_quick_cli_table_files_and_cache(tmp_path, capsys):
     assert "| training | 0 | 0.1 | 0.2 | 0.3 | 0.4 | 0.5 | R&G |" in table
     for name in ("Normal", "AT-FGSM", "AT-PGD", "AT-FGSM-LR-L2", "AT-PGD-LR-L2"):
         assert f"| {name} |" in table
+    assert "R&G PGD-20 | masking flags |" in table
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [r["name"] for r in rows] == ["Normal", "AT-FGSM", "AT-PGD", "AT-FGSM-LR-L2",
                                          "AT-PGD-LR-L2"]
+    eps = (0.1, 0.2, 0.3, 0.4, 0.5)
+    assert list(rows[0])[-13:] == [*[f"pgd20@{e:g}" for e in eps], "rg_pgd20",
+                                   *[f"noise@{e:g}" for e in eps], "masking_flags", "seconds"]
     for r in rows:
         accs = [float(r[f"acc@{e:g}"]) for e in (0, 0.1, 0.2, 0.3, 0.4, 0.5)]
         assert abs(sum(accs) - float(r["rg"])) < 1e-3
         assert all(0 <= a <= 100 for a in accs)
+        pgd = [float(r[f"pgd20@{e:g}"]) for e in eps]
+        assert abs(accs[0] + sum(pgd) - float(r["rg_pgd20"])) < 1e-3
+        assert all(0 <= a <= 100 for a in pgd + [float(r[f"noise@{e:g}"]) for e in eps])
+        assert r["masking_flags"] == "" or r["masking_flags"].split(";")[0].split("@")[0] in (
+            "fgsm_nonmonotone", "pgd_above_fgsm", "fgsm_above_noise", "pgd_above_noise")
     for f in ("rg.png", "boundaries.png", "table.md", "results.json"):
         assert (out / f).stat().st_size > 0
     assert (out / "rg.png").read_bytes()[:4] == b"\x89PNG"
@@ -61,10 +81,26 @@ def test_reproduce_moons_quick_cli_table_files_and_cache(tmp_path, capsys):
         clean = 100.0 * float((predict(model(x)) == y).float().mean())
     assert abs(clean - float(rows[2]["acc@0"])) < 1e-6
 
+    # PGD-20 of the cached model, straightforwardly: the column is PGD's, not FGSM's
+    from lsa_ext.attacks import PGD
+    from lsa_ext.evaluation import accuracy
+
+    pgd = accuracy(model, (x, y), perturb=PGD(model, 0.3, steps=20, clip=None, seed=0))
+    assert pgd == pytest.approx(float(rows[2]["pgd20@0.3"]), abs=1e-9)
+
     # second run: everything comes from the cache, same numbers
     assert main(argv) == 0
     assert capsys.readouterr().err.count("(cached)") == 5
     assert list(csv.DictReader((out / "results.csv").open())) == rows
+    # a cached run from before the PGD/masking columns is re-evaluated, not retrained
+    stem = out / "runs" / "AT-PGD-s0.json"
+    doc = json.loads(stem.read_text())
+    del doc["evaluation"]
+    stem.write_text(json.dumps(doc))
+    assert main(argv) == 0
+    assert capsys.readouterr().err.count("(cached)") == 5
+    assert list(csv.DictReader((out / "results.csv").open())) == rows
+    assert "evaluation" in json.loads(stem.read_text())
 
 
 def test_reproduce_unknown_dataset_and_method(tmp_path):

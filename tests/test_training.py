@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import math
 
 import pytest
@@ -124,14 +125,22 @@ def test_lr_term_early_stop_gives_same_loss_and_gradients():
     model = _mlp(3, out=2)
     x = torch.randn(6, 2)
     x_adv = x + 0.05
-    full, lc, _ = training.lr_term(model, x, x_adv, ["0"], 1.5, clean_logits=True)
+    kw = {"lr_pass": "two_pass"}
+    full, lc, _ = training.lr_term(model, x, x_adv, ["0"], 1.5, clean_logits=True, **kw)
     gfull = torch.autograd.grad(full, list(model.parameters()), allow_unused=True)
-    short, none, _ = training.lr_term(model, x, x_adv, ["0"], 1.5, clean_logits=False)
+    short, none, _ = training.lr_term(model, x, x_adv, ["0"], 1.5, clean_logits=False, **kw)
     gshort = torch.autograd.grad(short, list(model.parameters()), allow_unused=True)
     assert lc is not None and none is None
     assert torch.equal(full, short)
     for a, b in zip(gfull, gshort, strict=True):
         assert (a is None and b is None) or torch.equal(a, b)
+    # one concatenated forward: the same term up to float rounding
+    cat, lcat, _ = training.lr_term(model, x, x_adv, ["0"], 1.5, lr_pass="concat")
+    gcat = torch.autograd.grad(cat, list(model.parameters()), allow_unused=True)
+    torch.testing.assert_close(cat, full)
+    torch.testing.assert_close(lcat, lc)
+    for a, b in zip(gfull, gcat, strict=True):
+        assert (a is None and b is None) or torch.testing.assert_close(a, b) is None
 
 
 def test_lr_term_on_ddp_style_wrapper_strips_module_prefix():
@@ -233,12 +242,18 @@ def test_at_lr_under_distributed_data_parallel_matches_plain_model(tmp_path):
     plain = training.train(_mlp(6, out=2), (x, y), **kw)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
                             world_size=1)
+    inner = _mlp(6, out=2)
     try:
-        ddp = nn.parallel.DistributedDataParallel(_mlp(6, out=2))
+        ddp = nn.parallel.DistributedDataParallel(inner)
         training.train(ddp, (x, y), **kw)
+        # Free the wrapper (and the trainer's cycles holding it) while the group is alive: a
+        # DDP reducer destroyed after destroy_process_group can deadlock a gloo worker thread
+        # against the GIL.
+        del ddp
+        gc.collect()
     finally:
         dist.destroy_process_group()
-    for p, q in zip(plain.parameters(), ddp.module.parameters(), strict=True):
+    for p, q in zip(plain.parameters(), inner.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 

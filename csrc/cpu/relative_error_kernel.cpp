@@ -6,7 +6,12 @@
 // not pay per-sample scheduling). One parallel region serves every layer of a multi-layer call;
 // threads take items from a shared counter (dynamic scheduling, robust on a busy machine). Work
 // under ~1M elements runs on the calling thread. Each item reads its slice of clean and perturbed
-// once.
+// once. The parallel region is ATen's at::parallel_for, an OpenMP region inlined from ATen's
+// headers: this file must be compiled with the compiler's OpenMP flag (setup.py adds -fopenmp),
+// without which the pragma is ignored and one thread runs everything. cpu_threads_last_call()
+// reports how many threads ran the last call (tests/test_ops_threads.py). On an oversubscribed
+// machine, where the region's closing barrier can cost more than the work, a guard runs calls
+// serially for a while (see run_items).
 //
 // Determinism: whole samples are summed inside one item; a split sample's chunk partials are
 // stored per item and combined in float64 in chunk order afterwards. Results therefore do not
@@ -15,7 +20,10 @@
 // Layouts: any tensor whose samples are dense blocks of memory (contiguous, channels_last,
 // channels_last_3d, ...) is read in place; perturbed is copied only when its layout differs from
 // clean's, and a clean tensor that is not sample-major dense (slices, batch-transposed views) is
-// copied once. Gradients have the layout of at::empty_like(clean) (what the fake kernel returns).
+// copied once. Gradients have the layout of at::empty_like(clean) (what the fake kernel returns);
+// gradients of >= 8 MiB get huge-page buffers (output_buffers.h) and are written with streaming
+// stores (span_kernels.h), as fresh memory's page faults and cache-line reads otherwise dominate
+// the backward.
 //
 // Inner loops (span_kernels.h) are compiled twice: portable (SSE2 on x86-64) and, on x86-64 with
 // GCC/Clang, AVX2+FMA+F16C, chosen at run time with __builtin_cpu_supports. Set the environment
@@ -27,6 +35,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -39,7 +48,12 @@
 #include <unistd.h>
 #endif
 
+#include "cpu/output_buffers.h"
 #include "relative_error.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>  // streaming stores (span_kernels.h), SSE2/AVX
+#endif
 
 #define LSA_ISA_NS generic
 #define LSA_VEC_BYTES 16
@@ -48,7 +62,6 @@
 #undef LSA_VEC_BYTES
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#include <immintrin.h>
 #define LSA_HAVE_AVX2_VARIANT 1
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
@@ -77,9 +90,10 @@ constexpr int64_t kGroupMax = 256;         // samples per kernel call (stack buf
 
 // (a, b, elements per sample, step between samples, samples, out diff[], out norm[])
 using SumsFn = void (*)(const void*, const void*, int64_t, int64_t, int64_t, double*, double*);
-// (a, b, grad_a, grad_b, elements per sample, step, samples, grad_diff[], grad_norm[])
+// (a, b, grad_a, grad_b, elements per sample, step, samples, grad_diff[], grad_norm[],
+//  streaming stores)
 using BackwardFn = void (*)(const void*, const void*, void*, void*, int64_t, int64_t, int64_t,
-                            const double*, const double*);
+                            const double*, const double*, bool);
 
 struct Kernels {
   SumsFn sums;
@@ -144,6 +158,7 @@ struct Layer {
   char* gb = nullptr;
   int64_t per_sample;  // elements per sample
   int64_t step;        // elements between consecutive samples
+  bool stream = false; // write ga/gb with streaming stores (large outputs)
 };
 
 struct Split {        // a sample that spans several items
@@ -197,50 +212,78 @@ bool in_forked_child() {
 }
 const bool kInitPid = (in_forked_child(), true);  // records the pid when the library loads
 
-// Runs fn(item_index) for every item: serially for small work (or in a forked child), else on
-// all intra-op threads (at::parallel_for, i.e. PyTorch's OpenMP pool, whose threads are usually
-// still spinning from the previous op) pulling items from a shared counter: dynamic scheduling,
-// so a thread that starts late simply takes fewer items.
+// Threads that ran the last call of this (calling) thread: 1 when it ran serially.
+thread_local int last_call_threads = 0;
+
+// Oversubscription guard. An OpenMP region ends at a barrier that waits until every team thread
+// has been scheduled, so on a machine whose cores are busy with other processes a parallel call
+// can wait a scheduler time slice (measured on the shared 2-core VM: 30-50 ms for a 3 ms
+// serial call). Each parallel call therefore measures how long the calling thread waited at the
+// barrier after its own share of the work; a wait longer than that share (and than
+// kLateNs) means the call would have been at least as fast on one thread. The next 2^k calls
+// (k = consecutive such calls, at most kMaxBackoff) then run serially before the parallel path is
+// tried again; one call without such a wait resets k. Results do not depend on this (they do not
+// depend on the thread count). LSA_EXT_CPU_BACKOFF=0 turns the guard off (read on every call).
+constexpr int64_t kLateNs = 200 * 1000;
+constexpr int kMaxBackoff = 6;
+std::atomic<int> backoff_level{0};
+std::atomic<int> backoff_serial_calls{0};
+
+bool backoff_enabled() {
+  const char* env = std::getenv("LSA_EXT_CPU_BACKOFF");
+  return env == nullptr || std::strcmp(env, "0") != 0;
+}
+
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// Runs fn(item_index) for every item: serially for small work (or in a forked child, or while
+// the oversubscription guard says so), else on all intra-op threads (at::parallel_for, i.e.
+// PyTorch's OpenMP pool, whose threads are usually still spinning from the previous op) pulling
+// items from a shared counter: dynamic scheduling, so a thread that starts late simply takes
+// fewer items.
 template <class Fn>
 void run_items(const Plan& plan, const Fn& fn) {
   const int64_t n = static_cast<int64_t>(plan.items.size());
   const int64_t helpers = std::min<int64_t>(at::get_num_threads(), n) - 1;
-  if (plan.total < kSerialBelow || helpers <= 0 || at::in_parallel_region() ||
-      in_forked_child()) {
+  bool serial = plan.total < kSerialBelow || helpers <= 0 || at::in_parallel_region() ||
+                in_forked_child();
+  const bool guard = !serial && backoff_enabled();
+  if (guard && backoff_serial_calls.load(std::memory_order_relaxed) > 0) {
+    backoff_serial_calls.fetch_sub(1, std::memory_order_relaxed);
+    serial = true;
+  }
+  if (serial) {
     for (int64_t it = 0; it < n; ++it) fn(it);
+    last_call_threads = 1;
     return;
   }
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, helpers + 1, 1, [&](int64_t, int64_t) {
+  std::atomic<int> entered{0};
+  int64_t caller_done = 0;  // when the calling thread (team thread 0) ran out of items
+  const int64_t start = now_ns();
+  at::parallel_for(0, helpers + 1, 1, [&](int64_t begin, int64_t) {
+    entered.fetch_add(1, std::memory_order_relaxed);
     for (int64_t it = next.fetch_add(1, std::memory_order_relaxed); it < n;
          it = next.fetch_add(1, std::memory_order_relaxed)) {
       fn(it);
     }
+    if (begin == 0) caller_done = now_ns();
   });
-}
-
-// Asks Linux to back the fresh, not yet touched buffer of `t` with transparent huge pages
-// (when THP is in "madvise" mode, as on many distributions): the gradients are written once, and
-// first-touch page faults on 4 KiB pages otherwise cost more than the kernel itself. Only the
-// 2 MiB-aligned interior of the buffer is advised; small buffers are left alone. Opt out with
-// LSA_EXT_HUGEPAGES=0.
-void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
-  const uintptr_t bytes = static_cast<uintptr_t>(t.numel()) * t.element_size();
-  if (bytes < 4 * kHuge) return;
-  static const bool enabled = [] {
-    const char* env = std::getenv("LSA_EXT_HUGEPAGES");
-    return env == nullptr || std::strcmp(env, "0") != 0;
-  }();
-  if (!enabled) return;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t hi = (begin + bytes) & ~(kHuge - 1);
-  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);  // advisory only
-#else
-  (void)t;
-#endif
+  last_call_threads = entered.load();
+  if (guard) {
+    const int64_t waited = now_ns() - caller_done;
+    if (waited > std::max(kLateNs, caller_done - start)) {
+      const int level = std::min(kMaxBackoff, backoff_level.load(std::memory_order_relaxed) + 1);
+      backoff_level.store(level, std::memory_order_relaxed);
+      backoff_serial_calls.store(1 << level, std::memory_order_relaxed);
+    } else {
+      backoff_level.store(0, std::memory_order_relaxed);
+    }
+  }
 }
 
 // Same element -> memory offset map: equal strides on every dimension of size > 1.
@@ -349,8 +392,8 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sq_sums_backward_im
   std::vector<at::Tensor> out_a(L), out_b(L);  // written by the kernel (may be temporaries)
   std::vector<Layer> layers(L);
   for (int64_t l = 0; l < L; ++l) {
-    gas[l] = at::empty_like(cleans[l]);
-    gbs[l] = at::empty_like(cleans[l]);
+    gas[l] = cpu::empty_like_for_write(cleans[l]);
+    gbs[l] = cpu::empty_like_for_write(cleans[l]);
     at::Tensor a;
     if (sample_major_dense(gas[l])) {
       a = as_layout_of(gas[l], cleans[l]);
@@ -358,13 +401,12 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sq_sums_backward_im
       out_b[l] = gbs[l];
     } else {  // e.g. a batch-transposed dense clean: compute contiguous, copy back below
       a = cleans[l].contiguous();
-      out_a[l] = at::empty_like(a);
-      out_b[l] = at::empty_like(a);
+      out_a[l] = cpu::empty_like_for_write(a);
+      out_b[l] = cpu::empty_like_for_write(a);
     }
     at::Tensor b = as_layout_of(a, perturbeds[l]);
     layers[l] = layer_view(a, b, batch);
-    advise_huge_pages(out_a[l]);
-    advise_huge_pages(out_b[l]);
+    layers[l].stream = cpu::is_large_output(out_a[l]);
     layers[l].ga = static_cast<char*>(out_a[l].data_ptr());
     layers[l].gb = static_cast<char*>(out_b[l].data_ptr());
     keep.push_back(std::move(a));
@@ -378,7 +420,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sq_sums_backward_im
     const int64_t off = (item.s0 * v.step + item.e0) * esize;
     const int64_t g = item.layer * batch + item.s0;
     k.backward(v.a + off, v.b + off, v.ga + off, v.gb + off, item.e1 - item.e0, v.step,
-               item.s1 - item.s0, gdp + g, gnp + g);
+               item.s1 - item.s0, gdp + g, gnp + g, v.stream);
   });
   for (int64_t l = 0; l < L; ++l) {
     if (!out_a[l].is_same(gas[l])) {
@@ -419,6 +461,16 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sq_sums_multi_backw
 }
 
 }  // namespace
+
+int cpu_threads_last_call() { return last_call_threads; }
+
+int cpu_openmp_version() {
+#ifdef _OPENMP
+  return _OPENMP;
+#else
+  return 0;
+#endif
+}
 
 TORCH_LIBRARY_IMPL(lsa_ext, CPU, m) {
   m.impl("sq_sums", &sq_sums_cpu);

@@ -5,7 +5,7 @@
 // This file is included more than once by relative_error_kernel.cpp, each time inside a
 // different namespace (LSA_ISA_NS) with a vector width in bytes (LSA_VEC_BYTES), the AVX2
 // variant under `#pragma GCC target("avx2,fma,f16c")`. It deliberately has no include guard and
-// includes nothing (the includer provides <cstdint> and <cstring>).
+// includes nothing (the includer provides <cstdint>, <cstring> and, on x86-64, <immintrin.h>).
 //
 // Element types are handled through "Tag" structs: `storage` is the type in memory (float,
 // double, or uint16_t for float16/bfloat16), `acc` the accumulation type; load()/store() convert
@@ -40,6 +40,39 @@ LSA_INLINE V vload_raw(const T* p) {
 template <class V, class T>
 LSA_INLINE void vstore_raw(T* p, const V& v) {
   std::memcpy(p, &v, sizeof v);
+}
+
+// Non-temporal ("streaming") store of one vector to p, which must be aligned to sizeof(V): the
+// data goes to memory without first reading the destination line into the cache. x86-64 only
+// (SSE2 movntdq / movnti, AVX vmovntdq); elsewhere an ordinary store. Callers end a run of them
+// with stream_fence().
+template <class V, class T>
+LSA_INLINE void vstream_raw(T* p, const V& v) {
+#if defined(__x86_64__)
+  if constexpr (sizeof(V) == 32) {
+    __m256i x;
+    std::memcpy(&x, &v, sizeof x);
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), x);
+  } else if constexpr (sizeof(V) == 16) {
+    __m128i x;
+    std::memcpy(&x, &v, sizeof x);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(p), x);
+  } else {
+    static_assert(sizeof(V) == 8, "streaming stores of 8, 16 or 32 bytes");
+    long long x;
+    std::memcpy(&x, &v, sizeof x);
+    _mm_stream_si64(reinterpret_cast<long long*>(p), x);
+  }
+#else
+  vstore_raw(p, v);
+#endif
+}
+
+// Orders earlier streaming stores before any later store (they are weakly ordered).
+LSA_INLINE void stream_fence() {
+#if defined(__x86_64__)
+  _mm_sfence();
+#endif
 }
 
 // ---------------------------------------------------------------- scalar conversions (tails)
@@ -158,6 +191,7 @@ struct F32 {
   static LSA_INLINE float store(float x) { return x; }
   static LSA_INLINE vf vload(const float* p) { return vload_raw<vf>(p); }
   static LSA_INLINE void vstore(float* p, vf v) { vstore_raw(p, v); }
+  static LSA_INLINE void vstream(float* p, vf v) { vstream_raw(p, v); }
 };
 struct F64 {
   using storage = double;
@@ -167,6 +201,7 @@ struct F64 {
   static LSA_INLINE double store(double x) { return x; }
   static LSA_INLINE vd vload(const double* p) { return vload_raw<vd>(p); }
   static LSA_INLINE void vstore(double* p, vd v) { vstore_raw(p, v); }
+  static LSA_INLINE void vstream(double* p, vd v) { vstream_raw(p, v); }
 };
 struct F16 {
   using storage = uint16_t;
@@ -176,6 +211,7 @@ struct F16 {
   static LSA_INLINE uint16_t store(float x) { return f32_to_half(x); }
   static LSA_INLINE vf vload(const uint16_t* p) { return vhalf_to_f32(vload_raw<vh>(p)); }
   static LSA_INLINE void vstore(uint16_t* p, vf v) { vstore_raw(p, vf32_to_half(v)); }
+  static LSA_INLINE void vstream(uint16_t* p, vf v) { vstream_raw(p, vf32_to_half(v)); }
 };
 struct BF16 {
   using storage = uint16_t;
@@ -185,6 +221,7 @@ struct BF16 {
   static LSA_INLINE uint16_t store(float x) { return f32_to_bf16(x); }
   static LSA_INLINE vf vload(const uint16_t* p) { return vbf16_to_f32(vload_raw<vh>(p)); }
   static LSA_INLINE void vstore(uint16_t* p, vf v) { vstore_raw(p, vf32_to_bf16(v)); }
+  static LSA_INLINE void vstream(uint16_t* p, vf v) { vstream_raw(p, vf32_to_bf16(v)); }
 };
 
 // ---------------------------------------------------------------- kernels
@@ -278,7 +315,12 @@ LSA_INLINE void span_sums(const typename Tag::storage* LSA_RESTRICT a,
 }
 
 // grad_a = 2 gd (a - b) + 2 gn a, grad_b = -2 gd (a - b): one pass over a and b.
-template <class Tag>
+//
+// kStream: the vector loop writes ga and gb with streaming stores (for outputs far larger than
+// the caches, which are written once and not read back soon: saves reading every destination
+// line first). Needs ga and gb equally aligned modulo the store size; a scalar head aligns them,
+// and spans where they are not equally aligned use ordinary stores.
+template <class Tag, bool kStream>
 LSA_INLINE void span_backward(const typename Tag::storage* LSA_RESTRICT a,
                               const typename Tag::storage* LSA_RESTRICT b,
                               typename Tag::storage* LSA_RESTRICT ga,
@@ -287,20 +329,34 @@ LSA_INLINE void span_backward(const typename Tag::storage* LSA_RESTRICT a,
   using acc_t = typename Tag::acc;
   using V = typename Tag::vec;
   constexpr int kLanes = kVecBytes / static_cast<int>(sizeof(acc_t));
+  constexpr uintptr_t kStore = kLanes * sizeof(typename Tag::storage);  // bytes per vector store
   const acc_t two_gd = 2 * gd, two_gn = 2 * gn;
   int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    const V x = Tag::vload(a + j);
-    const V t = (x - Tag::vload(b + j)) * two_gd;
-    Tag::vstore(ga + j, t + x * two_gn);
-    Tag::vstore(gb + j, -t);
+  const auto scalar = [&](int64_t k) {
+    const acc_t x = Tag::load(a[k]);
+    const acc_t t = (x - Tag::load(b[k])) * two_gd;
+    ga[k] = Tag::store(t + x * two_gn);
+    gb[k] = Tag::store(-t);
+  };
+  const uintptr_t mis_a = reinterpret_cast<uintptr_t>(ga) % kStore;
+  if (kStream && mis_a == reinterpret_cast<uintptr_t>(gb) % kStore &&
+      mis_a % sizeof(typename Tag::storage) == 0) {
+    for (; j < n && reinterpret_cast<uintptr_t>(ga + j) % kStore != 0; ++j) scalar(j);
+    for (; j + kLanes <= n; j += kLanes) {
+      const V x = Tag::vload(a + j);
+      const V t = (x - Tag::vload(b + j)) * two_gd;
+      Tag::vstream(ga + j, t + x * two_gn);
+      Tag::vstream(gb + j, -t);
+    }
+  } else {
+    for (; j + kLanes <= n; j += kLanes) {
+      const V x = Tag::vload(a + j);
+      const V t = (x - Tag::vload(b + j)) * two_gd;
+      Tag::vstore(ga + j, t + x * two_gn);
+      Tag::vstore(gb + j, -t);
+    }
   }
-  for (; j < n; ++j) {
-    const acc_t x = Tag::load(a[j]);
-    const acc_t t = (x - Tag::load(b[j])) * two_gd;
-    ga[j] = Tag::store(t + x * two_gn);
-    gb[j] = Tag::store(-t);
-  }
+  for (; j < n; ++j) scalar(j);
 }
 
 // Non-template entry points, one symbol per dtype, so the ISA variant can be picked at run time;
@@ -320,15 +376,23 @@ LSA_INLINE void span_backward(const typename Tag::storage* LSA_RESTRICT a,
   __attribute__((noinline)) void backward_##NAME(const void* a, const void* b, void* ga,        \
                                                  void* gb, int64_t n, int64_t step,             \
                                                  int64_t count, const double* gd,               \
-                                                 const double* gn) {                            \
+                                                 const double* gn, bool stream) {               \
     const auto* pa = static_cast<const TAG::storage*>(a);                                       \
     const auto* pb = static_cast<const TAG::storage*>(b);                                       \
     auto* pga = static_cast<TAG::storage*>(ga);                                                 \
     auto* pgb = static_cast<TAG::storage*>(gb);                                                 \
     for (int64_t i = 0; i < count; ++i) {                                                       \
-      span_backward<TAG>(pa + i * step, pb + i * step, pga + i * step, pgb + i * step, n,       \
-                         static_cast<TAG::acc>(gd[i]), static_cast<TAG::acc>(gn[i]));           \
+      const auto gdi = static_cast<TAG::acc>(gd[i]);                                            \
+      const auto gni = static_cast<TAG::acc>(gn[i]);                                            \
+      if (stream) {                                                                             \
+        span_backward<TAG, true>(pa + i * step, pb + i * step, pga + i * step, pgb + i * step,  \
+                                 n, gdi, gni);                                                  \
+      } else {                                                                                  \
+        span_backward<TAG, false>(pa + i * step, pb + i * step, pga + i * step, pgb + i * step, \
+                                  n, gdi, gni);                                                 \
+      }                                                                                         \
     }                                                                                           \
+    if (stream) stream_fence();                                                                 \
   }
 
 LSA_ENTRY(f32, F32)

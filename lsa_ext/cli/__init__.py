@@ -16,6 +16,7 @@ import logging
 import sys
 
 from lsa_ext._version import __version__
+from lsa_ext.cli.options import add_threads_option, apply_threads_option
 from lsa_ext.errors import LsaTypeError, LsaUserError
 
 SUBCOMMANDS = ("analyze", "train", "evaluate", "reproduce", "demo")
@@ -43,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
         importlib.import_module(f"lsa_ext.cli.{name}").register(sub)
+    for command in sub.choices.values():
+        add_threads_option(command)
     return parser
 
 
@@ -80,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     from lsa_ext import distributed
 
     try:
+        apply_threads_option(args)
         with distributed.failure_guard(expected=(LsaUserError, LsaTypeError, KeyboardInterrupt)):
             return int(args.func(args) or 0)
     except (LsaUserError, LsaTypeError) as exc:

@@ -22,6 +22,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from lsa_ext.cli.options import add_device_option, plural
 from lsa_ext.errors import LsaUserError
@@ -32,7 +33,7 @@ from lsa_ext.presets import ANALYZE_EPS
 log = logging.getLogger("lsa_ext.cli.analyze")
 
 DEFAULT_PERTURBATIONS = "gaussian,salt,pepper,speckle,fgsm,pgd"
-DEFAULT_EPOCHS = {"moons": 30, "digits": 15, "mnist": 2, "cifar10": 10}
+DEFAULT_EPOCHS = {"moons": 30, "digits": 15, "mnist5k": 5, "mnist": 2, "cifar10": 10}
 DEFAULT_EPS = ANALYZE_EPS  # attack ε per dataset where a spec sets none (lsa_ext.presets)
 CSV_NAME, JSON_NAME, PNG_NAME = "layers.csv", "report.json", "lsa.png"
 DESCRIPTION = """\
@@ -64,7 +65,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--dataset", default="digits",
-                   help="moons, digits, mnist or cifar10 (default: digits)")
+                   help="moons, digits, mnist5k, mnist or cifar10 (default: digits)")
+    from lsa_ext.cli.options import add_moons_options
+
+    add_moons_options(p)
     p.add_argument("--data-dir", default=None,
                    help="folder with the MNIST IDX / CIFAR-10 python files (no download)")
     p.add_argument("--model", default=None,
@@ -118,7 +122,7 @@ def _check_args(args: argparse.Namespace) -> None:
         raise LsaUserError(f"--eta must be a number >= 0, got {args.eta}")
 
 
-def _trained_model(args, splits, model_name: str, epochs: int, device):
+def _trained_model(args, splits, model_name: str, epochs: int, device, data_options):
     """Builds the model; loads --checkpoint, or the cache, or trains (and caches)."""
     from lsa_ext.models import build_model, load_weights
     from lsa_ext.probes import select_layers
@@ -129,19 +133,22 @@ def _trained_model(args, splits, model_name: str, epochs: int, device):
         load_weights(model, args.checkpoint)
         return model, "checkpoint"
     path = None if args.no_cache else cache_dir() / cache_name(
-        model_name, splits.info.name, args.seed, epochs, args.batch_size, args.data_dir)
+        model_name, splits.info.name, args.seed, epochs, args.batch_size, args.data_dir,
+        data_options=data_options)
     return load_or_train(model, splits.train, path, epochs=epochs, batch_size=args.batch_size,
                          seed=args.seed, device=device)
 
 
-def _from_run(args: argparse.Namespace) -> int:
+def _from_run(args: argparse.Namespace) -> tuple[int, dict[str, Any] | None]:
     """With ``--checkpoint`` of an ``lsa train`` run: the run's dataset, model, data folder
-    (unless given) and data seed fill the options not given; returns the data seed."""
+    (unless given) and data seed fill the options not given; returns the data seed and the
+    run's data options (None: not a run, or another dataset named here)."""
     from lsa_ext.cli.runs import from_run, run_meta
+    from lsa_ext.cli.train import stored_data_options
     from lsa_ext.data import dataset_info
 
     if not args.checkpoint:
-        return args.seed
+        return args.seed, None
     meta = run_meta(args.checkpoint)
     if meta.get("dataset"):
         meta = {**meta, "dataset": dataset_info(meta["dataset"]).name}
@@ -153,7 +160,10 @@ def _from_run(args: argparse.Namespace) -> int:
         setattr(args, dest, value)
     if args.data_dir is None and meta.get("data_dir"):
         args.data_dir = meta["data_dir"]
-    return int(meta.get("data_seed", args.seed)) if meta.get("dataset") else args.seed
+    if not meta.get("dataset"):
+        return args.seed, None
+    run_data = stored_data_options(meta) if args.dataset == meta["dataset"] else None
+    return int(meta.get("data_seed", args.seed)), run_data
 
 
 def run(args: argparse.Namespace) -> int:
@@ -161,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
 
     _check_args(args)
     check_dir(args.out)
-    data_seed = _from_run(args)
+    data_seed, run_data = _from_run(args)
     import lsa_ext
     from lsa_ext import distributed
     from lsa_ext.data import load_dataset
@@ -174,7 +184,13 @@ def run(args: argparse.Namespace) -> int:
     # under torchrun: join the job (each rank on its own GPU); otherwise nothing changes
     device = distributed.init_from_env(args.dist_backend, device, args.dist_timeout).device
     main = distributed.is_main()  # only rank 0 prints and writes
-    splits = load_dataset(args.dataset, args.data_dir, seed=data_seed)
+    from lsa_ext.cli.options import dataset_options
+
+    if run_data is not None:  # the run's own data options, with any given here on top
+        data_options = {**run_data, **dataset_options(args, args.dataset, name_scale=False)}
+    else:
+        data_options = dataset_options(args, args.dataset)
+    splits = load_dataset(args.dataset, args.data_dir, seed=data_seed, **data_options)
     info = splits.info
     model_name = args.model or DEFAULT_MODEL[info.name]
     epochs = args.epochs if args.epochs is not None else DEFAULT_EPOCHS.get(info.name, 10)
@@ -186,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
 
     build_perturbations(args.perturbations, model=build_model(model_name, info, seed=args.seed),
                         clip=info.data_range, eps=eps, seed=args.seed)
-    model, source = _trained_model(args, splits, model_name, epochs, device)
+    model, source = _trained_model(args, splits, model_name, epochs, device, data_options)
     model.to(device)
     perts = build_perturbations(args.perturbations, model=model, clip=info.data_range, eps=eps,
                                 seed=args.seed)
@@ -202,6 +218,7 @@ def run(args: argparse.Namespace) -> int:
     config = {
         "dataset": info.name,
         "data_dir": args.data_dir,
+        "data_options": splits.options,
         "model": model_name,
         "checkpoint": args.checkpoint,
         "data_seed": data_seed,

@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lsa_ext.cli.options import add_device_option, parse_list
+from lsa_ext.cli.options import add_device_option, dataset_options, parse_list
 from lsa_ext.cli.runs import from_run, run_meta
-from lsa_ext.cli.train import add_data_args, default_model, load_data
+from lsa_ext.cli.train import add_data_args, default_model, load_data, stored_data_options
 from lsa_ext.errors import LsaUserError
 from lsa_ext.evaluation import format_eps
 from lsa_ext.presets import EPS_GRIDS
@@ -34,8 +34,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evaluate", help="FGSM ε-grid accuracy, R&G score, PGD/APGD robust accuracy",
         description=f"Evaluates a trained model: FGSM accuracy on the paper's ε grid "
-                    f"({_grids_text()}), the R&G score (their sum), and optional PGD/APGD "
-                    "robust accuracy.",
+                    f"({_grids_text()}), the R&G score (their sum), the same grid under PGD "
+                    "(random start; R&G under PGD) and under random sign noise ±ε, flags of "
+                    "gradient masking (FGSM accuracy rising with ε, PGD above FGSM, an attack "
+                    "above random noise), and optional PGD/APGD robust accuracy at other ε.",
     )
     p.add_argument("--checkpoint", required=True,
                    help="an 'lsa train' checkpoint (last.pt), model.pt, or any state_dict file")
@@ -43,7 +45,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eps-grid", default=None, help="FGSM ε values, comma-separated "
                                                    "(default: the paper's grid for the dataset)")
     p.add_argument("--pgd-eps", default=None, help="ε value(s) for PGD robust accuracy")
-    p.add_argument("--pgd-steps", type=int, default=20, help="PGD steps (default 20)")
+    p.add_argument("--pgd-steps", type=int, default=20,
+                   help="PGD steps, also of the masking checks (default 20)")
+    p.add_argument("--no-masking-checks", action="store_true",
+                   help="skip PGD over the grid, the sign noise and the masking flags")
+    p.add_argument("--masking-tol", type=float, default=0.5,
+                   help="percentage points a masking check must exceed (default 0.5)")
     p.add_argument("--apgd-eps", default=None, help="ε value(s) for APGD-CE robust accuracy")
     p.add_argument("--apgd-steps", type=int, default=100, help="APGD steps (default 100)")
     p.add_argument("--batch-size", type=int, default=256)
@@ -74,8 +81,14 @@ def run(args: argparse.Namespace) -> int:
     if args.dataset is None:
         raise LsaUserError(f"{path} is not an 'lsa train' checkpoint: name its --dataset "
                            "(and --model)")
+    if meta.get("dataset") and args.dataset == meta["dataset"]:
+        # the run's own data options, with any given here on top
+        options = {**stored_data_options(meta),
+                   **dataset_options(args, args.dataset, name_scale=False)}
+    else:  # another dataset named here: the data options are this command's
+        options = dataset_options(args, args.dataset)
     data = load_data(args.dataset, args.data_dir or meta.get("data_dir"), args.data_seed,
-                     None, args.limit_test)
+                     None, args.limit_test, options)
     model_name = args.model or default_model(data.info.name)
     model = build_model(model_name, data.info)
     load_weights(model, path)
@@ -85,12 +98,14 @@ def run(args: argparse.Namespace) -> int:
         model, data, eps_grid=parse_list(args.eps_grid, float, "--eps-grid"),
         pgd_eps=pgd or None, apgd_eps=apgd or None, pgd_steps=args.pgd_steps,
         apgd_steps=args.apgd_steps, batch_size=args.batch_size, device=args.device,
-        seed=args.seed,
+        seed=args.seed, masking_checks=not args.no_masking_checks, masking_tol=args.masking_tol,
     )
     result.to_json(str(out / "evaluation.json"))
     result.to_csv(str(out / "evaluation.csv"))
     print(f"{model_name} from {path} on {data.info.name} test ({len(data.test)} samples)")
     print(result.table())
-    print(f"R&G score: {result.rg:.2f}")
+    print(f"R&G score: {result.rg:.2f}"
+          + (f"; under PGD-{args.pgd_steps}: {result.rg_pgd:.2f}" if result.rg_pgd is not None
+             else ""))
     print(f"written: {out / 'evaluation.json'}, {out / 'evaluation.csv'}")
     return 0

@@ -1,4 +1,6 @@
-"""Options shared by the subcommands: comma-separated lists, ``--device``, Ctrl-C hints, plurals.
+"""Options shared by the subcommands: comma-separated lists, ``--device``, ``--threads``,
+the two-moons data options (``--moons-scale``, ``--moons-noise``, ``--moons-samples``),
+Ctrl-C hints, plurals.
 
 ``--gamma 0.1,0.2``, ``--eps-grid 0,0.1,0.3``, ``--seeds 0,1,2``, ``--methods fgsm,pgd``: one
 parser, so every list option accepts the same spelling (blanks and empty items ignored) and
@@ -57,3 +59,62 @@ class Interrupted(KeyboardInterrupt):
 def plural(n: int, word: str) -> str:
     """``"1 epoch"``, ``"3 epochs"``."""
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def add_threads_option(parser: argparse.ArgumentParser) -> None:
+    """Adds ``--threads N|auto`` (intra-op CPU threads; default ``auto``, see
+    :mod:`lsa_ext.threads`)."""
+    parser.add_argument(
+        "--threads", default="auto", metavar="N|auto",
+        help="intra-op CPU threads (default auto: OMP_NUM_THREADS if set, 1 for the embedded "
+             "datasets' tiny models, else torch's default capped at the idle cores)")
+
+
+def apply_threads_option(args: argparse.Namespace) -> int:
+    """Sets torch's intra-op threads from ``args.threads``; a run on an embedded dataset's
+    default model (``presets.PRESETS[...].small_model``) counts as a tiny model."""
+    from lsa_ext.presets import PRESETS
+    from lsa_ext.threads import set_threads
+
+    preset = PRESETS.get(str(getattr(args, "dataset", None) or "").lower())
+    small = preset is not None and preset.small_model and getattr(args, "model", None) is None
+    return set_threads(getattr(args, "threads", "auto"), small_model=small)
+
+
+def add_moons_options(parser: argparse._ActionsContainer) -> None:
+    """Adds ``--moons-scale``, ``--moons-noise`` and ``--moons-samples`` (two-moons only; read
+    back with :func:`dataset_options`)."""
+    from lsa_ext.data import MOONS_DEFAULTS, MOONS_SCALES
+
+    parser.add_argument("--moons-scale", default=None, choices=MOONS_SCALES,
+                        help="two-moons coordinates: standard (mean 0, std 1 per feature, "
+                             "fitted on the training split; default) or raw (make_moons')")
+    parser.add_argument("--moons-noise", type=float, default=None,
+                        help=f"two-moons noise std (default {MOONS_DEFAULTS['noise']:g})")
+    parser.add_argument("--moons-samples", type=int, default=None,
+                        help=f"two-moons training points (default {MOONS_DEFAULTS['n_train']}; "
+                             f"the test set keeps {MOONS_DEFAULTS['n_test']})")
+
+
+def dataset_options(args: argparse.Namespace, dataset: str, *,
+                    name_scale: bool = True) -> dict[str, object]:
+    """The ``lsa_ext.data.load_dataset`` options given by the moons options of ``args``.
+
+    For moons the scale is named even when not given (``{"scale": "standard"}``; not with
+    ``name_scale=False``), so a cache key says which coordinates it used; ``noise`` /
+    ``n_train`` only when given.
+
+    Raises:
+        LsaUserError: a moons option given for another dataset, or an unknown dataset.
+    """
+    from lsa_ext.data import dataset_info
+
+    given = {key: getattr(args, attr, None) for key, attr in
+             (("scale", "moons_scale"), ("noise", "moons_noise"), ("n_train", "moons_samples"))}
+    given = {k: v for k, v in given.items() if v is not None}
+    if dataset_info(dataset).name != "moons":
+        if given:
+            flags = ", ".join(f"--moons-{'samples' if k == 'n_train' else k}" for k in given)
+            raise LsaUserError(f"{flags} only apply to the moons dataset, not {dataset!r}")
+        return {}
+    return {"scale": "standard", **given} if name_scale else given

@@ -1,24 +1,34 @@
-"""`lsa reproduce moons|digits`: the paper's protocol in one command (Khalooei et al.,
-arXiv 2202.02626: Tables 2 and 3, Figs. 6 and 7; see :mod:`lsa_ext.reproduce`)."""
+"""`lsa reproduce moons|mnist5k|digits`: the paper's protocol in one command (Khalooei et al.,
+arXiv 2202.02626: Tables 2 and 3, Figs. 6 and 7; see :mod:`lsa_ext.reproduce`), with the R&G
+under PGD-20 and gradient-masking flags beside the paper's FGSM R&G."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from lsa_ext.cli.options import add_device_option, parse_list, plural
+from lsa_ext.cli.options import (
+    add_device_option,
+    add_moons_options,
+    dataset_options,
+    parse_list,
+    plural,
+)
 from lsa_ext.errors import LsaUserError
 from lsa_ext.reproduce import PROTOCOLS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "reproduce", help="reproduce the paper's tables (moons: Table 2, digits: Table 3)",
+        "reproduce",
+        help="reproduce the paper's tables (moons: Table 2, mnist5k and digits: Table 3)",
         description="Trains Normal, each AT method and each AT method with LR on each "
-                    "learnable layer, evaluates them with FGSM on the paper's ε grid and "
-                    "prints the table with R&G. Writes results.csv, results.json, table.md, "
-                    "rg.png (Fig. 6) and, for moons, boundaries.png (Fig. 7) under --out. "
-                    "Finished runs are cached in --out/runs and skipped on a rerun.",
+                    "learnable layer, evaluates them with FGSM on the paper's ε grid and, "
+                    "beside it, with PGD-20 (random start) and random sign noise, and prints "
+                    "the table with R&G, R&G under PGD and gradient-masking flags. Writes "
+                    "results.csv, results.json, table.md, rg.png (Fig. 6) and, for moons, "
+                    "boundaries.png (Fig. 7) under --out. Finished runs are cached in "
+                    "--out/runs and skipped on a rerun.",
     )
     p.add_argument("dataset", nargs="?", choices=tuple(PROTOCOLS),
                    help=f"the protocol: {' or '.join(PROTOCOLS)}")
@@ -35,6 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eps", type=float, default=None, help="override the training ε")
     p.add_argument("--gamma", type=float, default=None,
                    help="override γ (default 1, the protocol's; lsa train's default is 0.1)")
+    add_moons_options(p)
     # cpu, unlike analyze/train/evaluate (auto): the protocol's models are tiny, run fastest on
     # the CPU, and the tables of docs/results.md were measured there
     add_device_option(p, default="cpu")
@@ -45,7 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from lsa_ext.reproduce import reproduce
+    from lsa_ext.reproduce import reproduce, table_notes
 
     if args.dataset is None:
         raise LsaUserError(f"name a dataset: lsa reproduce {{{','.join(PROTOCOLS)}}} [options], "
@@ -56,17 +67,21 @@ def run(args: argparse.Namespace) -> int:
     def on_run(r, cached):
         accs = " ".join(f"{a:6.2f}" for a in r.accuracies)
         tag = "cached" if cached else f"{r.seconds:.1f} s"
-        print(f"{r.name:<22} seed {r.seed}: {accs}  R&G {r.rg:7.2f}  ({tag})", file=sys.stderr)
+        flags = f"  masking: {';'.join(r.masking_flags)}" if r.masking_flags else ""
+        print(f"{r.name:<22} seed {r.seed}: {accs}  R&G {r.rg:7.2f}  PGD R&G "
+              f"{r.rg_pgd:7.2f}  ({tag}){flags}", file=sys.stderr)
 
     res = reproduce(args.dataset, out=out, seeds=seeds, quick=args.quick,
                     methods=parse_list(args.methods, str, "--methods"),
                     layers=parse_list(args.layers, str, "--layers"),
-                    epochs=args.epochs, eps=args.eps, gamma=args.gamma, device=args.device,
+                    epochs=args.epochs, eps=args.eps, gamma=args.gamma,
+                    data_options=dataset_options(args, args.dataset), device=args.device,
                     figures=not args.no_figures, on_run=on_run)
     p = res.protocol
     print(f"\n{args.dataset}: {p.model}, {plural(p.epochs, 'epoch')}, training ε = {p.eps:g}, "
           f"γ = {p.gamma:g}, seeds {','.join(map(str, seeds))}; FGSM accuracy (%) per ε\n")
     print(res.table())
+    print("\n" + table_notes(p))
     print("\nR&G next to the paper's:\n")
     print(res.comparison())
     figs = "" if args.no_figures else ", rg.png" + (", boundaries.png"

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lsa_ext.cli.options import Interrupted, parse_list, plural
+from lsa_ext.cli.options import Interrupted, add_moons_options, dataset_options, parse_list, plural
 from lsa_ext.cli.runs import CONFIG, clear_run, default_out, prepare_out
 from lsa_ext.errors import LsaUserError
 from lsa_ext.presets import TRAIN_EPS
@@ -42,10 +42,11 @@ def _epochs(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- shared options
 def add_data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
-    """--dataset, --data-dir, --model, --data-seed, --limit-train, --limit-test."""
+    """--dataset, --data-dir, --model, --data-seed, --limit-train, --limit-test and the moons
+    options (--moons-scale, --moons-noise, --moons-samples)."""
     g = p.add_argument_group("data and model")
     g.add_argument("--dataset", default=None if required else DEFAULT_DATASET,
-                   help="moons, digits, mnist or cifar10"
+                   help="moons, digits, mnist5k, mnist or cifar10"
                         + ("" if required else f" (default: {DEFAULT_DATASET})"))
     g.add_argument("--data-dir", default=None, help="folder with the MNIST/CIFAR-10 files")
     g.add_argument("--model", default=None,
@@ -55,19 +56,33 @@ def add_data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
                    help="seed of the data generation/split (default 0)")
     g.add_argument("--limit-train", type=int, default=None, help="use a random training subset")
     g.add_argument("--limit-test", type=int, default=None, help="use a random test subset")
+    add_moons_options(g)
 
 
 def load_data(dataset: str, data_dir: str | None, data_seed: int,
-              limit_train: int | None = None, limit_test: int | None = None):
-    """``lsa_ext.data.load_dataset`` with the CLI's options."""
+              limit_train: int | None = None, limit_test: int | None = None,
+              options: dict[str, Any] | None = None):
+    """``lsa_ext.data.load_dataset`` with the CLI's options (``options``: dataset options such
+    as moons' ``scale``, ``noise``, ``n_train``)."""
     from lsa_ext.data import load_dataset
 
-    opts: dict[str, Any] = {}
+    opts: dict[str, Any] = dict(options or {})
     if limit_train is not None:
         opts["limit_train"] = limit_train
     if limit_test is not None:
         opts["limit_test"] = limit_test
     return load_dataset(dataset, data_dir, seed=data_seed, **opts)
+
+
+def stored_data_options(meta: dict[str, Any]) -> dict[str, Any]:
+    """The dataset options a training run recorded (``meta["data_options"]``). Runs recorded
+    before the options existed used make_moons' raw coordinates (two-moons was not yet
+    standardized)."""
+    from lsa_ext.data import dataset_info
+
+    if "data_options" in meta:
+        return dict(meta["data_options"] or {})
+    return {"scale": "raw"} if dataset_info(meta["dataset"]).name == "moons" else {}
 
 
 def default_model(dataset: str) -> str:
@@ -104,7 +119,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "interrupted run bit for bit.",
     )
     from lsa_ext.cli.options import add_device_option
-    from lsa_ext.train_config import AT_METHODS, ATTACK_MODES, OPTIMIZERS, SCHEDULERS
+    from lsa_ext.train_config import AT_METHODS, ATTACK_MODES, LR_PASSES, OPTIMIZERS, SCHEDULERS
 
     add_data_args(p)
     g = p.add_argument_group("adversarial training")
@@ -135,6 +150,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--full-clean-pass", action="store_true",
                    help="run the whole clean forward for LR (default: stop after the last "
                         "regularized layer unless TRADES needs clean logits)")
+    g.add_argument("--lr-pass", default="auto", choices=LR_PASSES,
+                   help="LR term: one forward of clean+adversarial batches (concat), two "
+                        "forwards (two_pass), or auto (default; see README)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=None, help=f"default {DEFAULT_EPOCHS}")
     g.add_argument("--batch-size", type=int, default=128, help="default 128")
@@ -195,7 +213,7 @@ def _new_run(args: argparse.Namespace) -> int:
                            "pgd, fast, trades, apgd")
     out = prepare_out(args.out or _out_name(args.dataset, args), overwrite=args.overwrite)
     data = load_data(args.dataset, args.data_dir, args.data_seed, args.limit_train,
-                     args.limit_test)
+                     args.limit_test, dataset_options(args, args.dataset))
     name = data.info.name
     model_name = args.model or default_model(name)
     model = build_model(model_name, data.info, seed=args.seed)
@@ -210,15 +228,15 @@ def _new_run(args: argparse.Namespace) -> int:
         attack_mode=args.attack_mode,
         clip=None if data.info.data_range is None else list(data.info.data_range),
         lr_layers=layers, gamma=gamma, trades_beta=args.trades_beta,
-        full_clean_pass=args.full_clean_pass, epochs=_epochs(args),
+        full_clean_pass=args.full_clean_pass, lr_pass=args.lr_pass, epochs=_epochs(args),
         batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
         momentum=args.momentum, weight_decay=args.weight_decay, scheduler=args.scheduler,
         seed=args.seed, device=args.device,
     )
     meta = {"dataset": name, "model": model_name, "data_dir": args.data_dir,
             "data_seed": args.data_seed, "limit_train": args.limit_train,
-            "limit_test": args.limit_test, "lr_layers_spec": args.lr_layers,
-            "eta": args.eta, "mvl_report": args.mvl_report}
+            "limit_test": args.limit_test, "data_options": data.options,
+            "lr_layers_spec": args.lr_layers, "eta": args.eta, "mvl_report": args.mvl_report}
     trainer = Trainer(model, data.train, cfg, out=out, meta=meta, on_epoch=_on_epoch(out))
     if main:
         removed = clear_run(out) if args.overwrite and out.is_dir() else []
@@ -264,7 +282,8 @@ def _resume(args: argparse.Namespace) -> int:
     cfg = TrainConfig.from_dict(state["config"])
     done = int(state["epoch"])
     data = load_data(meta["dataset"], args.data_dir or meta.get("data_dir"),
-                     meta.get("data_seed", 0), meta.get("limit_train"), meta.get("limit_test"))
+                     meta.get("data_seed", 0), meta.get("limit_train"), meta.get("limit_test"),
+                     stored_data_options(meta))
     model = build_model(meta["model"], data.info, seed=cfg.seed)
     _check_resume_options(args, cfg, meta, model, path)
     if "epochs" in args.given:
@@ -297,7 +316,8 @@ _FIXED = {
     "limit_test": ("meta", "limit_test"), "mvl_report": ("meta", "mvl_report"),
     "eta": ("meta", "eta"), "at": ("config", "at"), "eps": ("config", "eps"),
     "attack_mode": ("config", "attack_mode"), "trades_beta": ("config", "trades_beta"),
-    "full_clean_pass": ("config", "full_clean_pass"), "batch_size": ("config", "batch_size"),
+    "full_clean_pass": ("config", "full_clean_pass"), "lr_pass": ("config", "lr_pass"),
+    "batch_size": ("config", "batch_size"),
     "optimizer": ("config", "optimizer"), "lr": ("config", "lr"),
     "momentum": ("config", "momentum"), "weight_decay": ("config", "weight_decay"),
     "scheduler": ("config", "scheduler"), "seed": ("config", "seed"),
@@ -331,6 +351,14 @@ def _check_resume_options(args: argparse.Namespace, cfg, meta: dict[str, Any], m
         if not same:
             shown = "not set" if have is None else have
             clashes.append(f"--{dest.replace('_', '-')} {getattr(args, dest)} (the run: {shown})")
+    run_data = stored_data_options(meta) if "dataset" in meta else {}
+    for key, value in (dataset_options(args, meta["dataset"], name_scale=False).items()
+                       if "dataset" in meta else ()):
+        if not _same(value, run_data.get(key)):
+            flag = "samples" if key == "n_train" else key
+            have = run_data.get(key)
+            clashes.append(f"--moons-{flag} {value} (the run: "
+                           f"{'the default' if have is None else have})")
     if clashes:
         raise LsaUserError(f"--resume continues the run in {path} with its own settings, and "
                            f"{'; '.join(clashes)} differ from them: drop "
