@@ -11,6 +11,8 @@ Accepted ``data`` (the same everywhere):
 - a ``DataLoader`` — used as is (its own sampler decides the order; a sampler with
   ``set_epoch``, e.g. ``DistributedSampler``, is given ``epoch``);
 - any other iterable of ``(x, y)`` batches — used as is.
+
+:func:`auto_clip` reads the input range of such data (``clip="auto"`` of :func:`lsa_ext.train`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from lsa_ext.checks import check_batch_size
+from lsa_ext.checks import check_batch_size, check_clip
 from lsa_ext.errors import LsaUserError
 
 
@@ -165,3 +167,21 @@ def batches(
         "data must be a DataLoader, a Dataset of (x, y), a pair (x, y) of tensors or an "
         f"iterable of (x, y) batches; got {type(data).__name__}"
     )
+
+
+def auto_clip(data: Any) -> tuple[float, float] | None:
+    """The input range perturbed inputs are clipped to for ``clip="auto"``.
+
+    ``data.info.data_range`` when ``data`` has one (a :class:`lsa_ext.data.DataSplits`);
+    else ``(0.0, 1.0)`` when ``data`` holds float tensors (:func:`as_tensors`) whose values all
+    lie in [0, 1] (images); else ``None`` (no clipping: unbounded features such as two-moons,
+    or a ``Dataset`` whose values are not at hand — pass ``clip`` explicitly there).
+    """
+    info = getattr(data, "info", None)
+    if info is not None and hasattr(info, "data_range"):
+        return check_clip(info.data_range)
+    tensors = as_tensors(data)
+    if tensors is None or not tensors[0].is_floating_point() or not tensors[0].numel():
+        return None
+    x = tensors[0]
+    return (0.0, 1.0) if bool(x.min() >= 0) and bool(x.max() <= 1) else None

@@ -225,8 +225,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
         prev = path.with_name(PREVIOUS)
         if path.name == PREVIOUS or not prev.is_file():
             raise
-        raise LsaUserError(f"{exc}; an older checkpoint is kept at {prev} (resume with "
-                           f"--resume {prev})") from exc.__cause__
+        raise LsaUserError(f"{exc}; an older checkpoint is kept at {prev} (resume from it: "
+                           f"lsa train --resume {prev}, or resume={str(prev)!r} in "
+                           "lsa_ext.train)") from exc.__cause__
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise LsaUserError(f"{path} is not an lsa_ext training checkpoint")
     if state.get("version", 0) > VERSION:

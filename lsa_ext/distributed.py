@@ -346,17 +346,19 @@ def cleanup() -> None:
 
 
 @contextlib.contextmanager
-def failure_guard() -> Iterator[None]:
+def failure_guard(expected: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
     """Logs ``rank R failed: <error>`` when the body raises in a multi-process job, re-raises.
 
     torchrun then stops the other ranks and exits non-zero, naming the failed rank too.
+    Exceptions of the ``expected`` types (user errors the caller reports itself, Ctrl-C) are
+    re-raised without the log line, so they are reported once.
     """
     global _FAILED
     try:
         yield
     except BaseException as exc:
         _FAILED = True
-        if _active() or launched():
+        if (_active() or launched()) and not isinstance(exc, expected):
             r = rank() if _active() else os.environ.get("RANK", "?")
             log.error("rank %s failed: %s: %s", r, type(exc).__name__, exc)
         raise

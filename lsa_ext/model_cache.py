@@ -22,7 +22,7 @@ from torch import nn
 
 from lsa_ext import distributed
 from lsa_ext.errors import LsaUserError
-from lsa_ext.io import atomic_write_with
+from lsa_ext.io import atomic_write_with, check_dir
 from lsa_ext.models import load_weights
 from lsa_ext.training import fit
 
@@ -73,7 +73,9 @@ def load_or_train(
     ``model`` in place with :func:`lsa_ext.training.fit` (``epochs``, ``batch_size``, ``seed``,
     ``device``; one DDP job under torchrun), writes its CPU state dict to ``path`` atomically
     (rank 0 only) and returns ``(model, "trained")``. ``path=None`` disables the cache. An
-    unusable cached file or a failed write is logged as a warning, never fatal.
+    unusable cached file, a cache folder that cannot be written (checked before training: the
+    warning names the folder and ``$LSA_CACHE_DIR``) or a failed write is logged as a warning,
+    never fatal: the model is then trained and used without caching.
 
     Raises:
         LsaUserError: bad training settings (from :func:`lsa_ext.training.fit`).
@@ -87,11 +89,27 @@ def load_or_train(
             return candidate, "cache"
         except LsaUserError as exc:
             log.warning("ignoring unusable cached model %s: %s", path, exc)
+    if path is not None and distributed.is_main() and not _writable(path.parent):
+        path = None
     fit(model, train_data, epochs=epochs, batch_size=batch_size, seed=seed, device=str(device))
     if path is not None and distributed.is_main():
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         try:
             atomic_write_with(path, lambda fh: torch.save(state, fh))
-        except OSError as exc:
-            log.warning("could not write the model cache %s: %s", path, exc)
+        except (OSError, LsaUserError) as exc:
+            log.warning("could not write the model cache (%s): %s; the model is used without "
+                        "caching", _CACHE_HINT, exc)
     return model, "trained"
+
+
+_CACHE_HINT = "set LSA_CACHE_DIR to a writable folder, or pass --no-cache"
+
+
+def _writable(folder: Path) -> bool:
+    """Whether the cache ``folder`` can be created/written; warns (naming it) when not."""
+    try:
+        check_dir(folder, "model cache folder")
+        return True
+    except LsaUserError as exc:
+        log.warning("%s; training without caching (%s)", exc, _CACHE_HINT)
+        return False

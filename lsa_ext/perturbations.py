@@ -10,6 +10,7 @@ salt, pepper, speckle). This module turns user-facing specs such as
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -46,6 +47,10 @@ def parse_perturbation_specs(text: str) -> list[tuple[str, dict[str, Any]]]:
 
     Returns:
         ``[(name, params), ...]`` in order.
+
+    Raises:
+        LsaUserError: a parameter before any name, a malformed ``key=value``, or a key given
+            twice for one perturbation (``fgsm:eps=0.1,eps=0.2``).
     """
     out: list[tuple[str, dict[str, Any]]] = []
     for raw in text.split(","):
@@ -63,7 +68,11 @@ def parse_perturbation_specs(text: str) -> list[tuple[str, dict[str, Any]]]:
         key, sep, value = tok.partition("=")
         if not sep or not key.strip():
             raise LsaUserError(f"malformed perturbation parameter {tok!r}; expected key=value")
-        out[-1][1][key.strip()] = _parse_value(value)
+        key = key.strip()
+        if key in out[-1][1]:
+            raise LsaUserError(f"perturbation parameter {key!r} given twice for "
+                               f"{out[-1][0]!r} ({key}={out[-1][1][key]!r} and {tok!r})")
+        out[-1][1][key] = _parse_value(value)
     if not out:
         raise LsaUserError("no perturbation given")
     return out
@@ -99,6 +108,9 @@ def build_perturbation(
     """
     params = dict(params or {})
     key = name.strip().lower()
+    if key in NOISES or key in ATTACKS:
+        _check_keys("noise" if key in NOISES else "attack", key,
+                    NOISES[key] if key in NOISES else ATTACKS[key], params)
     if key in NOISES:
         params.setdefault("clip", clip)
         params.setdefault("seed", seed)
@@ -123,6 +135,32 @@ def build_perturbation(
     raise LsaUserError(
         f"unknown perturbation {name!r}; choices: {', '.join(perturbation_names())}"
     )
+
+
+def parameter_names(cls: Any) -> list[str] | None:
+    """The keyword parameters a perturbation class takes (``model`` excluded), following
+    ``**kwargs`` passed on to base classes; None when they cannot be known."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        names += [p.name for p in params if p.name not in ("self", "model") and p.name not in names
+                  and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            return names
+    return None
+
+
+def _check_keys(kind: str, key: str, cls: Any, params: Mapping[str, Any]) -> None:
+    """Raises, listing the valid keys, when ``params`` holds a key ``cls`` does not take."""
+    valid = parameter_names(cls)
+    unknown = [k for k in params if valid is not None and k not in valid]
+    if unknown:
+        raise LsaUserError(f"unknown parameter{'s' if len(unknown) > 1 else ''} "
+                           f"{', '.join(map(repr, unknown))} for {kind} {key!r}; valid: "
+                           f"{', '.join(valid or [])}")
 
 
 def _label(name: str, params: Mapping[str, Any]) -> str:

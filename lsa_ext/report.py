@@ -23,7 +23,11 @@ import numpy as np
 from lsa_ext._version import versions
 from lsa_ext.io import atomic_write_json, atomic_write_text, atomic_write_with
 
-SCHEMA = "lsa_ext.analysis/1"  # report.json's "schema"; lsa_ext.result.load_result checks it
+# report.json's "schema"; lsa_ext.result.load_result reads "lsa_ext.analysis/1" and every 1.x.
+# 1.1 added "accuracy_percent" (percent, like every other accuracy lsa_ext prints or writes);
+# "accuracy" keeps the fraction 0–1 of schema 1 for the readers of 1.
+SCHEMA = "lsa_ext.analysis/1.1"
+SCHEMA_FAMILY = "lsa_ext.analysis/1"
 
 
 class _MvlDetail(Protocol):
@@ -82,6 +86,8 @@ def analysis_report(result: AnalysisTables, eta: float) -> dict[str, Any]:
         "mvl": {"eta": float(eta), "layers": mvl_layers, "stats": mvl_stats},
         "ranking": ranking,
         "accuracy": result.accuracy,
+        "accuracy_percent": None if result.accuracy is None else {
+            k: round(100.0 * v, 10) for k, v in result.accuracy.items()},
         "config": result.config,
         "versions": versions(),
     }
@@ -123,7 +129,7 @@ def format_analysis(result: AnalysisTables, eta: float) -> str:
     title = (f"mean {result.measure} per layer (* = in MVL, eta={eta:g}); "
              f"{int(result.count.max()) if result.count.size else 0} samples")
     if acc is not None:
-        title += f"; clean accuracy {100 * acc['clean']:.2f}%"
+        title += f"; clean accuracy {100 * acc['clean']:.2f} %"
     lines = [title, head, "-" * len(head)]
     for i, layer in enumerate(result.layers):
         cells = []
@@ -155,6 +161,24 @@ def _fmt(v: float) -> str:
     return f"{v:.4f}"
 
 
+# the parameters worth a legend, from a perturbation's description (its repr: "PGD(eps=0.1, ...")
+_LEGEND_PARAMS = (("eps", "ε={}"), ("std", "std={}"), ("amount", "amount={}"),
+                  ("steps", "{} steps"))
+
+
+def perturbation_params(description: str) -> str:
+    """``"ε=0.1, 10 steps"`` from ``"PGD(eps=0.1, clip=(0.0, 1.0), alpha=0.025, steps=10)"``;
+    ``"std=0.1"`` from ``"Gaussian(std=0.1, ...)"``; ``""`` when none is found."""
+    import re
+
+    found = []
+    for key, fmt in _LEGEND_PARAMS:
+        m = re.search(rf"\b{key}=([-+0-9.eE]+)", description)
+        if m:
+            found.append(fmt.format(f"{float(m.group(1)):.4g}"))
+    return ", ".join(found)
+
+
 def wants_log_scale(values: np.ndarray, decades: float = 2.0) -> bool:
     """True when the finite positive ``values`` span more than ``decades`` powers of ten."""
     v = np.asarray(values, dtype=np.float64)
@@ -170,11 +194,26 @@ def plot_analysis(
     title: str | None = None,
     log_scale: bool | None = None,
 ) -> None:
-    """Line plot of mean CM per layer, one line per perturbation (paper Fig. 2), as PNG.
+    """Writes :func:`analysis_figure` as a PNG, atomically."""
+    fig = analysis_figure(result, eta=eta, title=title, log_scale=log_scale)
+    atomic_write_with(path, lambda fh: fig.savefig(fh, format="png"))
 
-    MVL points (for ``eta``) are ringed; legend entries carry the accuracy under each
-    perturbation when known; a log y axis is used when ``log_scale`` is True, or when it is None
-    and the positive values span more than two decades.
+
+def analysis_figure(
+    result: AnalysisTables,
+    *,
+    eta: float | None,
+    title: str | None = None,
+    log_scale: bool | None = None,
+) -> Any:
+    """Line plot of mean CM per layer, one line per perturbation (paper Fig. 2): a
+    ``matplotlib.figure.Figure`` on its own Agg canvas.
+
+    MVL points (for ``eta``) are ringed; legend entries carry each perturbation's parameters
+    (ε, std, amount, steps: :func:`perturbation_params` of its description in
+    ``result.config["perturbations"]``) and the accuracy under it when known; a log y axis is
+    used when ``log_scale`` is True, or when it is None and the positive values span more than
+    two decades.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -184,18 +223,21 @@ def plot_analysis(
     xs = np.arange(L)
     if log_scale is None:
         log_scale = wants_log_scale(mean)
-    width = min(16.0, max(8.5, 0.45 * L + 4.5))
+    width = min(16.0, max(9.5, 0.45 * L + 5.5))  # room for the legend beside the axes
     fig = Figure(figsize=(width, 5.2), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     mvl = result.mvl(eta) if eta is not None else {}
     acc = result.accuracy
+    descriptions = result.config.get("perturbations", {})
     markers = "osD^v<>ph*"
     for p, name in enumerate(result.perturbations):
         ys = mean[p].copy()
         if log_scale:
             ys = np.where(ys > 0, ys, np.nan)
-        label = name if acc is None else f"{name} (acc {100 * acc[name]:.1f}%)"
+        params = perturbation_params(str(descriptions.get(name, "")))
+        label = name.split(":")[0] + (f", {params}" if params else "") + (
+            "" if acc is None else f" (accuracy {100 * acc[name]:.1f} %)")
         (line,) = ax.plot(xs, ys, marker=markers[p % len(markers)], ms=5, lw=1.8,
                           label=label)
         if mvl.get(name):
@@ -224,4 +266,4 @@ def plot_analysis(
     ax.legend(handles, labels, loc="center left", bbox_to_anchor=(1.01, 0.5),
               frameon=False, fontsize=9)
     fig.tight_layout()
-    atomic_write_with(path, lambda fh: fig.savefig(fh, format="png"))
+    return fig

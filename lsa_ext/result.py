@@ -76,8 +76,15 @@ class AnalysisResult:
         return self.stats.count.numpy().astype(np.int64)
 
     @property
+    def accuracy_percent(self) -> dict[str, float] | None:
+        """:attr:`accuracy` in percent (the unit lsa_ext prints and writes elsewhere)."""
+        acc = self.accuracy
+        return None if acc is None else {k: 100.0 * v for k, v in acc.items()}
+
+    @property
     def accuracy(self) -> dict[str, float] | None:
-        """Classification accuracy ``{"clean": a, perturbation: a, ...}`` on the analysed
+        """Classification accuracy as a fraction 0–1 (schema-1 compatible; percent:
+        :attr:`accuracy_percent`) ``{"clean": a, perturbation: a, ...}`` on the analysed
         samples (labels as given), or None when the model's output is not logits."""
         acc = self.stats.accuracy()
         if acc is None:
@@ -176,9 +183,11 @@ def load_result(path: str | os.PathLike) -> AnalysisResult:
         raise LsaUserError(f"report {str(path)!r} does not exist") from None
     except (OSError, ValueError) as exc:
         raise LsaUserError(f"report {str(path)!r} is not valid JSON: {exc}") from None
-    if not isinstance(rep, dict) or rep.get("schema") != report.SCHEMA:
+    schema = rep.get("schema") if isinstance(rep, dict) else None
+    if not (isinstance(schema, str) and (schema == report.SCHEMA_FAMILY
+                                         or schema.startswith(report.SCHEMA_FAMILY + "."))):
         raise LsaUserError(
-            f"{str(path)!r} is not an LSA analysis report (schema {report.SCHEMA})"
+            f"{str(path)!r} is not an LSA analysis report (schema {report.SCHEMA_FAMILY}.x)"
         )
     try:
         layers = list(rep["layers"])
@@ -190,7 +199,9 @@ def load_result(path: str | os.PathLike) -> AnalysisResult:
         raise LsaUserError(f"report {str(path)!r} is malformed: {exc!r}") from None
     m, sd, c = cols["mean"], cols["std"], cols["count"]
     stats = CMStats(c, m * c, (sd * sd + m * m) * c)
-    acc = rep.get("accuracy")
+    acc = rep.get("accuracy")  # fraction in every 1.x; 1.1 adds "accuracy_percent"
+    if isinstance(rep.get("accuracy_percent"), dict):
+        acc = {k: v / 100.0 for k, v in rep["accuracy_percent"].items()}
     if isinstance(acc, dict) and c.numel() and all(k in acc for k in ["clean", *names]):
         n = c[:, 0]
         stats.correct = torch.tensor([acc[k] for k in ["clean", *names]],

@@ -62,7 +62,8 @@ class TrainConfig:
         lr_layers: the regularized sites M (empty: no LR term): module names (a module's
             first call) or ``name#k`` (its k-th call), as :func:`lsa_ext.regularizer.
             resolve_layers` gives them; the trainer resolves ``"L<k>"``, globs and kinds.
-        gamma: γ, one value for all layers or one per layer.
+        gamma: γ, one value for all layers or one per layer (default 0.1: γ = 1 collapsed
+            training in our runs, README "AT-LR training").
         trades_beta: β of the TRADES objective (default 6.0).
         full_clean_pass: see :mod:`lsa_ext.trainer` (default False; TRADES always runs it).
         lr_pass: how the clean and adversarial batches run for the LR term: ``"auto"``
@@ -83,7 +84,7 @@ class TrainConfig:
     attack_mode: str = "eval"
     clip: list[float] | None = None
     lr_layers: list[str] = field(default_factory=list)
-    gamma: float | list[float] = 1.0
+    gamma: float | list[float] = 0.1
     trades_beta: float = 6.0
     full_clean_pass: bool = False
     lr_pass: str = "auto"
@@ -97,8 +98,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
 
-    def validate(self) -> None:
-        """Raises :class:`LsaUserError` on an invalid setting."""
+    def validate(self, custom_attack: bool = False) -> None:
+        """Raises :class:`LsaUserError` on an invalid setting (``custom_attack``: an attack is
+        given besides ``at``, so LR layers need no ``at``)."""
         _check_choice("training method", self.at, AT_METHODS)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("scheduler", self.scheduler, SCHEDULERS)
@@ -106,9 +108,10 @@ class TrainConfig:
         if self.attack_mode not in ATTACK_MODES:
             raise LsaUserError(f"attack_mode must be one of {', '.join(ATTACK_MODES)}, got "
                                f"{self.attack_mode!r}")
-        if self.lr_layers and self.at == "none":
-            raise LsaUserError("an LR term needs adversarial examples: choose an --at method "
-                               "other than 'none' or drop the LR layers")
+        if self.lr_layers and self.at == "none" and not custom_attack:
+            raise LsaUserError("an LR term needs adversarial examples: set at= to one of "
+                               f"{', '.join(AT_METHODS[1:])}, or pass attack=, or drop "
+                               "lr_layers")
         for name, v, lo in (("epochs", self.epochs, 1), ("batch_size", self.batch_size, 1),
                             ("seed", self.seed, 0)):
             if not isinstance(v, int) or v < lo:

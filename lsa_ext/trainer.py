@@ -65,6 +65,7 @@ from torch import nn
 from lsa_ext import checkpoint as ckpt
 from lsa_ext import distributed
 from lsa_ext.batches import batches, num_samples
+from lsa_ext.collapse import CollapseWatch
 from lsa_ext.devices import resolve_device
 from lsa_ext.errors import LsaUserError
 from lsa_ext.losses import cross_entropy, kl_div, predict
@@ -140,7 +141,7 @@ class Trainer:
         on_epoch: Callable[[Trainer, dict[str, Any]], None] | None = None,
         output: OutputSelector = None,
     ) -> None:
-        config.validate()
+        config.validate(custom_attack=attack is not None)
         self.output = check_selector(output)
         self.config = config
         self.device, self.model = _join_and_place(model, config.device)
@@ -166,7 +167,11 @@ class Trainer:
         self.epoch = 0
         self.history: list[dict[str, Any]] = []
         self._fresh = True
-        self.run_name = run_name(config.at, self.layers, self.module)
+        self.run_name = run_name("custom" if attack is not None and config.at == "none"
+                                 else config.at, self.layers, self.module)
+        # warns once when training collapses or diverges (lsa_ext.collapse)
+        self.watch = CollapseWatch(train_data, config, self.layers,
+                                   steps_per_epoch=-(-self.num_samples // config.batch_size))
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -213,10 +218,10 @@ class Trainer:
     # ----------------------------------------------------------------- steps
     def _attack_for_epoch(self, epoch: int) -> Perturbation | None:
         cfg = self.config
-        if cfg.at == "none":
-            return None
         if self.attack_override is not None:
             return self.attack_override
+        if cfg.at == "none":
+            return None
         from lsa_ext.attacks import build_attack
 
         return build_attack(
@@ -333,6 +338,8 @@ class Trainer:
                 raise self._diverged(f"parameters {', '.join(bad[:3])} became NaN/Inf in epoch "
                                      f"{record['epoch']}", done=record["epoch"] - 1)
             self.save()
+            if distributed.is_main():
+                self.watch.check(self.module, record)
             log.debug("%s epoch %d/%d: %s", self.run_name, record["epoch"],
                       self.config.epochs,
                       ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))

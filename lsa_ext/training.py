@@ -20,6 +20,7 @@ from typing import Any
 
 from torch import nn
 
+from lsa_ext.batches import auto_clip
 from lsa_ext.errors import LsaUserError
 from lsa_ext.mvl_select import choose_mvl
 from lsa_ext.outputs import OutputSelector
@@ -46,7 +47,7 @@ def train(
     at: str = "none",
     eps: float = 0.3,
     lr_layers: str | Sequence[str] | None = None,
-    gamma: float | Sequence[float] = 1.0,
+    gamma: float | Sequence[float] = 0.1,
     epochs: int = 10,
     batch_size: int = 128,
     optimizer: str = "adam",
@@ -56,7 +57,7 @@ def train(
     scheduler: str = "none",
     seed: int = 0,
     device: str = "cpu",
-    clip: tuple[float, float] | None = None,
+    clip: tuple[float, float] | None | str = "auto",
     attack_kwargs: dict[str, Any] | None = None,
     attack_mode: str = "eval",
     trades_beta: float = 6.0,
@@ -90,11 +91,27 @@ def train(
             (:func:`lsa_ext.outputs.logits_of`; default: a tensor, a dict's ``"logits"`` or an
             object's ``.logits``), used by every pass, the attack and the MVL search.
 
+    ``train_data`` may be a :class:`lsa_ext.data.DataSplits` (its training set is used).
+    ``clip``: the range adversarial inputs are clipped to; ``"auto"`` (default, as ``lsa
+    train``): the dataset's range (:func:`lsa_ext.batches.auto_clip`: a DataSplits' data range,
+    else [0, 1] for tensors within it, else none); ``None``: no clipping. ``attack``: a callable
+    ``(x, y) -> x̂`` used instead of the one ``at`` builds; with ``at="none"`` the base loss is
+    ``CE(f(x̂), y)`` (the run is named ``AT-CUSTOM``). ``gamma`` defaults to 0.1 (γ = 1
+    collapsed training in our runs; README, "AT-LR training").
+
     Raises:
         LsaUserError: an invalid setting (see :meth:`TrainConfig.validate`), unknown layers,
-            ``"mvl"`` without an attack, no layer past the MVL cut-off, or an unreadable
+            ``"mvl"`` without an attack (no layer past the MVL cut-off: the top-ranked one is
+            taken, with a warning; :mod:`lsa_ext.mvl_select`), or an unreadable
             ``resume`` checkpoint; :class:`TrainingDivergedError` on NaN/Inf.
     """
+    if hasattr(train_data, "info") and hasattr(train_data, "train"):  # a DataSplits
+        clip = auto_clip(train_data) if isinstance(clip, str) and clip == "auto" else clip
+        train_data = train_data.train
+    if isinstance(clip, str):
+        if clip != "auto":
+            raise LsaUserError(f"clip must be 'auto', None or a pair (lo, hi), got {clip!r}")
+        clip = auto_clip(train_data)
     if isinstance(lr_layers, str):
         lr_layers = [s.strip() for s in lr_layers.split(",") if s.strip()]
     layers = list(lr_layers or [])

@@ -263,7 +263,8 @@ def test_spec_parsing_and_errors():
         build_perturbations("blur")
     with pytest.raises(LsaUserError, match="before any perturbation"):
         parse_perturbation_specs("std=0.1")
-    with pytest.raises(LsaUserError, match="bad parameters for noise 'salt'"):
+    with pytest.raises(LsaUserError, match="unknown parameter 'std' for noise 'salt'; valid: "
+                                           "amount, clip, seed"):
         build_perturbations("salt:std=3")
     m = _net()
     x, y = _data(8)

@@ -16,7 +16,7 @@ LAYERS: dict[str, int] = {
     # 0 foundation: no lsa_ext imports beyond this layer
     **dict.fromkeys(["errors", "_version", "types", "checks", "outputs", "budget", "io",
                      "progress", "devices", "modules", "seeding", "batches", "presets", "losses",
-                     "_extension", "reference", "threads"], 0),
+                     "_extension", "reference", "threads", "collapse"], 0),
     # 1 fused ops
     "ops": 1,
     # 2 building blocks: perturbations, probes, measures, statistics, data, files, ranks
@@ -29,7 +29,7 @@ LAYERS: dict[str, int] = {
     **dict.fromkeys(["mvl_select", "training", "model_cache", "reproduce"], 4),
     # 5 interfaces
     **dict.fromkeys(["", "cli", "cli.__main__", "cli.analyze", "cli.demo", "cli.evaluate",
-                     "cli.options", "cli.reproduce", "cli.train"], 5),
+                     "cli.options", "cli.reproduce", "cli.runs", "cli.train"], 5),
 }
 
 

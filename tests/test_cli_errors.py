@@ -29,6 +29,8 @@ def files(tmp_path, monkeypatch):
     monkeypatch.setenv("LSA_CACHE_DIR", str(tmp_path / "cache"))
     (tmp_path / "empty").mkdir()
     (tmp_path / "afile").write_text("x")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("x")
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint" * 4)
     torch.save({"w": torch.randn(64, 64)}, tmp_path / "good.pt")
     raw = (tmp_path / "good.pt").read_bytes()
@@ -52,6 +54,11 @@ CASES = [
     ([*A, "--perturbations", "gaussian,blur"], "unknown perturbation 'blur'"),
     ([*A, "--perturbations", "gaussian:std=abc"], "std must be a finite number"),
     ([*A, "--perturbations", "pgd:steps=0"], "steps must be >= 1"),
+    ([*A, "--perturbations", "gaussian:sigma=0.1"],
+     "unknown parameter 'sigma' for noise 'gaussian'; valid: std, clip, seed"),
+    ([*A, "--perturbations", "pgd:stepz=3"], "unknown parameter 'stepz' for attack 'pgd'; "
+                                             "valid: eps, alpha, steps,"),
+    ([*A, "--perturbations", "fgsm:eps=0.1,eps=0.2"], "'eps' given twice for 'fgsm'"),
     ([*A, "--layers", "conv9"], "no layer named 'conv9'"),
     ([*A, "--measure", "l3"], "unknown measure 'l3'"),
     ([*A, "--mode", "fast"], "invalid choice: 'fast'"),
@@ -68,7 +75,8 @@ CASES = [
     ([*A, "--perturbations", "fgsm:eps=-1"], "eps must be >= 0"),
     ([*A, "--batch-size", "0"], "--batch-size must be >= 1"),
     ([*A, "--batch-size", "x"], "invalid int value: 'x'"),
-    ([*A, "--epochs", "-1"], "--epochs must be >= 1"),
+    ([*A, "--epochs", "-1"], "--epochs must be >= 0"),
+    ([*A, "--eta", "-1"], "--eta must be a number >= 0, got -1.0"),
     ([*A, "--seed", "-1"], "seed must be >= 0"),
     ([*A, "--out", "afile"], "'afile' is a file"),
     ([*A, "--out", "afile/sub"], "'afile' is a file"),
@@ -83,6 +91,10 @@ CASES = [
     ([*A, "--epochs", "0"], "--epochs must be >= 1"),
     # train
     ([*T, "--dataset", "nope"], "unknown dataset 'nope'"),
+    ([*T, "--at", "pgd", "--lr-layers", "mvl", "--eta", "-1"], "--eta must be a number >= 0"),
+    ([*T[:-1], "full"], "--out 'full' already holds files (notes.txt); continue it with "
+                        "--resume, replace it with --overwrite, or choose another --out"),
+    (["train", "--resume", "--overwrite", "--out", "full"], "give one of them"),
     ([*T, "--at", "cw"], "invalid choice: 'cw'"),
     ([*T, "--at", "pgd", "--lr-layers", "nomatch"], "no layer named 'nomatch'"),
     ([*T, "--at", "pgd", "--lr-layers", "L9"], "4 learnable layers"),
@@ -109,7 +121,8 @@ CASES = [
     ([*T, "--at", "pgd", "--lr-layers", "mvl", "--eta", "nan"], "--eta must be a finite"),
     ([*T, "--limit-test", "0"], "limit_test must be >= 1"),
     ([*T, "--dataset", "mnist"], "name the folder"),
-    (["train", "--resume", "--out", "empty"], "does not exist"),
+    (["train", "--resume", "--out", "empty"], "nothing to resume: 'empty' is empty"),
+    (["train", "--resume", "--out", "full"], "nothing to resume: 'full' has no last.pt"),
     (["train", "--resume", "trunc.pt", "--out", "run"], "truncated or corrupt"),
     # evaluate
     (["evaluate", "--checkpoint", "missing.pt"], "does not exist"),
@@ -124,6 +137,7 @@ CASES = [
     ([*E, "--limit-test", "0"], "limit_test must be >= 1"),
     # reproduce
     (["reproduce", "mnist"], "invalid choice: 'mnist'"),
+    (["reproduce"], "name a dataset: lsa reproduce {moons,digits} [options]"),
     ([*R, "--seeds", "a"], "--seeds must be an integer or comma-separated integers"),
     ([*R, "--methods", "cw"], "unknown method(s) ['cw']"),
     ([*R, "--layers", "L9"], "4 learnable layers"),

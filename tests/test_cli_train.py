@@ -99,7 +99,7 @@ def test_evaluate_errors(tmp_path, capsys):
     assert "--dataset" in capsys.readouterr().err
 
 
-def test_lr_layers_from_an_analyze_report(tmp_path, capsys):
+def test_lr_layers_from_an_analyze_report(tmp_path, capsys, caplog):
     """Algorithm 1 on a hand-made report: means [.1, .1, .9, .1], std 0 → μ = .3,
     σ = √(.21 − .09) ≈ .346; only fc3 exceeds μ + 1·σ."""
     report = {"schema": "lsa_ext.analysis/1", "layers": ["fc1", "fc2", "fc3", "fc4"],
@@ -115,9 +115,16 @@ def test_lr_layers_from_an_analyze_report(tmp_path, capsys):
     assert rc == 0
     assert json.loads((out / "config.json").read_text())["config"]["lr_layers"] == ["fc3"]
     assert "AT-PGD-LR-L2" in capsys.readouterr().out
-    rc = main(["train", *TINY, "--at", "pgd", "--lr-layers", "mvl", "--mvl-report", str(path),
-               "--eta", "5", "--epochs", "1", "--out", str(out)])
-    assert rc == 2 and "lower --eta" in capsys.readouterr().err
+    # no layer passes η = 5 (0.9 < 0.3 + 5·0.346): the top-ranked layer, said in one warning
+    with caplog.at_level("WARNING", logger="lsa_ext.mvl_select"):
+        rc = main(["train", *TINY, "--at", "pgd", "--lr-layers", "mvl", "--mvl-report",
+                   str(path), "--eta", "5", "--epochs", "1", "--out", str(tmp_path / "r5")])
+    assert rc == 0
+    assert json.loads((tmp_path / "r5" / "config.json").read_text())["config"]["lr_layers"] \
+        == ["fc3"]
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith("no layer passes the MVL cut-off eta=5 in ") and \
+        warning.endswith(": taking the top-ranked layer fc3 (a lower eta selects by the cut-off)")
 
 
 def test_lr_layers_mvl_on_the_fly(tmp_path, capsys):
@@ -126,8 +133,8 @@ def test_lr_layers_mvl_on_the_fly(tmp_path, capsys):
                "--epochs", "1", "--out", str(out)])
     assert rc == 0, capsys.readouterr().err
     layers = json.loads((out / "config.json").read_text())["config"]["lr_layers"]
-    assert layers and set(layers) <= {"fc1", "fc2", "fc3", "fc4"}
-    assert "most vulnerable layers" in capsys.readouterr().err
+    assert layers and set(layers) <= {"fc1", "fc2", "fc3"}  # never the output layer fc4
+    assert "LR layers (--lr-layers mvl, η=0): " in capsys.readouterr().err
 
 
 def test_moons_options_reach_training_and_evaluation(tmp_path, capsys):

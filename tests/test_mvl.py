@@ -78,7 +78,7 @@ def test_mvl_from_a_real_analysis_report_matches_the_analysis(tmp_path):
     assert checked >= 2
 
 
-def test_mvl_from_report_checks_the_schema_and_names(tmp_path):
+def test_mvl_from_report_checks_the_schema_and_names(tmp_path, caplog):
     import json
 
     from lsa_ext.mvl_select import mvl_from_report
@@ -96,8 +96,12 @@ def test_mvl_from_report_checks_the_schema_and_names(tmp_path):
     assert mvl_from_report(tmp_path / "r.json", 0.5, "gaussian") == ["b#2"]
     with pytest.raises(LsaUserError, match="no perturbation 'pgd'"):
         mvl_from_report(tmp_path / "r.json", 0.5, "pgd")
-    with pytest.raises(LsaUserError, match="lower --eta"):
-        mvl_from_report(tmp_path / "r.json", 5.0)
+    # no layer passes η = 5: the top-ranked layer, and a warning that says so
+    with caplog.at_level("WARNING", logger="lsa_ext.mvl_select"):
+        assert mvl_from_report(tmp_path / "r.json", 5.0) == ["b#2"]  # the site as reported
+    assert [r.getMessage() for r in caplog.records] == [
+        f"no layer passes the MVL cut-off eta=5 in {tmp_path / 'r.json'}: taking the top-ranked "
+        "layer b#2 (a lower eta selects by the cut-off)"]
 
 
 def test_subset_draws_the_same_samples_from_tensors_and_datasets():

@@ -1,5 +1,6 @@
-"""Resume after SIGKILL: a killed and resumed `lsa train` ends with the same weights as an
-uninterrupted run with the same seed (real subprocesses, real SIGKILL)."""
+"""Resume: a killed (SIGKILL, mid-run) or interrupted (Ctrl-C = SIGINT, before the first epoch
+ends) and resumed `lsa train` ends with the same weights as an uninterrupted run with the same
+seed (real subprocesses, real signals); options that contradict the run are refused."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ MAIN = "import sys; from lsa_ext.cli import main; sys.exit(main())"
 EPOCHS = 6
 ARGS = ["train", "--dataset", "moons", "--model", "model_a", "--at", "pgd", "--eps", "0.2",
         "--steps", "5", "--lr-layers", "L1", "--gamma", "0.5", "--epochs", str(EPOCHS),
-        "--batch-size", "32", "--scheduler", "cosine", "--seed", "3", "--limit-train", "1200"]
+        "--batch-size", "32", "--scheduler", "cosine", "--seed", "3", "--limit-train", "800",
+        "--device", "cpu"]
 
 
 def _env():
@@ -31,17 +33,43 @@ def _run(out, *extra):
                           env=_env(), capture_output=True, text=True, timeout=120)
 
 
+def _start(out):
+    return subprocess.Popen([sys.executable, "-c", MAIN, *ARGS, "--out", str(out)], env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(proc, path):
+    deadline = time.monotonic() + 90
+    while not path.exists():
+        assert proc.poll() is None, "training exited early: " + proc.communicate()[1]
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+
+
+def _same_run(a_dir, b_dir):
+    want = torch.load(a_dir / "model.pt", weights_only=True)
+    got = torch.load(b_dir / "model.pt", weights_only=True)
+    assert want.keys() == got.keys()
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
+    a = ckpt.load_checkpoint(a_dir / "last.pt")
+    b = ckpt.load_checkpoint(b_dir / "last.pt")
+    assert a["epoch"] == b["epoch"] == EPOCHS
+    assert [r["loss"] for r in a["history"]] == [r["loss"] for r in b["history"]]
+    for k, v in a["optimizer"]["state"].items():
+        for name, t in v.items():
+            assert torch.equal(t, b["optimizer"]["state"][k][name])
+
+
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX SIGKILL")
-def test_resume_after_sigkill_gives_identical_weights(tmp_path):
-    ref_dir, kill_dir = tmp_path / "ref", tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-c", MAIN, *ARGS, "--out", str(kill_dir)],
-                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def test_killed_or_interrupted_runs_resume_to_identical_weights(tmp_path):
+    from lsa_ext.cli import main
+
+    ref_dir, kill_dir, int_dir = tmp_path / "ref", tmp_path / "killed", tmp_path / "int"
+    # SIGKILL after the first epoch's checkpoint (history.json follows it)
+    proc = _start(kill_dir)
     try:
-        deadline = time.monotonic() + 90
-        while not (kill_dir / "last.pt").exists():
-            assert proc.poll() is None, "training exited before its first checkpoint"
-            assert time.monotonic() < deadline
-            time.sleep(0.005)
+        _wait_for(proc, kill_dir / "history.json")
         time.sleep(0.05)  # land inside a later epoch (or a later checkpoint write)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
@@ -52,25 +80,58 @@ def test_resume_after_sigkill_gives_identical_weights(tmp_path):
     killed_at = ckpt.load_checkpoint(kill_dir / "last.pt")["epoch"]
     assert 1 <= killed_at < EPOCHS, "the run was not interrupted mid-way"
     assert not (kill_dir / "model.pt").exists()
+    # Ctrl-C as soon as the state before the first batch is saved: resumable from epoch 0
+    proc = _start(int_dir)
+    try:
+        _wait_for(proc, int_dir / "last.pt")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert ckpt.load_checkpoint(int_dir / "last.pt")["epoch"] == 0
+    assert err.strip().splitlines()[-1] == (
+        f"lsa train: interrupted; AT-PGD-LR-L1 stopped with 0 of {EPOCHS} epochs done (saved "
+        f"in {int_dir / 'last.pt'}); resume with: lsa train --out {int_dir} --resume")
+    assert "Traceback" not in err
+    # options that contradict the run are refused, naming each
+    assert main(["train", "--out", str(kill_dir), "--resume", "--dataset", "digits",
+                 "--at", "fgsm", "--lr", "0.001", "--epochs", str(EPOCHS)]) == 2
 
     ref = _run(ref_dir)
     assert ref.returncode == 0, ref.stderr
-    res = _run(kill_dir, "--resume")
-    assert res.returncode == 0, res.stderr
-    assert f"after epoch {killed_at}/{EPOCHS}" in res.stderr
+    for out, done in ((kill_dir, killed_at), (int_dir, 0)):
+        res = _run(out, "--resume")
+        assert res.returncode == 0, res.stderr
+        assert (f"{done} of {EPOCHS} epochs done, continuing with epoch {done + 1}/{EPOCHS}"
+                in res.stderr)
+        assert f"\nepoch {done + 1}/{EPOCHS}: loss " in res.stderr
+        _same_run(ref_dir, out)
 
-    want = torch.load(ref_dir / "model.pt", weights_only=True)
-    got = torch.load(kill_dir / "model.pt", weights_only=True)
-    assert want.keys() == got.keys()
-    for k in want:
-        assert torch.equal(want[k], got[k]), k
-    a = ckpt.load_checkpoint(ref_dir / "last.pt")
-    b = ckpt.load_checkpoint(kill_dir / "last.pt")
-    assert a["epoch"] == b["epoch"] == EPOCHS
-    assert [r["loss"] for r in a["history"]] == [r["loss"] for r in b["history"]]
-    for k, v in a["optimizer"]["state"].items():
-        for name, t in v.items():
-            assert torch.equal(t, b["optimizer"]["state"][k][name])
+
+def test_conflicting_resume_options_are_named(tmp_path, capsys):
+    from lsa_ext.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "moons", "--limit-train", "64", "--epochs", "1",
+                 "--at", "fgsm", "--lr-layers", "L1", "--device", "cpu", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume", "--dataset", "digits", "--at", "pgd",
+                 "--lr-layers", "fc2", "--gamma", "0.1", "--epochs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lsa train: error: --resume continues the run in {out / 'last.pt'} "
+                          "with its own settings, and --at pgd (the run: fgsm); --dataset "
+                          "digits (the run: moons) differ from them: drop them, or start a new "
+                          "run (another --out, or --overwrite)"), err
+    # the same values as the run's are fine, and so is a longer --epochs; fewer is an error
+    assert main(["train", "--out", str(out), "--resume", "--epochs", "0"]) == 2
+    assert "--epochs 0 is fewer than the 1 epoch the run" in capsys.readouterr().err
+    assert main(["train", "--out", str(out), "--resume", "--dataset", "two-moons", "--at",
+                 "fgsm", "--lr-layers", "fc2", "--epochs", "2"]) == 0
+    assert "1 of 2 epochs done, continuing with epoch 2/2" in capsys.readouterr().err
+    assert main(["train", "--out", str(out), "--resume"]) == 0
+    assert "is complete (2 of 2 epochs done): nothing to resume" in capsys.readouterr().err
 
 
 def test_resume_from_corrupt_checkpoint_is_a_clear_error(tmp_path):

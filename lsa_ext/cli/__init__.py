@@ -2,7 +2,11 @@
 
 User errors (:class:`lsa_ext.errors.LsaUserError`, :class:`lsa_ext.errors.LsaTypeError`) and
 usage errors (unknown option or choice, a value of the wrong type) are printed as one line and
-exit with status 2, without a traceback.
+exit with status 2, without a traceback; under torchrun only the first process of each machine
+(``LOCAL_RANK`` 0) prints it: every rank meets the same mistake, and a machine whose files
+differ still says why. Ctrl-C exits with status 130 and a line saying how to continue
+(:class:`lsa_ext.cli.options.Interrupted`). ``args.given`` holds the dests of the options given
+explicitly on the command line (not left at their defaults).
 """
 
 from __future__ import annotations
@@ -45,13 +49,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def given_options(argv: list[str]) -> set[str]:
+    """The dests of the options given explicitly in ``argv`` (a valid command line): ``argv``
+    parsed again by a parser whose defaults are all suppressed."""
+    parser = build_parser()
+    parsers = [parser]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            parsers += list(action.choices.values())
+    for p in parsers:
+        for action in p._actions:
+            if action.option_strings:  # positionals keep theirs (choices are checked on it)
+                action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv))) - {"func", "command"}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``lsa``; returns the exit status."""
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0), or a usage error already printed (2)
         return exc.code if isinstance(exc.code, int) else 2
+    args.given = given_options(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
@@ -63,16 +84,28 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         apply_threads_option(args)
-        with distributed.failure_guard():  # under torchrun: logs "rank R failed: ..." first
+        with distributed.failure_guard(expected=(LsaUserError, LsaTypeError, KeyboardInterrupt)):
             return int(args.func(args) or 0)
     except (LsaUserError, LsaTypeError) as exc:
-        print(f"{distributed.rank_prefix()}lsa {args.command}: error: {exc}", file=sys.stderr)
+        if _first_local_rank():
+            print(f"lsa {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("lsa: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        if _first_local_rank():
+            hint = getattr(exc, "hint", None)
+            print(f"lsa {args.command}: interrupted" + (f"; {hint}" if hint else ""),
+                  file=sys.stderr)
         return 130
     finally:
         distributed.cleanup()  # destroys the process group a subcommand joined (torchrun)
+
+
+def _first_local_rank() -> bool:
+    """False on the processes of a torchrun job but the first of each machine (``LOCAL_RANK``
+    set by torchrun), True otherwise."""
+    import os
+
+    return os.environ.get("LOCAL_RANK", "0").strip() in ("", "0")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,6 +6,10 @@ the cache), the test set perturbed by Gaussian, salt, pepper and speckle noise, 
 (ε = 0.1), relative error per layer (the ReLUs), MVL with η = 1. Prints the per-layer table and
 the MVL and writes ``report.json``, ``layers.csv`` and ``lsa.png`` into ``--out`` (``./lsa-out``).
 
+With ``--checkpoint`` of an ``lsa train`` run, the run's dataset, model, data folder and data
+seed are read from its ``config.json`` (:func:`lsa_ext.cli.runs.run_meta`); options given
+that contradict them are an error.
+
 Trained models are cached in ``$LSA_CACHE_DIR``, else ``$XDG_CACHE_HOME/lsa_ext``, else
 ``~/.cache/lsa_ext``, as ``<model>-<dataset>-seed<seed>-ep<epochs>.pt`` (see
 :func:`lsa_ext.model_cache.cache_name`; a state dict, read back with ``weights_only=True``);
@@ -16,10 +20,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
 from pathlib import Path
+from typing import Any
 
+from lsa_ext.cli.options import add_device_option, plural
 from lsa_ext.errors import LsaUserError
 from lsa_ext.model_cache import cache_dir, cache_name, load_or_train
 from lsa_ext.paired_capture import PASS_MODES
@@ -44,6 +49,7 @@ examples:
   lsa analyze --perturbations "gaussian:std=0.2,fgsm:eps=0.05,pgd:eps=0.05,steps=20" --eta 0.5
   lsa analyze --layers learnable --measure cosine --out runs/cos
   lsa analyze --dataset mnist --data-dir ~/data/mnist --max-samples 2000
+  lsa analyze --checkpoint runs/digits-AT-PGD/model.pt   # dataset and model from the run
   PYTHONPATH=examples lsa analyze --model mypkg.nets:make_net --layers "block*.act,head.fc"
 
 Trained models are cached in $LSA_CACHE_DIR, else $XDG_CACHE_HOME/lsa_ext, else
@@ -69,7 +75,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="model_a, model_b, vgg19, wrn28_10 or package.module:factory "
                         "(default: the paper's model for the dataset)")
     p.add_argument("--checkpoint", default=None,
-                   help="state dict to load (weights_only); skips training")
+                   help="state dict to load (weights_only); skips training. An 'lsa train' "
+                        "run's last.pt/model.pt: its dataset and model are used")
     p.add_argument("--layers", default="activations",
                    help="probes: activations, learnable, leaves, L<k> (k-th learnable layer), "
                         "names or globs, comma-separated (default: activations)")
@@ -81,14 +88,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="attack budget ε (L∞) where a spec sets none (default: 0.1; cifar10 8/255)")
     p.add_argument("--measure", default="relative_error",
                    help="relative_error, mse, cosine or relative_linf (default: relative_error)")
-    p.add_argument("--eta", type=float, default=1.0, help="MVL cut-off η (default: 1.0)")
+    p.add_argument("--eta", type=float, default=1.0, help="MVL cut-off η ≥ 0 (default: 1.0)")
     p.add_argument("--batch-size", type=int, default=128, help="batch size (default: 128)")
     p.add_argument("--max-samples", type=int, default=None,
                    help="analyze only the first N test samples (default: all)")
     p.add_argument("--mode", default="concat", choices=PASS_MODES,
                    help="pass mode of the paired clean/perturbed capture: concat (default) or "
                         "two_pass (batch-coupled models)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    add_device_option(p, default="auto")
     p.add_argument("--seed", type=int, default=0, help="seed of data, training, noise (default 0)")
     p.add_argument("--epochs", type=int, default=None,
                    help="training epochs when no checkpoint is given "
@@ -111,8 +118,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise LsaUserError(f"--epochs must be >= 1, got {args.epochs}")
     if args.max_samples is not None and args.max_samples < 1:
         raise LsaUserError(f"--max-samples must be >= 1, got {args.max_samples}")
-    if not math.isfinite(args.eta):
-        raise LsaUserError(f"--eta must be a finite number, got {args.eta}")
+    if not args.eta >= 0 or args.eta == float("inf"):
+        raise LsaUserError(f"--eta must be a number >= 0, got {args.eta}")
     if args.seed < 0:
         raise LsaUserError(f"--seed must be >= 0, got {args.seed}")
 
@@ -150,11 +157,39 @@ def _trained_model(args, model, splits, model_name: str, epochs: int, device, da
                          seed=args.seed, device=device)
 
 
+def _from_run(args: argparse.Namespace) -> tuple[int, dict[str, Any] | None]:
+    """With ``--checkpoint`` of an ``lsa train`` run: the run's dataset, model, data folder
+    (unless given) and data seed fill the options not given; returns the data seed and the
+    run's data options (None: not a run, or another dataset named here)."""
+    from lsa_ext.cli.runs import from_run, run_meta
+    from lsa_ext.cli.train import stored_data_options
+    from lsa_ext.data import dataset_info
+
+    if not args.checkpoint:
+        return args.seed, None
+    meta = run_meta(args.checkpoint)
+    if meta.get("dataset"):
+        meta = {**meta, "dataset": dataset_info(meta["dataset"]).name}
+        if "dataset" in args.given:
+            args.dataset = dataset_info(args.dataset).name
+    settings = from_run(args.given, args, meta, args.checkpoint,
+                        {"dataset": "dataset", "model": "model"})
+    for dest, value in settings.items():
+        setattr(args, dest, value)
+    if args.data_dir is None and meta.get("data_dir"):
+        args.data_dir = meta["data_dir"]
+    if not meta.get("dataset"):
+        return args.seed, None
+    run_data = stored_data_options(meta) if args.dataset == meta["dataset"] else None
+    return int(meta.get("data_seed", args.seed)), run_data
+
+
 def run(args: argparse.Namespace) -> int:
     from lsa_ext.io import check_dir
 
     _check_args(args)
     check_dir(args.out)
+    data_seed, run_data = _from_run(args)
     import lsa_ext
     from lsa_ext import distributed
     from lsa_ext.cli.options import dataset_options
@@ -167,10 +202,13 @@ def run(args: argparse.Namespace) -> int:
     # every argument is checked before any data is read or any training starts
     get_measure(args.measure)
     device = resolve_device(args.device)
-    # shape, classes, range, the data options, and --data-dir given where files are needed:
-    # nothing read yet
-    data_options = dataset_options(args, args.dataset)
-    info = check_dataset_args(args.dataset, args.data_dir, seed=args.seed, **data_options)
+    # shape, classes, range, the data options (the run's own, with any given here on top),
+    # and --data-dir given where files are needed: nothing read yet
+    if run_data is not None:
+        data_options = {**run_data, **dataset_options(args, args.dataset, name_scale=False)}
+    else:
+        data_options = dataset_options(args, args.dataset)
+    info = check_dataset_args(args.dataset, args.data_dir, seed=data_seed, **data_options)
     model_name = args.model or DEFAULT_MODEL[info.name]
     epochs = args.epochs if args.epochs is not None else DEFAULT_EPOCHS.get(info.name, 10)
     eps = args.eps if args.eps is not None else DEFAULT_EPS.get(info.name, 0.1)
@@ -178,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
     # under torchrun: join the job (each rank on its own GPU); otherwise nothing changes
     device = distributed.init_from_env(args.dist_backend, device, args.dist_timeout).device
     main = distributed.is_main()  # only rank 0 prints and writes
-    splits = load_dataset(args.dataset, args.data_dir, seed=args.seed, **data_options)
+    splits = load_dataset(args.dataset, args.data_dir, seed=data_seed, **data_options)
     model, source = _trained_model(args, model, splits, model_name, epochs, device, data_options)
     model.to(device)
     perts = build_perturbations(args.perturbations, model=model, clip=info.data_range, eps=eps,
@@ -187,7 +225,7 @@ def run(args: argparse.Namespace) -> int:
                                                                    len(splits.test))
     if main:
         print(f"LSA: {model_name} on {info.name} ({source}"
-              + (f", {epochs} epochs" if source != "checkpoint" else "")
+              + (f", {plural(epochs, 'epoch')}" if source != "checkpoint" else "")
               + f"), {n_test} test samples; device {device}"
               + (f", {distributed.world_size()} processes" if distributed.world_size() > 1
                  else ""),
@@ -198,6 +236,7 @@ def run(args: argparse.Namespace) -> int:
         "data_options": splits.options,
         "model": model_name,
         "checkpoint": args.checkpoint,
+        "data_seed": data_seed,
         "epochs": None if args.checkpoint else epochs,
         "test_samples": n_test,
     }
@@ -215,7 +254,7 @@ def run(args: argparse.Namespace) -> int:
         result.plot(out / PNG_NAME, eta=args.eta,
                     title=f"LSA: {result.measure.replace('_', ' ')} per layer\n{model_name} on "
                           f"{info.name}, {n_test} test samples, clean accuracy "
-                          f"{100 * (result.accuracy or {}).get('clean', float('nan')):.1f}%")
+                          f"{100 * (result.accuracy or {}).get('clean', float('nan')):.1f} %")
     print(result.format_table(args.eta))
     files = [JSON_NAME, CSV_NAME] + ([] if args.no_plot else [PNG_NAME])
     print(f"\nwrote {', '.join(str(out / f) for f in files)}")

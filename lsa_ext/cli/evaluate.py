@@ -2,17 +2,19 @@
 arXiv 2202.02626, Tables 2–4), R&G score, and optionally PGD / APGD robust accuracy. Prints
 the table; writes evaluation.json and evaluation.csv under --out.
 
-The dataset and model are read from an ``lsa train`` checkpoint (``last.pt``) when present;
-``--dataset``/``--model`` override them and are required for a plain state_dict file.
+The dataset, model, data folder and data seed of an ``lsa train`` run are read from its
+``config.json`` (or the checkpoint) when present (:func:`lsa_ext.cli.runs.run_meta`); options
+that contradict them are an error; ``--dataset`` (and ``--model``) are required for a plain
+state_dict file.
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
 
 from lsa_ext.cli.options import add_device_option, dataset_options, parse_list
+from lsa_ext.cli.runs import from_run, run_meta
 from lsa_ext.cli.train import (
     add_data_args,
     check_data_args,
@@ -59,29 +61,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--apgd-steps", type=int, default=100, help="APGD steps (default 100)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0, help="seed of PGD/APGD random starts")
-    add_device_option(p)
+    add_device_option(p, default="auto")
     p.add_argument("--out", default=None,
                    help="folder for evaluation.json/.csv (default: the checkpoint's folder)")
     p.set_defaults(func=run)
-
-
-def _meta(path: Path) -> dict[str, Any]:
-    """The ``meta`` of an lsa_ext training checkpoint next to / at ``path`` (else {})."""
-    from lsa_ext import checkpoint as ckpt
-
-    candidates = [path]
-    if path.name == "model.pt":
-        candidates.append(path.with_name(ckpt.LAST))
-    for c in candidates:
-        try:
-            obj = ckpt.torch_load(c)
-        except LsaUserError:
-            if c == path:  # the file asked for is unreadable: say so
-                raise
-            continue
-        if isinstance(obj, dict) and obj.get("format") == ckpt.FORMAT:
-            return dict(obj.get("meta") or {})
-    return {}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -95,22 +78,26 @@ def run(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise LsaUserError(f"checkpoint {path} does not exist")
     out = check_dir(args.out) if args.out else path.parent
-    meta = _meta(path)
-    dataset = args.dataset or meta.get("dataset")
-    if dataset is None:
+    meta = run_meta(path)
+    if meta.get("dataset") and "dataset" in args.given:
+        from lsa_ext.data import dataset_info
+
+        args.dataset = dataset_info(args.dataset).name
+    for dest, value in from_run(args.given, args, meta, path, {
+            "dataset": "dataset", "model": "model", "data_seed": "data_seed"}).items():
+        setattr(args, dest, value)
+    if args.dataset is None:
         raise LsaUserError(f"{path} is not an 'lsa train' checkpoint: name its --dataset "
                            "(and --model)")
-    data_dir = args.data_dir or meta.get("data_dir")
-    data_seed = args.data_seed if args.dataset else meta.get("data_seed", args.data_seed)
-    if args.dataset:  # named here: the data options are this command's
-        options = dataset_options(args, dataset)
-    else:  # the run's own data options, with any given here on top
+    if meta.get("dataset") and args.dataset == meta["dataset"]:
+        # the run's own data options, with any given here on top
         options = {**stored_data_options(meta),
-                   **dataset_options(args, dataset, name_scale=False)}
-    info = check_data_args(dataset, data_dir, data_seed, None, args.limit_test, options)
-    model_name = args.model or (meta.get("model") if not args.dataset or
-                                args.dataset == meta.get("dataset") else None) \
-        or default_model(info.name)
+                   **dataset_options(args, args.dataset, name_scale=False)}
+    else:  # another dataset named here: the data options are this command's
+        options = dataset_options(args, args.dataset)
+    data_dir = args.data_dir or meta.get("data_dir")
+    info = check_data_args(args.dataset, data_dir, args.data_seed, None, args.limit_test, options)
+    model_name = args.model or default_model(info.name)
     model = build_model(model_name, info)
     load_weights(model, path)
     check_model_output(model, info.input_shape, info.num_classes)
@@ -122,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
                 "device": args.device, "seed": args.seed,
                 "masking_checks": not args.no_masking_checks, "masking_tol": args.masking_tol}
     check_settings(model, dataset=info.name, **settings)
-    data = load_data(dataset, data_dir, data_seed, None, args.limit_test, options)
+    data = load_data(args.dataset, data_dir, args.data_seed, None, args.limit_test, options)
     result = evaluate(model, data, **settings)
     result.to_json(str(out / "evaluation.json"))
     result.to_csv(str(out / "evaluation.csv"))

@@ -1,5 +1,6 @@
-"""Options shared by the subcommands: comma-separated lists, ``--device``, ``--threads``
-and the two-moons data options (``--moons-scale``, ``--moons-noise``, ``--moons-samples``).
+"""Options shared by the subcommands: comma-separated lists, ``--device``, ``--threads``,
+the two-moons data options (``--moons-scale``, ``--moons-noise``, ``--moons-samples``),
+Ctrl-C hints, plurals.
 
 ``--gamma 0.1,0.2``, ``--eps-grid 0,0.1,0.3``, ``--seeds 0,1,2``, ``--methods fgsm,pgd``: one
 parser, so every list option accepts the same spelling (blanks and empty items ignored) and
@@ -45,6 +46,19 @@ def add_device_option(parser: argparse._ActionsContainer, default: str = "cpu") 
     parser or argument group; the value is checked by :func:`lsa_ext.devices.resolve_device`."""
     parser.add_argument("--device", default=default,
                         help=f"cpu, cuda, cuda:N or auto (default: {default})")
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C with a hint on how to continue (``lsa`` prints ``interrupted; <hint>``)."""
+
+    def __init__(self, hint: str) -> None:
+        super().__init__(hint)
+        self.hint = hint
+
+
+def plural(n: int, word: str) -> str:
+    """``"1 epoch"``, ``"3 epochs"``."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def add_threads_option(parser: argparse.ArgumentParser) -> None:

@@ -7,7 +7,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lsa_ext.cli.options import add_device_option, add_moons_options, dataset_options, parse_list
+from lsa_ext.cli.options import (
+    add_device_option,
+    add_moons_options,
+    dataset_options,
+    parse_list,
+    plural,
+)
+from lsa_ext.errors import LsaUserError
 from lsa_ext.reproduce import PROTOCOLS
 
 
@@ -23,7 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "boundaries.png (Fig. 7) under --out. Finished runs are cached in "
                     "--out/runs and skipped on a rerun.",
     )
-    p.add_argument("dataset", choices=tuple(PROTOCOLS))
+    p.add_argument("dataset", nargs="?", choices=tuple(PROTOCOLS),
+                   help=f"the protocol: {' or '.join(PROTOCOLS)}")
     p.add_argument("--out", default=None, help="output folder (default runs/reproduce-DATASET)")
     p.add_argument("--seeds", default="0", help="comma-separated training seeds (default 0)")
     p.add_argument("--quick", action="store_true",
@@ -35,9 +43,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated LR layers, e.g. L0,L2 (default: every learnable layer)")
     p.add_argument("--epochs", type=int, default=None, help="override the protocol's epochs")
     p.add_argument("--eps", type=float, default=None, help="override the training ε")
-    p.add_argument("--gamma", type=float, default=None, help="override γ (default 1)")
+    p.add_argument("--gamma", type=float, default=None,
+                   help="override γ (default 1, the protocol's; lsa train's default is 0.1)")
     add_moons_options(p)
-    add_device_option(p)
+    # cpu, unlike analyze/train/evaluate (auto): the protocol's models are tiny, run fastest on
+    # the CPU, and the tables of docs/results.md were measured there
+    add_device_option(p, default="cpu")
     p.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     p.set_defaults(func=run)
 
@@ -47,12 +58,15 @@ def run(args: argparse.Namespace) -> int:
 
     from lsa_ext.reproduce import reproduce, table_notes
 
+    if args.dataset is None:
+        raise LsaUserError(f"name a dataset: lsa reproduce {{{','.join(PROTOCOLS)}}} [options], "
+                           f"e.g. lsa reproduce {next(iter(PROTOCOLS))} --quick")
     seeds = parse_list(args.seeds, int, "--seeds") or [0]
     out = Path(args.out or f"runs/reproduce-{args.dataset}")
 
     def on_run(r, cached):
         accs = " ".join(f"{a:6.2f}" for a in r.accuracies)
-        tag = "cached" if cached else f"{r.seconds:.1f}s"
+        tag = "cached" if cached else f"{r.seconds:.1f} s"
         flags = f"  masking: {';'.join(r.masking_flags)}" if r.masking_flags else ""
         print(f"{r.name:<22} seed {r.seed}: {accs}  R&G {r.rg:7.2f}  PGD R&G "
               f"{r.rg_pgd:7.2f}  ({tag}){flags}", file=sys.stderr)
@@ -64,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
                     data_options=dataset_options(args, args.dataset), device=args.device,
                     figures=not args.no_figures, on_run=on_run)
     p = res.protocol
-    print(f"\n{args.dataset}: {p.model}, {p.epochs} epochs, training ε = {p.eps:g}, "
+    print(f"\n{args.dataset}: {p.model}, {plural(p.epochs, 'epoch')}, training ε = {p.eps:g}, "
           f"γ = {p.gamma:g}, seeds {','.join(map(str, seeds))}; FGSM accuracy (%) per ε\n")
     print(res.table())
     print("\n" + table_notes(p))

@@ -1,27 +1,38 @@
 """`lsa train`: normal, adversarial (FGSM/PGD/FAST/TRADES/APGD) and AT-LR training
 (Khalooei et al., arXiv 2202.02626, Algorithm 3).
 
-Writes under ``--out``: ``config.json`` (the run's settings), ``last.pt`` after every epoch
+Writes under ``--out`` (default ``runs/<dataset>-<run name>``, e.g. ``runs/moons-AT-PGD``):
+``config.json`` (the run's settings), ``last.pt`` before the first batch and after every epoch
 (atomically; the one before is kept as ``prev.pt``), ``history.json`` (per-epoch losses) and
-``model.pt`` (final weights, a plain state_dict) at the end. ``--resume`` continues from
-``--out/last.pt`` (or a given checkpoint) with the settings stored in it.
+``model.pt`` (final weights, a plain state_dict) at the end. A folder that is not empty is
+refused unless ``--overwrite`` (the old run's files are removed) or ``--resume``, which
+continues ``--out/last.pt`` (or a given checkpoint) with the settings stored in it: options
+that contradict them are an error naming them; ``--epochs``, ``--device`` and ``--data-dir``
+may be changed. Ctrl-C prints the command that resumes the run.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
-from lsa_ext.cli.options import add_moons_options, dataset_options, parse_list
+from lsa_ext.cli.options import Interrupted, add_moons_options, dataset_options, parse_list, plural
+from lsa_ext.cli.runs import CONFIG, clear_run, default_out, prepare_out
 from lsa_ext.errors import LsaUserError
 from lsa_ext.presets import TRAIN_EPS
 
 # Training-attack ε per dataset when --eps is not given (lsa_ext.presets).
 DEFAULT_EPS = TRAIN_EPS
 DEFAULT_EPOCHS = 10
+# moons, unlike `lsa analyze` (digits, whose Model B has more layers to compare): the paper's
+# Table 2 dataset, where adversarial training works within a few epochs (3 epochs of AT-PGD:
+# ~80 % clean test accuracy on moons, 28 % on digits, whose models need ~10 epochs)
+DEFAULT_DATASET = "moons"
+DEFAULT_GAMMA = "0.1"  # lsa_ext.train's default too; README, "AT-LR training": γ measured
 
 
 def _epochs(args: argparse.Namespace) -> int:
@@ -34,8 +45,9 @@ def add_data_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     """--dataset, --data-dir, --model, --data-seed, --limit-train, --limit-test and the moons
     options (--moons-scale, --moons-noise, --moons-samples)."""
     g = p.add_argument_group("data and model")
-    g.add_argument("--dataset", default=None if required else "moons",
-                   help="moons, digits, mnist5k, mnist or cifar10 (default: moons)")
+    g.add_argument("--dataset", default=None if required else DEFAULT_DATASET,
+                   help="moons, digits, mnist5k, mnist or cifar10"
+                        + ("" if required else f" (default: {DEFAULT_DATASET})"))
     g.add_argument("--data-dir", default=None, help="folder with the MNIST/CIFAR-10 files")
     g.add_argument("--model", default=None,
                    help="model_a, model_b, vgg19, wrn28_10 or package.module:factory "
@@ -102,9 +114,11 @@ def attack_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train", help="train a model normally, adversarially, or with AT-LR",
-        description="Train with Algorithm 3 (AT-LR) or a base method. Checkpoints every epoch "
-                    "under --out; --resume continues a killed run bit for bit.",
+        description="Train with Algorithm 3 (AT-LR) or a base method. Checkpoints before the "
+                    "first batch and every epoch under --out; --resume continues a killed or "
+                    "interrupted run bit for bit.",
     )
+    from lsa_ext.cli.options import add_device_option
     from lsa_ext.train_config import AT_METHODS, ATTACK_MODES, LR_PASSES, OPTIMIZERS, SCHEDULERS
 
     add_data_args(p)
@@ -123,13 +137,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("layer-wise regularization (LR)")
     g.add_argument("--lr-layers", default=None,
                    help="regularized layers: comma-separated names or L<k> (k-th learnable "
-                        "layer), or 'mvl' (most vulnerable layers; see --mvl-report, --eta)")
+                        "layer), or 'mvl' (most vulnerable layers; see --mvl-report, --eta; "
+                        "the top-ranked layer when none passes η)")
     g.add_argument("--mvl-report", default=None,
                    help="with --lr-layers mvl: an 'lsa analyze' report.json to take the MVL "
-                        "from (default: analyze a normally trained copy on the fly)")
-    g.add_argument("--eta", type=float, default=1.0, help="MVL cut-off η (default 1.0)")
-    g.add_argument("--gamma", default="1.0",
-                   help="LR weight γ: one value, or one per layer comma-separated (default 1)")
+                        "from (default: analyze a normally trained copy on the fly, hidden "
+                        "layers only)")
+    g.add_argument("--eta", type=float, default=1.0, help="MVL cut-off η ≥ 0 (default 1.0)")
+    g.add_argument("--gamma", default=DEFAULT_GAMMA,
+                   help="LR weight γ: one value, or one per layer comma-separated "
+                        f"(default {DEFAULT_GAMMA}; γ = 1 collapsed training in our runs)")
     g.add_argument("--full-clean-pass", action="store_true",
                    help="run the whole clean forward for LR (default: stop after the last "
                         "regularized layer unless TRADES needs clean logits)")
@@ -145,12 +162,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--scheduler", default="none", choices=SCHEDULERS)
     g.add_argument("--seed", type=int, default=0, help="seed of init, order, attacks (default 0)")
-    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    add_device_option(g, default="auto")
     g = p.add_argument_group("output")
-    g.add_argument("--out", default="runs/train", help="output folder (default runs/train)")
+    g.add_argument("--out", default=None,
+                   help="run folder (default: runs/<dataset>-<run name>, e.g. "
+                        "runs/moons-AT-PGD-LR-mvl); must be empty or new")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the run in a non-empty --out (its run files are removed)")
     g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
-                   help="continue from CHECKPOINT (default: --out/last.pt) with its settings; "
-                        "--epochs and --device may be changed")
+                   help="continue the run in --out (its last.pt), or CHECKPOINT, with its "
+                        "settings; --epochs, --device and --data-dir may be changed")
     from lsa_ext import distributed
 
     distributed.add_cli_options(p)
@@ -175,8 +196,6 @@ def _check_args(args: argparse.Namespace) -> None:
         raise LsaUserError("--mvl-report is read only with --lr-layers mvl")
     if mvl and args.at == "none":
         raise LsaUserError("--lr-layers mvl needs an --at method other than 'none'")
-    if not math.isfinite(args.eta):
-        raise LsaUserError(f"--eta must be a finite number, got {args.eta}")
 
 
 def check_training_attack(cfg, model, num_classes: int) -> None:
@@ -197,97 +216,276 @@ def check_training_attack(cfg, model, num_classes: int) -> None:
 
 # --------------------------------------------------------------------------- run
 def run(args: argparse.Namespace) -> int:
-    from lsa_ext import checkpoint as ckpt
+    if not args.eta >= 0 or not math.isfinite(args.eta):
+        raise LsaUserError(f"--eta must be a number >= 0, got {args.eta}")
+    if args.resume is not None:
+        if args.overwrite:
+            raise LsaUserError("--resume continues the run in --out and --overwrite replaces "
+                               "it: give one of them")
+        return _resume(args)
+    return _new_run(args)
+
+
+def _out_name(dataset: str, args: argparse.Namespace) -> Path:
+    """The default --out: ``runs/<dataset>-<run name>`` with the layers as typed
+    (``runs/moons-AT-PGD-LR-mvl``, ``runs/moons-AT-FGSM-LR-L1+fc3``)."""
+    from lsa_ext.data import dataset_info
+    from lsa_ext.train_config import run_name
+
+    items = parse_list(args.lr_layers, str, "--lr-layers") or []
+    name = run_name(args.at, items)
+    return default_out(dataset_info(dataset).name, re.sub(r"[^A-Za-z0-9_.+=-]+", "_", name))
+
+
+def _new_run(args: argparse.Namespace) -> int:
     from lsa_ext import distributed
-    from lsa_ext.io import atomic_write_json, check_dir
+    from lsa_ext.io import atomic_write_json
     from lsa_ext.models import build_model
     from lsa_ext.outputs import check_model_output
+    from lsa_ext.seeding import seed_everything
     from lsa_ext.training import TrainConfig, Trainer, gamma_tensor
 
+    if args.lr_layers and args.lr_layers.strip() and args.at == "none":
+        raise LsaUserError("--lr-layers needs adversarial examples: add --at with one of fgsm, "
+                           "pgd, fast, trades, apgd")
     _check_args(args)
-    out = check_dir(args.out)
-    # under torchrun: join the job (DDP, one GPU per rank); only rank 0 prints and writes
+    # every argument is checked before any data is read or any training starts:
+    # shape, classes, range and the data options are known without reading any data
+    options = dataset_options(args, args.dataset)
+    info = check_data_args(args.dataset, args.data_dir, args.data_seed, args.limit_train,
+                           args.limit_test, options)
+    name = info.name
+    model_name = args.model or default_model(name)
+    model = build_model(model_name, info, seed=args.seed)
+    check_model_output(model, info.input_shape, info.num_classes)
+    eps = args.eps if args.eps is not None else DEFAULT_EPS.get(name, 0.3)
+    mvl = args.lr_layers is not None and args.lr_layers.strip().lower() == "mvl"
+    cfg = TrainConfig(
+        at=args.at, eps=float(eps), attack_kwargs=attack_kwargs(args),
+        attack_mode=args.attack_mode,
+        clip=None if info.data_range is None else list(info.data_range),
+        lr_layers=[] if mvl else resolve_lr_layers(args, model, None, eps),
+        gamma=parse_gamma(args.gamma), trades_beta=args.trades_beta,
+        full_clean_pass=args.full_clean_pass, lr_pass=args.lr_pass, epochs=_epochs(args),
+        batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
+        momentum=args.momentum, weight_decay=args.weight_decay, scheduler=args.scheduler,
+        seed=args.seed, device=args.device,
+    )
+    cfg.validate()
+    check_training_attack(cfg, model, info.num_classes)
+    if cfg.lr_layers:
+        gamma_tensor(cfg.gamma, len(cfg.lr_layers))
+    mvl_names = mvl_from_report_layers(args, model) if mvl and args.mvl_report else None
+    out = prepare_out(args.out or _out_name(args.dataset, args), overwrite=args.overwrite)
+    data = load_data(args.dataset, args.data_dir, args.data_seed, args.limit_train,
+                     args.limit_test, options)
+    # every rank has checked --out before any rank writes: joining is a rendezvous
     distributed.init_from_env(args.dist_backend, args.device, args.dist_timeout)
     main = distributed.is_main()
-    if args.resume is not None:
-        path = out / ckpt.LAST if args.resume == "auto" else Path(args.resume)
-        state = ckpt.load_checkpoint(path)
-        meta = state.get("meta") or {}
-        cfg = TrainConfig.from_dict(state["config"])
-        if args.epochs is not None:
-            cfg.epochs = args.epochs
-        cfg.device = args.device
-        cfg.validate()
-        data = load_data(meta["dataset"], args.data_dir or meta.get("data_dir"),
-                         meta.get("data_seed", 0), meta.get("limit_train"), meta.get("limit_test"),
-                         stored_data_options(meta))
-        model = build_model(meta["model"], data.info, seed=cfg.seed)
-        trainer = Trainer(model, data.train, cfg, out=out, meta=meta,
-                          on_epoch=_on_epoch(out))
-        trainer.load_state_dict(state)
-        if main:
-            print(f"resuming {trainer.run_name} from {path} after epoch "
-                  f"{trainer.epoch}/{cfg.epochs}", file=sys.stderr)
-    else:
-        # every argument is checked before any data is read or any training starts
-        # shape, classes, range and the data options: known without reading any data
-        options = dataset_options(args, args.dataset)
-        info = check_data_args(args.dataset, args.data_dir, args.data_seed, args.limit_train,
-                               args.limit_test, options)
-        name = info.name
-        model_name = args.model or default_model(name)
-        model = build_model(model_name, info, seed=args.seed)
-        check_model_output(model, info.input_shape, info.num_classes)
-        eps = args.eps if args.eps is not None else DEFAULT_EPS.get(name, 0.3)
-        mvl = args.lr_layers is not None and args.lr_layers.strip().lower() == "mvl"
-        cfg = TrainConfig(
-            at=args.at, eps=float(eps), attack_kwargs=attack_kwargs(args),
-            attack_mode=args.attack_mode,
-            clip=None if info.data_range is None else list(info.data_range),
-            lr_layers=[] if mvl else resolve_lr_layers(args, model, None, eps),
-            gamma=parse_gamma(args.gamma), trades_beta=args.trades_beta,
-            full_clean_pass=args.full_clean_pass, lr_pass=args.lr_pass, epochs=_epochs(args),
-            batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
-            momentum=args.momentum, weight_decay=args.weight_decay, scheduler=args.scheduler,
-            seed=args.seed, device=args.device,
-        )
-        cfg.validate()
-        check_training_attack(cfg, model, info.num_classes)
-        if cfg.lr_layers:
-            gamma_tensor(cfg.gamma, len(cfg.lr_layers))
-        mvl_names = (mvl_from_report_layers(args, model) if mvl and args.mvl_report else None)
-        data = load_data(args.dataset, args.data_dir, args.data_seed, args.limit_train,
-                         args.limit_test, options)
-        if mvl:
-            cfg.lr_layers = mvl_names or resolve_lr_layers(args, model, data, eps)
-        meta = {"dataset": name, "model": model_name, "data_dir": args.data_dir,
-                "data_seed": args.data_seed, "limit_train": args.limit_train,
-                "limit_test": args.limit_test, "data_options": data.options}
-        trainer = Trainer(model, data.train, cfg, out=out, meta=meta, on_epoch=_on_epoch(out))
-        if main:
-            atomic_write_json(out / "config.json", {"config": cfg.to_dict(), "meta": meta})
-            procs = distributed.world_size()
-            print(f"training {trainer.run_name} ({model_name} on {name}, {len(data.train)} "
-                  f"samples, {cfg.epochs} epochs"
-                  + (f", {procs} processes" if procs > 1 else "") + f") → {out}",
+    if mvl:
+        cfg.lr_layers = mvl_names or resolve_lr_layers(args, model, data, eps)
+    meta = {"dataset": name, "model": model_name, "data_dir": args.data_dir,
+            "data_seed": args.data_seed, "limit_train": args.limit_train,
+            "limit_test": args.limit_test, "data_options": data.options,
+            "lr_layers_spec": args.lr_layers, "eta": args.eta, "mvl_report": args.mvl_report}
+    trainer = Trainer(model, data.train, cfg, out=out, meta=meta, on_epoch=_on_epoch(out))
+    if main:
+        removed = clear_run(out) if args.overwrite and out.is_dir() else []
+        if removed:
+            print(f"--overwrite: removed the old run's {', '.join(removed)} from {out}",
                   file=sys.stderr)
-    trainer.fit()
-    if not main:
+        atomic_write_json(out / CONFIG, {"config": cfg.to_dict(), "meta": meta})
+        procs = distributed.world_size()
+        print(f"training {trainer.run_name} ({model_name} on {name}, {len(data.train)} "
+              f"samples, {plural(cfg.epochs, 'epoch')}"
+              + (f", {procs} processes" if procs > 1 else "") + f") → {out}",
+              file=sys.stderr)
+    # a resumable state before the first batch (the RNGs as fit() seeds them), so an
+    # interrupted run can always be resumed, bit for bit
+    seed_everything(cfg.seed)
+    trainer.save()
+    return _fit_and_report(trainer, data, out)
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from lsa_ext import checkpoint as ckpt
+    from lsa_ext import distributed
+    from lsa_ext.models import build_model
+    from lsa_ext.training import TrainConfig, Trainer
+
+    if args.resume == "auto":
+        from lsa_ext.io import check_dir
+
+        out = check_dir(args.out or _out_name(args.dataset, args))
+        path = out / ckpt.LAST
+        if not path.is_file():
+            what = "is empty" if not out.is_dir() or not any(out.iterdir()) else \
+                f"has no {ckpt.LAST}"
+            raise LsaUserError(f"nothing to resume: {str(out)!r} {what} (the run stopped before "
+                               "it started training); start it again without --resume"
+                               + (" (with --overwrite)" if out.is_dir() and any(out.iterdir())
+                                  else ""))
+    else:
+        path = Path(args.resume)
+        out = Path(args.out) if args.out else path.parent
+    state = ckpt.load_checkpoint(path)
+    meta = state.get("meta") or {}
+    cfg = TrainConfig.from_dict(state["config"])
+    done = int(state["epoch"])
+    data = load_data(meta["dataset"], args.data_dir or meta.get("data_dir"),
+                     meta.get("data_seed", 0), meta.get("limit_train"), meta.get("limit_test"),
+                     stored_data_options(meta))
+    model = build_model(meta["model"], data.info, seed=cfg.seed)
+    _check_resume_options(args, cfg, meta, model, path)
+    if "epochs" in args.given:
+        if args.epochs < done:
+            raise LsaUserError(f"--epochs {args.epochs} is fewer than the "
+                               f"{plural(done, 'epoch')} the run in {path} has done")
+        cfg.epochs = args.epochs
+    if "device" in args.given:
+        cfg.device = args.device
+    distributed.init_from_env(args.dist_backend, cfg.device, args.dist_timeout)
+    main = distributed.is_main()
+    trainer = Trainer(model, data.train, cfg, out=out, meta=meta, on_epoch=_on_epoch(out))
+    trainer.load_state_dict(state)
+    if done >= cfg.epochs:
+        if main:
+            print(f"{trainer.run_name} in {out} is complete ({done} of "
+                  f"{plural(cfg.epochs, 'epoch')} done): nothing to resume; to train longer, add "
+                  f"--epochs N with N > {done}", file=sys.stderr)
+        return 0
+    if main:
+        print(f"resuming {trainer.run_name} from {path}: {done} of {plural(cfg.epochs, 'epoch')} "
+              f"done, continuing with epoch {done + 1}/{cfg.epochs}", file=sys.stderr)
+    return _fit_and_report(trainer, data, out)
+
+
+# Options a resumed run takes from its checkpoint: dest → (where, key) in the stored state.
+_FIXED = {
+    "dataset": ("meta", "dataset"), "model": ("meta", "model"),
+    "data_seed": ("meta", "data_seed"), "limit_train": ("meta", "limit_train"),
+    "limit_test": ("meta", "limit_test"), "mvl_report": ("meta", "mvl_report"),
+    "eta": ("meta", "eta"), "at": ("config", "at"), "eps": ("config", "eps"),
+    "attack_mode": ("config", "attack_mode"), "trades_beta": ("config", "trades_beta"),
+    "full_clean_pass": ("config", "full_clean_pass"), "lr_pass": ("config", "lr_pass"),
+    "batch_size": ("config", "batch_size"),
+    "optimizer": ("config", "optimizer"), "lr": ("config", "lr"),
+    "momentum": ("config", "momentum"), "weight_decay": ("config", "weight_decay"),
+    "scheduler": ("config", "scheduler"), "seed": ("config", "seed"),
+    "steps": ("attack", "steps"), "alpha": ("attack", "alpha"),
+    "restarts": ("attack", "n_restarts"),
+}
+
+
+def _check_resume_options(args: argparse.Namespace, cfg, meta: dict[str, Any], model,
+                          path: Path) -> None:
+    """Raises when options given with --resume contradict the run's stored settings."""
+    from lsa_ext.data import dataset_info
+
+    stored = {"meta": meta, "config": cfg.to_dict(), "attack": cfg.attack_kwargs}
+    clashes = []
+    for dest in sorted(args.given & (set(_FIXED) | {"gamma", "lr_layers"})):
+        given = getattr(args, dest)
+        if dest == "gamma":
+            have, same = cfg.gamma, _same(parse_gamma(given), cfg.gamma)
+        elif dest == "lr_layers":
+            have = meta.get("lr_layers_spec") or ",".join(cfg.lr_layers) or None
+            same = _same_layers(given, have, cfg.lr_layers, model)
+        else:
+            where, key = _FIXED[dest]
+            if where == "meta" and key not in meta:  # a run written before lsa_ext stored it
+                continue
+            have = stored[where].get(key)
+            if dest == "dataset":
+                given = dataset_info(given).name
+            same = _same(given, have)
+        if not same:
+            shown = "not set" if have is None else have
+            clashes.append(f"--{dest.replace('_', '-')} {getattr(args, dest)} (the run: {shown})")
+    run_data = stored_data_options(meta) if "dataset" in meta else {}
+    for key, value in (dataset_options(args, meta["dataset"], name_scale=False).items()
+                       if "dataset" in meta else ()):
+        if not _same(value, run_data.get(key)):
+            flag = "samples" if key == "n_train" else key
+            have = run_data.get(key)
+            clashes.append(f"--moons-{flag} {value} (the run: "
+                           f"{'the default' if have is None else have})")
+    if clashes:
+        raise LsaUserError(f"--resume continues the run in {path} with its own settings, and "
+                           f"{'; '.join(clashes)} differ from them: drop "
+                           f"{'it' if len(clashes) == 1 else 'them'}, or start a new run (another "
+                           "--out, or --overwrite)")
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+def _same_layers(given: str | None, spec: str | None, layers: list[str], model) -> bool:
+    """Whether --lr-layers ``given`` names the run's LR layers (stored ``spec``/``layers``)."""
+    from lsa_ext.training import resolve_layers
+
+    norm = ",".join(parse_list(given, str, "--lr-layers") or [])
+    if spec is not None and norm.lower() == ",".join(parse_list(spec, str, "lr") or []).lower():
+        return True
+    if not norm:
+        return not layers
+    if norm.lower() == "mvl":
+        return False
+    return list(resolve_layers(model, norm)) == list(layers)
+
+
+def _fit_and_report(trainer, data, out: Path) -> int:
+    """Trains to the end (Ctrl-C: the hint that resumes), then writes model.pt and prints the
+    summary (rank 0)."""
+    from lsa_ext import checkpoint as ckpt
+    from lsa_ext import distributed
+
+    try:
+        trainer.fit()
+    except KeyboardInterrupt:
+        last = out / ckpt.LAST
+        if last.is_file():
+            raise Interrupted(f"{trainer.run_name} stopped with {trainer.epoch} of "
+                              f"{plural(trainer.config.epochs, 'epoch')} done (saved in {last}); "
+                              f"resume with: lsa train --out {out} --resume") from None
+        raise Interrupted("nothing was saved yet: nothing to resume, start again") from None
+    if not distributed.is_main():
         return 0
     import torch
 
+    from lsa_ext.evaluation import accuracy
     from lsa_ext.io import atomic_write_with
 
     atomic_write_with(out / "model.pt", lambda fh: torch.save(trainer.module.state_dict(), fh))
-    from lsa_ext.evaluation import accuracy
-
     acc = accuracy(trainer.module, data.test, batch_size=512, device=trainer.device,
                    desc="test accuracy")
     last = trainer.history[-1] if trainer.history else {}
-    print(f"{trainer.run_name}: train loss {last.get('loss', float('nan')):.4f}, "
-          f"train acc {last.get('accuracy', float('nan')):.2f}%, clean test acc {acc:.2f}%")
+    on = "clean" if trainer.config.at == "none" else "adversarial"
+    print(f"{trainer.run_name}: train loss {_loss(last.get('loss', float('nan')))}, train accuracy "
+          f"{last.get('accuracy', float('nan')):.1f} % ({on}), clean test accuracy {acc:.1f} %")
     print(f"checkpoint: {out / ckpt.LAST}  weights: {out / 'model.pt'}")
     return 0
+
+
+def _loss(v: float) -> str:
+    """A loss with 4 decimals, or in scientific notation when huge (``7.131e+27``)."""
+    return f"{v:.4f}" if abs(v) < 1e5 else f"{v:.4g}"
+
+
+def format_record(record: dict[str, Any], epochs: int, adversarial: bool) -> str:
+    """``epoch 2/3: loss 0.4120 (base 0.3990 + LR 0.0130), accuracy 81.2 % (adversarial),
+    learning rate 0.001, 4.1 s``."""
+    loss = f"loss {_loss(record['loss'])}"
+    if "lr_loss" in record:
+        loss += f" (base {_loss(record['base'])} + LR {_loss(record['lr_loss'])})"
+    return (f"epoch {record['epoch']}/{epochs}: {loss}, accuracy {record['accuracy']:.1f} % "
+            f"({'adversarial' if adversarial else 'clean'}), learning rate "
+            f"{record['learning_rate']:g}, {record['seconds']:.1f} s")
 
 
 def _on_epoch(out: Path):
@@ -299,8 +497,7 @@ def _on_epoch(out: Path):
         if not distributed.is_main():
             return
         atomic_write_json(out / "history.json", trainer.history)
-        print(f"epoch {record['epoch']}/{trainer.config.epochs}: "
-              + ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "epoch"),
+        print(format_record(record, trainer.config.epochs, trainer.config.at != "none"),
               file=sys.stderr)
 
     return on_epoch
@@ -326,8 +523,6 @@ def resolve_lr_layers(args: argparse.Namespace, model, data, eps: float) -> list
     if spec is None or not spec.strip():
         return []
     if spec.strip().lower() == "mvl":
-        if args.at == "none":
-            raise LsaUserError("--lr-layers mvl needs an --at method other than 'none'")
         if args.mvl_report:
             names = mvl_from_report(args.mvl_report, args.eta)
         else:
@@ -337,7 +532,7 @@ def resolve_lr_layers(args: argparse.Namespace, model, data, eps: float) -> list
                 eta=args.eta, epochs=_epochs(args), batch_size=args.batch_size, lr=args.lr,
                 optimizer=args.optimizer, seed=args.seed, device=args.device,
             )
-        print(f"most vulnerable layers (η={args.eta}): {', '.join(names)}", file=sys.stderr)
+        print(f"LR layers (--lr-layers mvl, η={args.eta:g}): {', '.join(names)}",
+              file=sys.stderr)
         return resolve_layers(model, names)
     return resolve_layers(model, spec)
-
