@@ -16,7 +16,7 @@ LAYERS: dict[str, int] = {
     # 0 foundation: no lsa_ext imports beyond this layer
     **dict.fromkeys(["errors", "_version", "types", "checks", "outputs", "budget", "io",
                      "progress", "devices", "modules", "seeding", "batches", "presets", "losses",
-                     "_extension", "reference", "threads", "collapse"], 0),
+                     "_extension", "reference", "threads", "collapse", "paper"], 0),
     # 1 fused ops
     "ops": 1,
     # 2 building blocks: perturbations, probes, measures, statistics, data, files, ranks
@@ -26,7 +26,8 @@ LAYERS: dict[str, int] = {
     **dict.fromkeys(["perturbations", "paired_capture", "result", "analysis", "regularizer",
                      "train_config", "trainer", "evaluation", "models"], 3),
     # 4 experiments built from the method
-    **dict.fromkeys(["mvl_select", "training", "model_cache", "reproduce"], 4),
+    **dict.fromkeys(["mvl_select", "training", "model_cache", "reproduce",
+                     "reproduce_figures"], 4),
     # 5 interfaces
     **dict.fromkeys(["", "cli", "cli.__main__", "cli.analyze", "cli.demo", "cli.evaluate",
                      "cli.options", "cli.reproduce", "cli.runs", "cli.train"], 5),

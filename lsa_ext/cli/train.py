@@ -239,6 +239,7 @@ def _out_name(dataset: str, args: argparse.Namespace) -> Path:
 
 def _new_run(args: argparse.Namespace) -> int:
     from lsa_ext import distributed
+    from lsa_ext.devices import resolve_device
     from lsa_ext.io import atomic_write_json
     from lsa_ext.models import build_model
     from lsa_ext.outputs import check_model_output
@@ -249,6 +250,7 @@ def _new_run(args: argparse.Namespace) -> int:
         raise LsaUserError("--lr-layers needs adversarial examples: add --at with one of fgsm, "
                            "pgd, fast, trades, apgd")
     _check_args(args)
+    resolve_device(args.device)
     # every argument is checked before any data is read or any training starts:
     # shape, classes, range and the data options are known without reading any data
     options = dataset_options(args, args.dataset)
