@@ -117,7 +117,7 @@ CASES = [
     ([*E, "--out", "afile"], "'afile' is a file"),
     # reproduce
     (["reproduce", "mnist"], "invalid choice: 'mnist'"),
-    (["reproduce"], "name a dataset: lsa reproduce {moons,digits} [options]"),
+    (["reproduce"], "name a dataset: lsa reproduce {moons,mnist5k,digits} [options]"),
     ([*R, "--seeds", "a"], "--seeds must be an integer or comma-separated integers"),
     ([*R, "--methods", "cw"], "unknown method(s) ['cw']"),
     ([*R, "--layers", "L9"], "4 learnable layers"),
