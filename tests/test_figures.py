@@ -42,6 +42,38 @@ def test_rg_axis_from_zero_with_the_papers_values_beside_ours(tmp_path):
     assert (tmp_path / "rg.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+
+def test_rg_flagged_runs_hatched_paper_values_outlined_pgd_as_diamonds():
+    """Masking-flagged runs (hatched, †) and the paper's values (grey dashed outline, no fill,
+    no hatch) are told apart; the R&G under PGD is one black diamond per run."""
+    from matplotlib.colors import to_rgba
+
+    accs = {"Normal": [90.0, 80, 70, 60, 50, 40], "AT-FGSM": [88.0, 86, 84, 82, 80, 78]}
+    pgd = {"Normal": [20.0, 10, 5, 0, 0], "AT-FGSM": [1.0, 0, 0, 0, 0]}
+    flags = {"Normal": [], "AT-FGSM": ["pgd_above_fgsm@0.1,0.2"]}
+    runs = [RunResult(n, "none" if n == "Normal" else "fgsm", None, 0, a, sum(a), 1.0,
+                      pgd_accuracies=pgd[n], rg_pgd=a[0] + sum(pgd[n]), masking_flags=flags[n])
+            for n, a in accs.items()]
+    fig = rg_figure(ReproduceResult(PROTOCOLS["moons"], [0], runs, {}))
+    ax = fig.axes[0]
+    ours = {round(sum(a), 6): n for n, a in accs.items()}
+    paper = {round(sum(PAPER["moons"][n]), 6) for n in accs}
+    by_height = {round(p.get_height(), 6): p for p in ax.patches}
+    assert set(by_height) == set(ours) | paper
+    assert by_height[round(sum(accs["AT-FGSM"]), 6)].get_hatch() == "///"
+    assert not by_height[round(sum(accs["Normal"]), 6)].get_hatch()
+    for h in paper:
+        bar = by_height[h]
+        assert not bar.get_hatch() and bar.get_facecolor()[3] == 0.0
+        assert bar.get_edgecolor() == to_rgba("0.4") and bar.get_linestyle() == "--"
+    (diamonds,) = [line for line in ax.lines if line.get_marker() == "D"]
+    assert sorted(diamonds.get_ydata()) == sorted(r.rg_pgd for r in runs)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["Normal", "FGSM †"]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["here", "paper (Table 2, two-moons)", "with LR (black edge)",
+                      "R&G under PGD-20", "† masking flag raised"]
+    assert ax.get_ylim()[0] == 0.0
+
 def test_boundaries_have_axes_class_legend_and_accuracy_per_panel():
     x = torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 0.5]])
     test = torch.utils.data.TensorDataset(x, torch.tensor([0, 1, 1]))

@@ -222,7 +222,8 @@ def test_case02_without_the_guard_gives_the_post_relu_value():
 def test_case02_trainer_loss_and_detection_paid_once():
     model, x, x_adv = _case02()
     tr = Trainer(model, (x, torch.randint(0, 3, (32,))),
-                 TrainConfig(at="fgsm", eps=0.3, lr_layers=["L0"], clip=None), progress=False)
+                 TrainConfig(at="fgsm", eps=0.3, lr_layers=["L0"], gamma=1.0, clip=None),
+                 progress=False)
     y = torch.zeros(32, dtype=torch.long)
     for _ in range(3):
         _, parts = tr.loss(x, y, lambda xx, yy: x_adv)
