@@ -28,6 +28,7 @@ from torch import nn
 
 from lsa_ext.batches import as_tensors
 from lsa_ext.losses import predict
+from lsa_ext.outputs import OutputSelector, logits_of
 
 log = logging.getLogger("lsa_ext.collapse")
 
@@ -47,11 +48,14 @@ class CollapseWatch:
         layers: the resolved LR layers.
         steps_per_epoch: optimizer steps per epoch.
         samples: probe size (default 512).
+        output: the model's logits selector (:func:`lsa_ext.outputs.logits_of`).
     """
 
     def __init__(self, train_data: Any, config: Any, layers: Sequence[str],
-                 steps_per_epoch: int, samples: int = PROBE_SAMPLES) -> None:
+                 steps_per_epoch: int, samples: int = PROBE_SAMPLES,
+                 output: OutputSelector = None) -> None:
         self.config = config
+        self.output = output
         self.layers = list(layers)
         self.steps_per_epoch = max(1, int(steps_per_epoch))
         self.first_loss: float | None = None
@@ -124,7 +128,8 @@ class CollapseWatch:
         was_training = model.training
         model.eval()
         try:
-            pred = torch.cat([predict(model(xb.to(device))).cpu() for xb in x.split(256)])
+            pred = torch.cat([predict(logits_of(model(xb.to(device)), self.output)).cpu()
+                              for xb in x.split(256)])
         finally:
             model.train(was_training)
         counts = torch.bincount(pred.long().flatten())

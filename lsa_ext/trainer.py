@@ -171,7 +171,8 @@ class Trainer:
                                  else config.at, self.layers, self.module)
         # warns once when training collapses or diverges (lsa_ext.collapse)
         self.watch = CollapseWatch(train_data, config, self.layers,
-                                   steps_per_epoch=-(-self.num_samples // config.batch_size))
+                                   steps_per_epoch=-(-self.num_samples // config.batch_size),
+                                   output=self.output)
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
