@@ -62,8 +62,10 @@ class TrainConfig:
         lr_layers: the regularized sites M (empty: no LR term): module names (a module's
             first call) or ``name#k`` (its k-th call), as :func:`lsa_ext.regularizer.
             resolve_layers` gives them; the trainer resolves ``"L<k>"``, globs and kinds.
-        gamma: γ, one value for all layers or one per layer (default 0.1: γ = 1 collapsed
-            training in our runs, README "AT-LR training").
+        gamma: γ, one value for all layers or one per layer (default 1.0: Algorithm 3's plain
+            sum, so a config built by hand regularises with the CM itself; the entry points
+            ``lsa_ext.train`` and ``lsa train`` default to 0.1 instead — γ = 1 collapsed
+            training on MVL-chosen layers in our runs, README "AT-LR training").
         trades_beta: β of the TRADES objective (default 6.0).
         full_clean_pass: see :mod:`lsa_ext.trainer` (default False; TRADES always runs it).
         lr_pass: how the clean and adversarial batches run for the LR term: ``"auto"``
@@ -84,7 +86,7 @@ class TrainConfig:
     attack_mode: str = "eval"
     clip: list[float] | None = None
     lr_layers: list[str] = field(default_factory=list)
-    gamma: float | list[float] = 0.1
+    gamma: float | list[float] = 1.0
     trades_beta: float = 6.0
     full_clean_pass: bool = False
     lr_pass: str = "auto"
