@@ -14,12 +14,23 @@ after torch.set_num_threads, and call :func:`reset_compiled` when the thread cou
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
+# A private Inductor cache per process: the compiled contender is compiled here, for this
+# process's thread count, never loaded from a cache another process (another torch build, other
+# flags, a half-written precompiled header) left in the shared default folder.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="lsa_bench_inductor_")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
-import lsa_ext
+import torch  # noqa: E402
+
+import lsa_ext  # noqa: E402
 
 # Output shapes of the 16 conv layers of VGG-19 on a 3x32x32 (CIFAR) input: blocks of 2, 2, 4, 4,
 # 4 convs with 64, 128, 256, 512, 512 channels, each block followed by a 2x2 max-pool.

@@ -22,13 +22,6 @@ from lsa_ext import _extension
 THREADS = (1, 2, 4)  # 4 threads work on a 2-core machine too (oversubscribed, same results)
 
 
-@pytest.fixture(autouse=True)
-def no_backoff(monkeypatch):
-    """Turns off the kernels' oversubscription guard (which, on a busy machine, runs calls
-    serially for a while), so every call here takes the parallel path it is meant to test."""
-    monkeypatch.setenv("LSA_EXT_CPU_BACKOFF", "0")
-
-
 def random_pair(shape, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     a = torch.randn(shape, generator=g) + 1.0

@@ -9,9 +9,7 @@
 // once. The parallel region is ATen's at::parallel_for, an OpenMP region inlined from ATen's
 // headers: this file must be compiled with the compiler's OpenMP flag (setup.py adds -fopenmp),
 // without which the pragma is ignored and one thread runs everything. cpu_threads_last_call()
-// reports how many threads ran the last call (tests/test_ops_threads.py). On an oversubscribed
-// machine, where the region's closing barrier can cost more than the work, a guard runs calls
-// serially for a while (see run_items).
+// reports how many threads ran the last call (tests/test_ops_threads.py).
 //
 // Determinism: whole samples are summed inside one item; a split sample's chunk partials are
 // stored per item and combined in float64 in chunk order afterwards. Results therefore do not
@@ -35,7 +33,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <chrono>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -215,75 +212,30 @@ const bool kInitPid = (in_forked_child(), true);  // records the pid when the li
 // Threads that ran the last call of this (calling) thread: 1 when it ran serially.
 thread_local int last_call_threads = 0;
 
-// Oversubscription guard. An OpenMP region ends at a barrier that waits until every team thread
-// has been scheduled, so on a machine whose cores are busy with other processes a parallel call
-// can wait a scheduler time slice (measured on the shared 2-core VM: 30-50 ms for a 3 ms
-// serial call). Each parallel call therefore measures how long the calling thread waited at the
-// barrier after its own share of the work; a wait longer than that share (and than
-// kLateNs) means the call would have been at least as fast on one thread. The next 2^k calls
-// (k = consecutive such calls, at most kMaxBackoff) then run serially before the parallel path is
-// tried again; one call without such a wait resets k. Results do not depend on this (they do not
-// depend on the thread count). LSA_EXT_CPU_BACKOFF=0 turns the guard off (read on every call).
-constexpr int64_t kLateNs = 200 * 1000;
-constexpr int kMaxBackoff = 6;
-std::atomic<int> backoff_level{0};
-std::atomic<int> backoff_serial_calls{0};
-
-bool backoff_enabled() {
-  const char* env = std::getenv("LSA_EXT_CPU_BACKOFF");
-  return env == nullptr || std::strcmp(env, "0") != 0;
-}
-
-int64_t now_ns() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
-
-// Runs fn(item_index) for every item: serially for small work (or in a forked child, or while
-// the oversubscription guard says so), else on all intra-op threads (at::parallel_for, i.e.
-// PyTorch's OpenMP pool, whose threads are usually still spinning from the previous op) pulling
-// items from a shared counter: dynamic scheduling, so a thread that starts late simply takes
-// fewer items.
+// Runs fn(item_index) for every item: serially for small work (or in a forked child), else on
+// all intra-op threads (at::parallel_for, i.e. PyTorch's OpenMP pool, whose threads are usually
+// still spinning from the previous op) pulling items from a shared counter: dynamic scheduling,
+// so a thread that starts late simply takes fewer items.
 template <class Fn>
 void run_items(const Plan& plan, const Fn& fn) {
   const int64_t n = static_cast<int64_t>(plan.items.size());
   const int64_t helpers = std::min<int64_t>(at::get_num_threads(), n) - 1;
-  bool serial = plan.total < kSerialBelow || helpers <= 0 || at::in_parallel_region() ||
-                in_forked_child();
-  const bool guard = !serial && backoff_enabled();
-  if (guard && backoff_serial_calls.load(std::memory_order_relaxed) > 0) {
-    backoff_serial_calls.fetch_sub(1, std::memory_order_relaxed);
-    serial = true;
-  }
-  if (serial) {
+  if (plan.total < kSerialBelow || helpers <= 0 || at::in_parallel_region() ||
+      in_forked_child()) {
     for (int64_t it = 0; it < n; ++it) fn(it);
     last_call_threads = 1;
     return;
   }
   std::atomic<int64_t> next{0};
   std::atomic<int> entered{0};
-  int64_t caller_done = 0;  // when the calling thread (team thread 0) ran out of items
-  const int64_t start = now_ns();
-  at::parallel_for(0, helpers + 1, 1, [&](int64_t begin, int64_t) {
+  at::parallel_for(0, helpers + 1, 1, [&](int64_t, int64_t) {
     entered.fetch_add(1, std::memory_order_relaxed);
     for (int64_t it = next.fetch_add(1, std::memory_order_relaxed); it < n;
          it = next.fetch_add(1, std::memory_order_relaxed)) {
       fn(it);
     }
-    if (begin == 0) caller_done = now_ns();
   });
   last_call_threads = entered.load();
-  if (guard) {
-    const int64_t waited = now_ns() - caller_done;
-    if (waited > std::max(kLateNs, caller_done - start)) {
-      const int level = std::min(kMaxBackoff, backoff_level.load(std::memory_order_relaxed) + 1);
-      backoff_level.store(level, std::memory_order_relaxed);
-      backoff_serial_calls.store(1 << level, std::memory_order_relaxed);
-    } else {
-      backoff_level.store(0, std::memory_order_relaxed);
-    }
-  }
 }
 
 // Same element -> memory offset map: equal strides on every dimension of size > 1.
