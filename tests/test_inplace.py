@@ -382,3 +382,33 @@ def test_trainer_copies_nothing_when_the_model_needs_no_copy():
                  progress=False)
     tr.loss(x.float(), torch.zeros(8, dtype=torch.long), lambda a, b: x_adv.float())
     assert tr.regularizer.guard.copied == {"0": False, "2": False}
+
+
+# --------------------------------------------------------------------------- whole pipeline
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_analyze_train_evaluate_match_the_inplace_free_twin(case):
+    """Issue 10 point 7: analyze, AT-LR training and evaluation on the in-place model give the
+    twin's numbers (torchvision does not load beside the pinned torch here, so these in-repo
+    blocks stand in for its architectures)."""
+    from lsa_ext.evaluation import evaluate
+
+    model, twin, shape, sites = _pair(case)
+    model, twin = model.float(), twin.float()
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(48, *shape, generator=g)
+    y = torch.randint(0, 3, (48,), generator=g)
+    results = []
+    for m in (model, twin):
+        rep = lsa_ext.analyze(m, (x, y), "gaussian:std=0.1,fgsm:eps=0.1", layers=sites,
+                              clip=(0.0, 1.0), batch_size=16, progress=False)
+        lsa_ext.train(m, (x, y), at="pgd", eps=0.1, lr_layers=sites, gamma=0.5, epochs=1,
+                      batch_size=16, clip=(0.0, 1.0), seed=0, progress=False)
+        ev = evaluate(m, (x, y), eps_grid=(0.0, 0.1), clip=(0.0, 1.0), masking_checks=False)
+        results.append((rep.mean, m.state_dict(), ev.fgsm))
+    (mean_a, state_a, fgsm_a), (mean_b, state_b, fgsm_b) = results
+    assert mean_a.shape == mean_b.shape and bool(torch.isfinite(torch.as_tensor(mean_a)).all())
+    torch.testing.assert_close(torch.as_tensor(mean_a), torch.as_tensor(mean_b),
+                               rtol=1e-5, atol=1e-6)
+    for k in state_b:
+        torch.testing.assert_close(state_a[k], state_b[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert fgsm_a == fgsm_b
