@@ -515,7 +515,7 @@ def check_settings(
               batch_size, device, seed, output, masking_checks, masking_tol)
 
 
-def evaluate(
+def evaluate(  # long: the public docstring is most of it; the body delegates to helpers
     model: Callable[[torch.Tensor], torch.Tensor],
     data: Any,
     *,
