@@ -6,8 +6,9 @@ Usage:
 
 For each intra-op thread count (torch.set_num_threads) one table; each row is one case
 (benchmarks/ops_cases.py). Contenders of a row run interleaved, one call each per round (so a
-noisy neighbour slows all of them alike), after warm-up calls that also compile the torch.compile
-contender for that thread count; the table holds the median over rounds. "x" columns are
+noisy neighbour slows all of them alike), the order rotated from round to round, after warm-up
+calls that also compile the torch.compile contender for that thread count; the table holds the
+median over rounds. "x" columns are
 contender time / fused time (> 1: fused is faster); the last column checks the issue's targets.
 "fused CPU/wall" is the process's CPU time (time.process_time, all threads) over wall time
 summed over the fused calls: above 1 when the kernel ran on several threads; "thr" is the number
@@ -51,8 +52,12 @@ def measure(contenders, repeats: int, warmup: int = 3) -> dict[str, tuple[float,
     wall: dict[str, list[float]] = {k: [] for k in contenders}
     cpu: dict[str, float] = dict.fromkeys(contenders, 0.0)
     threads: dict[str, int] = dict.fromkeys(contenders, 0)
-    for _ in range(repeats):
-        for name, fn in contenders.items():
+    names = list(contenders)
+    for r in range(repeats):
+        # Rotate the order every round, so that no contender always runs right after the same
+        # other one (whose cache and memory state it would inherit).
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn = contenders[name]
             c0 = time.process_time()
             t0 = time.perf_counter()
             fn()
