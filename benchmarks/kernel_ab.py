@@ -7,10 +7,10 @@ Usage:
 
 The baseline (``torch.ops.lsa_ext_base.*``, see build_baseline.py) and the current build
 (``torch.ops.lsa_ext.*``) are loaded into one process and called interleaved on the same
-tensors, round after round; the table holds the medians and before/after (> 1: "after" is
-faster). No Python layer: the ops themselves. "after CPU/wall": process CPU time over wall time
-of the "after" calls (above 1 when they ran on several threads). The load average (1, 5, 15 min)
-is printed before and after each thread count.
+tensors, round after round, alternating which goes first; the table holds the medians and
+before/after (> 1: "after" is faster). No Python layer: the ops themselves. "after CPU/wall":
+process CPU time over wall time of the "after" calls (above 1 when they ran on several
+threads). The load average (1, 5, 15 min) is printed before and after each thread count.
 """
 
 from __future__ import annotations
@@ -91,8 +91,9 @@ def main() -> int:
             times: dict[str, list[float]] = {"before": [], "after": []}
             cpu = 0.0
             threads = 0
-            for _ in range(args.repeats):
-                for label, fn in (("before", before), ("after", after)):
+            for r in range(args.repeats):
+                pair = (("before", before), ("after", after))
+                for label, fn in pair if r % 2 == 0 else pair[::-1]:  # ABBA: no order bias
                     c0 = time.process_time()
                     t0 = time.perf_counter()
                     fn()

@@ -60,11 +60,19 @@ def _pair(shape, seed=0, requires_grad=False):
     return a.requires_grad_(requires_grad), b.requires_grad_(requires_grad)
 
 
-def _backward(loss_fn: Callable[[], torch.Tensor], leaves: list[torch.Tensor]):
+def _backward(loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], a: torch.Tensor,
+              b: torch.Tensor) -> Callable[[], None]:
+    """One training-style step of ``loss(a, b).backward()`` on the contender's own copies of the
+    leaves ``a``, ``b`` (same values): each step frees that contender's previous gradients
+    (``grad = None``, as ``zero_grad(set_to_none=True)``), never another contender's, whose
+    freeing cost would otherwise be charged to whichever contender runs next."""
+    a = a.detach().clone().requires_grad_()
+    b = b.detach().clone().requires_grad_()
+
     def run():
-        for t in leaves:
-            t.grad = None
-        loss_fn().backward()
+        a.grad = None
+        b.grad = None
+        loss(a, b).backward()
 
     return run
 
@@ -113,15 +121,15 @@ def forward_case(name: str, shape, targets=None, before=None) -> Case:
 
 
 def backward_case(name: str, shape, targets=None, before=None) -> Case:
-    a, b = _pair(shape, requires_grad=True)
+    a, b = _pair(shape)
     return Case(
         name=name,
         contenders={
-            "fused": _backward(lambda: lsa_ext.relative_error(a, b).sum(), [a, b]),
-            **({"before": _backward(lambda: before.relative_error(a, b).sum(), [a, b])}
+            "fused": _backward(lambda x, y: lsa_ext.relative_error(x, y).sum(), a, b),
+            **({"before": _backward(lambda x, y: before.relative_error(x, y).sum(), a, b)}
                if before else {}),
-            "naive": _backward(lambda: naive_loss(a, b), [a, b]),
-            "compiled": _backward(lambda: _compiled("loss")(a, b), [a, b]),
+            "naive": _backward(naive_loss, a, b),
+            "compiled": _backward(lambda x, y: _compiled("loss")(x, y), a, b),
         },
         bytes_read=2 * a.numel() * a.element_size(),
         targets=targets or {},

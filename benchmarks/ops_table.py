@@ -6,9 +6,10 @@ Usage:
 
 For each intra-op thread count (torch.set_num_threads) one table; each row is one case
 (benchmarks/ops_cases.py). Contenders of a row run interleaved, one call each per round (so a
-noisy neighbour slows all of them alike), after warm-up calls that also compile the torch.compile
-contender for that thread count; the table holds the median over rounds. "x" columns are
-contender time / fused time (> 1: fused is faster); the last column checks the issue's targets.
+noisy neighbour slows all of them alike), in a new (seeded) random order every round, after
+warm-up calls that also compile the torch.compile contender for that thread count; the table
+holds the median over rounds. "x" columns are contender time / fused time (> 1: fused is
+faster); the last column checks the issue's targets.
 "fused CPU/wall" is the process's CPU time (time.process_time, all threads) over wall time
 summed over the fused calls: above 1 when the kernel ran on several threads; "thr" is the number
 of threads that ran the last fused kernel call (lsa_ext._extension.cpu_threads_last_call).
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -51,8 +53,14 @@ def measure(contenders, repeats: int, warmup: int = 3) -> dict[str, tuple[float,
     wall: dict[str, list[float]] = {k: [] for k in contenders}
     cpu: dict[str, float] = dict.fromkeys(contenders, 0.0)
     threads: dict[str, int] = dict.fromkeys(contenders, 0)
+    order = list(contenders)
+    shuffle = random.Random(0).shuffle
     for _ in range(repeats):
-        for name, fn in contenders.items():
+        # A new order every round (seeded): no contender always runs right after the same other
+        # one, whose cache and memory state it would inherit (rotating would keep the cycle).
+        shuffle(order)
+        for name in order:
+            fn = contenders[name]
             c0 = time.process_time()
             t0 = time.perf_counter()
             fn()
