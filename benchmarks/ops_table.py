@@ -45,11 +45,19 @@ def load_average() -> str:
     return "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
 
 
-def measure(contenders, repeats: int, warmup: int = 3) -> dict[str, tuple[float, float, int]]:
-    """Per contender: (median wall seconds, CPU/wall ratio, threads of the last fused call)."""
-    for fn in contenders.values():
-        for _ in range(warmup):
+def measure(contenders, repeats: int, warmup: int = 3,
+            warmup_s: float = 1.0) -> dict[str, tuple[float, float, int]]:
+    """Per contender: (median wall seconds, CPU/wall ratio, threads of the last fused call).
+
+    Warm-up: at least ``warmup`` rounds and ``warmup_s`` seconds of all contenders (compiles the
+    torch.compile contender; on the development VM, fresh memory is slow to fault in for the
+    first few hundred MB a process touches, and two threads meet in the host's page tables)."""
+    start = time.perf_counter()
+    done = 0
+    while done < warmup or time.perf_counter() - start < warmup_s:
+        for fn in contenders.values():
             fn()
+        done += 1
     wall: dict[str, list[float]] = {k: [] for k in contenders}
     cpu: dict[str, float] = dict.fromkeys(contenders, 0.0)
     threads: dict[str, int] = dict.fromkeys(contenders, 0)
