@@ -46,12 +46,13 @@ def load_average() -> str:
 
 
 def measure(contenders, repeats: int, warmup: int = 3,
-            warmup_s: float = 1.0) -> dict[str, tuple[float, float, int]]:
+            warmup_s: float = 2.0) -> dict[str, tuple[float, float, int]]:
     """Per contender: (median wall seconds, CPU/wall ratio, threads of the last fused call).
 
-    Warm-up: at least ``warmup`` rounds and ``warmup_s`` seconds of all contenders (compiles the
-    torch.compile contender; on the development VM, fresh memory is slow to fault in for the
-    first few hundred MB a process touches, and two threads meet in the host's page tables)."""
+    Warm-up: at least ``warmup`` rounds and ``warmup_s`` seconds of all contenders. It compiles
+    the torch.compile contender, and on the development VM it gets a process past its slow start:
+    the 2-thread backward of a [128, 65536] float32 pair took 9.7 ms for the first ~40 calls of a
+    process and 5.0 ms from then on (fresh pages fault in slowly at first)."""
     start = time.perf_counter()
     done = 0
     while done < warmup or time.perf_counter() - start < warmup_s:
@@ -127,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(n)
         reset_compiled()
         cases = [c for c in all_cases(before) if args.only in c.name]
-        print(f"\n## {n} thread{'s' if n > 1 else ''} (load average {load_average()})\n")
+        print(f"\n## {n} thread{'s' if n > 1 else ''} (load average {load_average()})\n",
+              flush=True)
         all_met &= table(cases, args.repeats)
         print(f"\n(load average after: {load_average()})")
         del cases
