@@ -29,7 +29,8 @@ def main() -> int:
     try:
         for n in (int(t) for t in args.threads.split(",")):
             torch.set_num_threads(n)
-            print(f"\n## {n} thread{'s' if n > 1 else ''} (load average {load_average()})\n")
+            print(f"\n**{n} thread{'s' if n > 1 else ''}** (load average {load_average()}, "
+                  f"median of {args.repeats} interleaved rounds)\n")
             table(args.repeats)
             print(f"\n(load average after: {load_average()})")
     finally:

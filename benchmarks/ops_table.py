@@ -36,7 +36,7 @@ from ops_cases import all_cases, reset_compiled  # noqa: E402
 import lsa_ext  # noqa: E402
 from lsa_ext import _extension  # noqa: E402
 
-COLUMNS = ["fused", "before", "naive", "compiled", "loop", "bandwidth"]
+COLUMNS = ["fused", "op", "before", "naive", "compiled", "loop", "bandwidth"]
 
 
 def load_average() -> str:
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
 
         before = baseline.load(args.before, args.ns)
 
-    print(f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, backend {lsa_ext.backend()}, "
           f"OpenMP {_extension.cpu_openmp_version()}, median of {args.repeats} interleaved rounds"
           + (f", before = {args.before}" if before else ""))
@@ -128,12 +128,12 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(n)
         reset_compiled()
         cases = [c for c in all_cases(before) if args.only in c.name]
-        print(f"\n## {n} thread{'s' if n > 1 else ''} (load average {load_average()})\n",
+        print(f"\n**{n} thread{'s' if n > 1 else ''}** (load average {load_average()})\n",
               flush=True)
         all_met &= table(cases, args.repeats)
         print(f"\n(load average after: {load_average()})")
         del cases
-    print(f"\n# all targets met: {all_met}")
+    print(f"\nAll targets met: {all_met}")
     return 0
 
 
