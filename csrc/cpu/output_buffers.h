@@ -14,9 +14,10 @@ namespace cpu {
 // and the first write to fresh memory faults every page in: in a VM a 4 KiB fault costs ~1.2 us
 // against ~80 us per 2 MiB huge page (zeroing included), so a 64 MB gradient pair spends ~40 ms
 // in faults on 4 KiB pages and ~5 ms on huge pages; the default allocator's 64-byte-aligned
-// blocks would also leave up to 2 MiB at each end on 4 KiB pages. Smaller buffers are left to
-// the default allocator, which usually hands back recycled, already mapped memory (no faults at
-// all). Other systems, or LSA_EXT_HUGEPAGES=0: at::empty_like(like).
+// blocks would also leave up to 2 MiB at each end on 4 KiB pages. Buffers of 8 to 32 MiB come
+// from the default allocator, which often hands back recycled, already mapped memory (no faults
+// at all), with their 2 MiB-aligned interior advised as huge pages for when it does not. Smaller
+// buffers, other systems, or LSA_EXT_HUGEPAGES=0: at::empty_like(like).
 at::Tensor empty_like_for_write(const at::Tensor& like);
 
 // True for outputs of at least 8 MiB: far larger than a core's caches (and than the inputs'
