@@ -86,8 +86,8 @@ def main() -> int:
         print("| case | before ms | after ms | before / after | after CPU/wall | after thr |")
         print("|---|---|---|---|---|---|")
         for name, before, after in cases(base.lib, torch.ops.lsa_ext):
-            start = time.perf_counter()  # warm-up: >= 2 calls each and >= 1 s (see ops_table)
-            while time.perf_counter() - start < 1.0:
+            start = time.perf_counter()  # warm-up: >= 2 calls each and >= 2 s (see ops_table)
+            while time.perf_counter() - start < 2.0:
                 for fn in (before, after, before, after):
                     fn()
             times: dict[str, list[float]] = {"before": [], "after": []}
