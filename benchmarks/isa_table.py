@@ -5,8 +5,8 @@ Usage:
 
 The kernels read LSA_EXT_CPU_ISA on every call ("generic" forces the portable loops), so both
 paths run on the same data in one process, alternating call by call (which goes first alternates
-too), after a 2 s warm-up per row. Prints, per intra-op thread
-count, median ms and generic/AVX2 ratios, and the load average before and after.
+too), after a 2 s warm-up per row. Prints, per intra-op thread count, median ms and generic/AVX2
+ratios, and the load average before and after.
 """
 
 from __future__ import annotations
