@@ -12,8 +12,8 @@ namespace cpu {
 // advised as transparent huge pages. At that size glibc's malloc (which PyTorch's CPU allocator
 // uses) maps fresh memory for every allocation anyway (its mmap threshold is capped at 32 MiB),
 // and the first write to fresh memory faults every page in: in a VM a 4 KiB fault costs ~1.2 us
-// against ~80 us per 2 MiB huge page (zeroing included), so a 64 MB gradient pair spends ~40 ms
-// in faults on 4 KiB pages and ~5 ms on huge pages; the default allocator's 64-byte-aligned
+// against ~80 us per 2 MiB huge page (zeroing included), so a 64 MB gradient pair spends ~20 ms
+// in faults on 4 KiB pages and ~3 ms on huge pages; the default allocator's 64-byte-aligned
 // blocks would also leave up to 2 MiB at each end on 4 KiB pages. Buffers of 8 to 32 MiB come
 // from the default allocator, which often hands back recycled, already mapped memory (no faults
 // at all), with their 2 MiB-aligned interior advised as huge pages for when it does not. Smaller
