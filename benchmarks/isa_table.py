@@ -4,8 +4,9 @@ Usage:
     .venv/bin/python benchmarks/isa_table.py [--repeats 15] [--threads 1,2]
 
 The kernels read LSA_EXT_CPU_ISA on every call ("generic" forces the portable loops), so both
-paths run on the same data in one process, alternating call by call. Prints, per intra-op thread
-count, median ms and generic/AVX2 ratios, and the load average before and after.
+paths run on the same data in one process, alternating call by call (which goes first alternates
+too), after a 2 s warm-up per row. Prints, per intra-op thread count, median ms and generic/AVX2
+ratios, and the load average before and after.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ def main() -> int:
     try:
         for n in (int(t) for t in args.threads.split(",")):
             torch.set_num_threads(n)
-            print(f"\n## {n} thread{'s' if n > 1 else ''} (load average {load_average()})\n")
+            print(f"\n**{n} thread{'s' if n > 1 else ''}** (load average {load_average()}, "
+                  f"median of {args.repeats} interleaved rounds)\n")
             table(args.repeats)
             print(f"\n(load average after: {load_average()})")
     finally:
@@ -55,13 +57,18 @@ def table(repeats: int) -> None:
                        ("bwd", lambda a=a, b=b, g=g: torch.ops.lsa_ext.sq_sums_backward(
                            g, g, a, b))):
             times: dict[str, list[float]] = {"generic": [], "avx2": []}
-            for _ in range(repeats + 2):
+            start = time.perf_counter()  # warm-up: >= 2 s (see ops_table.measure)
+            while time.perf_counter() - start < 2.0:
                 for isa in times:
+                    os.environ["LSA_EXT_CPU_ISA"] = isa
+                    fn()
+            for r in range(repeats):
+                for isa in list(times) if r % 2 == 0 else list(times)[::-1]:
                     os.environ["LSA_EXT_CPU_ISA"] = isa
                     t0 = time.perf_counter()
                     fn()
                     times[isa].append(time.perf_counter() - t0)
-            med = {k: statistics.median(v[2:]) * 1e3 for k, v in times.items()}
+            med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
             name = str(dtype).replace("torch.", "")
             print(f"| {name} | {op} | {med['generic']:.2f} | {med['avx2']:.2f} | "
                   f"{med['generic'] / med['avx2']:.2f}x |", flush=True)

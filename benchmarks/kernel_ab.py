@@ -77,17 +77,19 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=15, help="interleaved rounds (median)")
     args = p.parse_args()
     base = baseline.load(args.before, args.ns)
-    print(f"# before = {args.before}, after = this checkout's build "
+    print(f"before = {args.before}, after = this checkout's build "
           f"(OpenMP {_extension.cpu_openmp_version()}); median of {args.repeats} interleaved "
           "rounds")
     for n in (int(t) for t in args.threads.split(",")):
         torch.set_num_threads(n)
-        print(f"\n## {n} thread{'s' if n > 1 else ''} (load average {load_average()})\n")
+        print(f"\n**{n} thread{'s' if n > 1 else ''}** (load average {load_average()})\n")
         print("| case | before ms | after ms | before / after | after CPU/wall | after thr |")
         print("|---|---|---|---|---|---|")
         for name, before, after in cases(base.lib, torch.ops.lsa_ext):
-            for fn in (before, after, before, after):
-                fn()
+            start = time.perf_counter()  # warm-up: >= 2 calls each and >= 2 s (see ops_table)
+            while time.perf_counter() - start < 2.0:
+                for fn in (before, after, before, after):
+                    fn()
             times: dict[str, list[float]] = {"before": [], "after": []}
             cpu = 0.0
             threads = 0

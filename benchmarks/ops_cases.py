@@ -2,7 +2,8 @@
 bench_ops.py (pytest-benchmark) and ops_table.py (one table, all contenders interleaved).
 
 Every case holds one set of inputs; its contenders are zero-argument callables on that data:
-``fused`` (lsa_ext), ``before`` (the same public API on a baseline build's kernels, see
+``fused`` (lsa_ext), ``op`` (forward cases: the kernel alone, ``torch.ops.lsa_ext.sq_sums``,
+no Python layer and no ratio), ``before`` (the same public API on a baseline build's kernels, see
 baseline.py; only when one is given), ``naive`` (the expression a user would write),
 ``compiled`` (torch.compile of that expression), ``loop`` (one fused call per layer),
 ``bandwidth`` (``a.sum() + b.sum()``: reads both inputs once).
@@ -110,6 +111,7 @@ def forward_case(name: str, shape, targets=None, before=None) -> Case:
         name=name,
         contenders={
             "fused": lambda: lsa_ext.relative_error(a, b),
+            "op": lambda: torch.ops.lsa_ext.sq_sums(a, b),
             **({"before": lambda: before.relative_error(a, b)} if before else {}),
             "naive": lambda: naive(a, b),
             "compiled": lambda: _compiled("fwd")(a, b),

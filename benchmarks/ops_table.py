@@ -36,7 +36,7 @@ from ops_cases import all_cases, reset_compiled  # noqa: E402
 import lsa_ext  # noqa: E402
 from lsa_ext import _extension  # noqa: E402
 
-COLUMNS = ["fused", "before", "naive", "compiled", "loop", "bandwidth"]
+COLUMNS = ["fused", "op", "before", "naive", "compiled", "loop", "bandwidth"]
 
 
 def load_average() -> str:
@@ -45,11 +45,20 @@ def load_average() -> str:
     return "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
 
 
-def measure(contenders, repeats: int, warmup: int = 3) -> dict[str, tuple[float, float, int]]:
-    """Per contender: (median wall seconds, CPU/wall ratio, threads of the last fused call)."""
-    for fn in contenders.values():
-        for _ in range(warmup):
+def measure(contenders, repeats: int, warmup: int = 3,
+            warmup_s: float = 2.0) -> dict[str, tuple[float, float, int]]:
+    """Per contender: (median wall seconds, CPU/wall ratio, threads of the last fused call).
+
+    Warm-up: at least ``warmup`` rounds and ``warmup_s`` seconds of all contenders. It compiles
+    the torch.compile contender, and on the development VM it gets a process past its slow start:
+    the 2-thread backward of a [128, 65536] float32 pair took 9.7 ms for the first ~40 calls of a
+    process and 5.0 ms from then on (fresh pages fault in slowly at first)."""
+    start = time.perf_counter()
+    done = 0
+    while done < warmup or time.perf_counter() - start < warmup_s:
+        for fn in contenders.values():
             fn()
+        done += 1
     wall: dict[str, list[float]] = {k: [] for k in contenders}
     cpu: dict[str, float] = dict.fromkeys(contenders, 0.0)
     threads: dict[str, int] = dict.fromkeys(contenders, 0)
@@ -110,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
 
         before = baseline.load(args.before, args.ns)
 
-    print(f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, backend {lsa_ext.backend()}, "
           f"OpenMP {_extension.cpu_openmp_version()}, median of {args.repeats} interleaved rounds"
           + (f", before = {args.before}" if before else ""))
@@ -119,11 +128,12 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(n)
         reset_compiled()
         cases = [c for c in all_cases(before) if args.only in c.name]
-        print(f"\n## {n} thread{'s' if n > 1 else ''} (load average {load_average()})\n")
+        print(f"\n**{n} thread{'s' if n > 1 else ''}** (load average {load_average()})\n",
+              flush=True)
         all_met &= table(cases, args.repeats)
         print(f"\n(load average after: {load_average()})")
         del cases
-    print(f"\n# all targets met: {all_met}")
+    print(f"\nAll targets met: {all_met}")
     return 0
 
 

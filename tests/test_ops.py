@@ -212,9 +212,12 @@ def test_half_precision_gradients_round_like_torch(device, dtype):
 
 
 LARGE_GRAD_CASES = [
-    # >= 8 MiB per gradient: huge-page buffers and streaming stores on CPU. Odd sample sizes put
-    # sample starts off the vector alignment (scalar head before the streaming loop).
+    # >= 8 MiB per gradient: streaming stores on CPU; >= 32 MiB: huge-page buffers too. Odd
+    # sample sizes put sample starts off the vector alignment (scalar head before the streaming
+    # loop).
     ([3, 1_000_003], torch.float32, "contiguous"),
+    ([3, 2_900_003], torch.float32, "contiguous"),
+    ([2, 2_100_001], torch.float64, "contiguous"),
     ([2, 2_100_001], torch.float16, "contiguous"),
     ([2, 2_100_001], torch.bfloat16, "contiguous"),
     ([2, 600_001], torch.float64, "contiguous"),
@@ -251,15 +254,16 @@ def test_large_gradients_match_float64_formula(device, shape, dtype, layout, isa
 
 @pytest.mark.skipif(sys.platform != "linux", reason="huge-page buffers are Linux-only")
 def test_large_cpu_gradients_are_ordinary_tensors_on_huge_page_boundaries():
-    """Large gradients come from 2 MiB-aligned mappings, and behave like any CPU tensor."""
-    a, b = random_pair([3, 1_000_003], torch.float32, "cpu", seed=9)
+    """Gradients of >= 32 MiB come from 2 MiB-aligned mappings, and behave like any CPU tensor."""
+    n = 2_900_003  # 3 * n * 4 bytes = 34.8 MB
+    a, b = random_pair([3, n], torch.float32, "cpu", seed=9)
     ga, gb = torch.ops.lsa_ext.sq_sums_backward(torch.ones(3), torch.ones(3), a, b)
     assert ga.data_ptr() % (1 << 21) == 0 and gb.data_ptr() % (1 << 21) == 0
     want = ga.clone()
-    ga.resize_(4, 1_000_003)  # resizable storage: grows through the same allocator
+    ga.resize_(4, n)  # resizable storage: grows through the same allocator
     assert torch.equal(ga[:3], want)
     gb.add_(1.0).mul_(0.5)
-    assert ga.untyped_storage().nbytes() >= 4 * 1_000_003 * 4
+    assert ga.untyped_storage().nbytes() >= 4 * n * 4
     small, _ = torch.ops.lsa_ext.sq_sums_backward(torch.ones(3), torch.ones(3), a[:, :1000],
                                                   b[:, :1000])
     assert small.data_ptr() % 64 == 0  # small outputs: the default allocator

@@ -51,14 +51,15 @@ SPLIT = random_pair([3, 64, 80, 80], seed=2)           # 409600-element samples,
 GROUPED = random_pair([4096, 300], seed=3)             # tiny samples, ~109 per item
 LAYERS = [random_pair([3, *s], seed=4 + i)
           for i, s in enumerate([(64, 40, 40), (7,), (300, 300), (4, 1000, 70)])]
-ONES = torch.ones(3)
+BWD = random_pair([2, 1_500_001], seed=8)              # backward items are 2 MiB: 6 items
 
 CALLS: dict[str, Callable[[], object]] = {
     "sq_sums huge sample": lambda: lsa_ext.sq_sums(*HUGE),
     "sq_sums split samples": lambda: lsa_ext.sq_sums(*SPLIT),
     "sq_sums grouped samples": lambda: lsa_ext.sq_sums(*GROUPED),
     "sq_sums_multi": lambda: lsa_ext.sq_sums_multi([a for a, _ in LAYERS], [b for _, b in LAYERS]),
-    "sq_sums_backward": lambda: torch.ops.lsa_ext.sq_sums_backward(ONES, 0.5 * ONES, *SPLIT),
+    "sq_sums_backward": lambda: torch.ops.lsa_ext.sq_sums_backward(
+        torch.ones(2), torch.full((2,), 0.5), *BWD),
     "sq_sums_multi_backward": lambda: torch.ops.lsa_ext.sq_sums_multi_backward(
         torch.ones(4, 3), torch.full((4, 3), 0.5), [a for a, _ in LAYERS],
         [b for _, b in LAYERS]),

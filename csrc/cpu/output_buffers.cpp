@@ -17,9 +17,10 @@ namespace lsa_ext {
 namespace cpu {
 namespace {
 
-constexpr size_t kMinBytes = size_t(8) << 20;
+constexpr size_t kLargeBytes = size_t(8) << 20;  // is_large_output
 
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
+constexpr size_t kHugeBytes = size_t(32) << 20;  // glibc's largest mmap threshold
 constexpr uintptr_t kHuge = uintptr_t(1) << 21;
 
 struct Mapping {
@@ -33,7 +34,7 @@ void unmap(void* ctx) {
 }
 
 // Allocates whole 2 MiB-aligned huge-page mappings; what the tensor does not use of the last
-// huge page stays unused (< 2 MiB per buffer, only for buffers >= 8 MiB). Falls back to the
+// huge page stays unused (< 2 MiB per buffer, only for buffers >= 32 MiB). Falls back to the
 // default CPU allocator when the mapping fails.
 class HugePageAllocator final : public c10::Allocator {
  public:
@@ -58,6 +59,19 @@ class HugePageAllocator final : public c10::Allocator {
   }
 };
 
+// Advises the 2 MiB-aligned interior of a default-allocator buffer as transparent huge pages.
+// Such a buffer often lies at the top of glibc's heap, which glibc gives back to the system when
+// it is freed and takes again (fresh pages, faulted in anew) at the next allocation: the advice
+// makes those faults 2 MiB at a time (measured: 1000 instead of 8160 faults, 7 instead of 17 ms,
+// for a float16 [128, 64, 32, 32] gradient pair). Already present pages are left as they are.
+void advise_interior(const at::Tensor& t) {
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t hi = (begin + static_cast<uintptr_t>(t.numel()) * t.element_size()) &
+                       ~(kHuge - 1);
+  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);  // advisory only
+}
+
 bool enabled() {
   static const bool on = [] {
     const char* env = std::getenv("LSA_EXT_HUGEPAGES");
@@ -70,12 +84,18 @@ bool enabled() {
 }  // namespace
 
 bool is_large_output(const at::Tensor& t) {
-  return static_cast<size_t>(t.numel()) * t.element_size() >= kMinBytes;
+  return static_cast<size_t>(t.numel()) * t.element_size() >= kLargeBytes;
 }
 
 at::Tensor empty_like_for_write(const at::Tensor& like) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-  if (is_large_output(like) && like.device().is_cpu() && enabled()) {
+  const size_t bytes = static_cast<size_t>(like.numel()) * like.element_size();
+  if (bytes >= kLargeBytes && like.device().is_cpu() && enabled()) {
+    if (bytes < kHugeBytes) {
+      at::Tensor t = at::empty_like(like);
+      advise_interior(t);
+      return t;
+    }
     static HugePageAllocator allocator;
     // empty_like's layout rules (strides kept for dense inputs), computed without allocating.
     const at::Tensor meta = at::empty_like(like, like.options().device(at::kMeta));
