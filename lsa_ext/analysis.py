@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from lsa_ext import distributed
-from lsa_ext.batches import batches
+from lsa_ext.batches import batches, first_input
 from lsa_ext.checks import check_batch_size, check_int, check_number
 from lsa_ext.cm_stats import CMStats
 from lsa_ext.devices import resolve_device
@@ -268,7 +268,7 @@ def analyze(
             ``"gaussian:std=0.1,salt,fgsm:eps=0.1,pgd:eps=0.1,steps=10"`` (see
             :func:`lsa_ext.perturbations.build_perturbations`).
         layers: probe selection (:func:`lsa_ext.probes.select_layers`), default
-            ``"activations"``.
+            ``"activations"``; ``A<k>`` items are counted on the first sample of ``data``.
         measure: ``"relative_error"`` (default), ``"mse"``, ``"cosine"``, ``"relative_linf"`` or
             a callable ``(a, b) -> [B]``.
         batch_size: batch size when ``data`` is not already a loader (default 128).
@@ -316,7 +316,7 @@ def analyze(
         device = resolve_device(device)
         model.to(device)
     dev = model_device(model) if device is None else device
-    layer_names = select_layers(model, layers)
+    layer_names = select_layers(model, layers, example=lambda: first_input(data))
     perts = build_perturbations(perturbations, model=model, clip=clip, eps=eps, seed=seed,
                                 output=output)
     loader, total = batches(data, batch_size, sampler=sampler, allow_unlabelled=True)

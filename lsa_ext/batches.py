@@ -92,6 +92,49 @@ def num_samples(data: Any) -> int:
     return len(data)
 
 
+def first_input(data: Any) -> torch.Tensor:
+    """The input ``x`` of the first sample of ``data``, as a batch ``[1, ...]``: for one
+    forward that looks at the model's structure (``A<k>`` layer selectors,
+    :func:`lsa_ext.probes.activation_sites`). Reads one sample and draws no random numbers: a
+    DataLoader's first dataset item, not its sampler's.
+
+    Raises:
+        LsaUserError: empty data, a one-shot iterator (reading it would lose a batch), or
+            samples whose input is not a tensor.
+    """
+    tensors = as_tensors(data)
+    if tensors is not None:
+        x = tensors[0][:1]
+    else:
+        source = data.dataset if isinstance(data, DataLoader) else data
+        if isinstance(source, Dataset) and hasattr(source, "__getitem__") and \
+                _len_or_none(source) != 0:
+            try:
+                item = source[0]
+            except (IndexError, KeyError, NotImplementedError):
+                item = None
+            x = _input_of(item)
+            x = None if x is None else x.unsqueeze(0)
+        elif iter(data) is data:
+            raise LsaUserError("cannot take a sample from a one-shot iterator without losing "
+                               "it: pass the data as tensors, a Dataset or a DataLoader")
+        else:
+            x = _input_of(next(iter(data), None))
+            x = None if x is None else x[:1]
+    if x is None or x.shape[0] == 0:
+        raise LsaUserError("no input sample found in the data (empty, or samples whose input "
+                           "is not a tensor)")
+    return x
+
+
+def _input_of(item: Any) -> torch.Tensor | None:
+    if isinstance(item, torch.Tensor):
+        return item
+    if isinstance(item, (tuple, list)) and item and isinstance(item[0], torch.Tensor):
+        return item[0]
+    return None
+
+
 def _len_or_none(obj: Any) -> int | None:
     try:
         return len(obj)

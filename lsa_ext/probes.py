@@ -11,6 +11,19 @@ given a bare module name (``Capture``, ``lsa analyze --layers``) watches every c
 module and reports each as its own site; given ``name#k`` it watches that call only. A
 *regularised* layer (``lr_layers``) is always one site: ``name`` = first call.
 
+Indexed selectors: ``L<k>`` is the k-th learnable *module* (Conv*/Linear, registration order,
+the paper's "LR-L<k>"); ``A<k>`` is the k-th *activation site*: the k-th activation output of
+one forward (ReLU, ELU, … modules of :data:`ACTIVATIONS`, every call counted, in the order they
+run), i.e. row k of ``lsa analyze --layers activations`` — the authors' LSA tool and the paper's
+per-layer plots have one point per activation output, so a ReLU module called twice per forward
+(torchvision's ``BasicBlock.relu``) is two sites, ``relu`` and ``relu#2``, and two ``A<k>``.
+Counting sites needs one forward: :func:`activation_sites` runs one sample in eval mode without
+gradients, from an ``example`` (an input batch or the input shape) that the entry points
+supply (``lsa`` commands: the dataset's shape; training and analysis: the first sample of the
+data). Functional activations (``F.relu``) are not modules and are not counted, as analysis
+does not probe them. :func:`site_labels` names sites back as ``L<k>`` / ``A<k>`` (run names,
+MVL messages).
+
 Outputs kept past their hook (:class:`Capture` storing them, the AT-LR term) go through an
 :class:`InplaceGuard`, so a later in-place op in the model (``ReLU(inplace=True)``,
 ``out += identity``) cannot change them. Hooks are always removed when the :class:`Capture`
@@ -22,11 +35,14 @@ from __future__ import annotations
 import fnmatch
 import logging
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from lsa_ext.errors import LsaUserError
+from lsa_ext.modules import model_mode
+from lsa_ext.outputs import logits_or_none
 
 log = logging.getLogger("lsa_ext.probes")
 
@@ -42,6 +58,10 @@ LEARNABLE: tuple[type[nn.Module], ...] = (
 KINDS = {"activations": ACTIVATIONS, "learnable": LEARNABLE}
 
 LayerSpec = str | Sequence[str] | Callable[[str, nn.Module], bool]
+# What A<k> is counted on: an input batch [B, ...] (its first sample runs), the input shape
+# without the batch dimension (zeros run), or a callable returning either (called only when a
+# forward is needed, so data is read lazily).
+Example = torch.Tensor | Sequence[int] | Callable[[], "torch.Tensor | Sequence[int]"] | None
 COPY_MODES = ("auto", "always", "never")
 
 
@@ -72,24 +92,32 @@ def canonical_site(site: str) -> str:
     return site_name(name, k or 1)
 
 
-def select_layers(model: nn.Module, spec: LayerSpec = "activations") -> list[str]:
+def select_layers(model: nn.Module, spec: LayerSpec = "activations", *,
+                  example: Example = None) -> list[str]:
     """Qualified names of the layers of ``model`` chosen by ``spec``, in registration order.
 
     Args:
         spec: ``"activations"`` (ReLU, ELU, LeakyReLU, GELU, SiLU, Sigmoid, Tanh, …),
             ``"learnable"`` (Conv*, ConvTranspose*, Linear — the paper's "learnable layers"),
-            ``"L<k>"`` (the k-th learnable layer in registration order, the paper's "LR-L<k>";
-            a module literally named ``L<k>`` takes precedence),
+            ``"L<k>"`` (the k-th learnable layer in registration order, the paper's "LR-L<k>"),
+            ``"A<k>"`` (the k-th activation site of a forward, as ``lsa analyze`` numbers its
+            rows; the module docstring; needs ``example``) — a module literally named ``L<k>``
+            or ``A<k>`` takes precedence —,
             ``"leaves"`` (every module without children), a qualified name or glob
             (``"features.*"``), a comma-separated mix of those, a list of names/globs/kinds,
-            or a predicate ``(name, module) -> bool``. Any item may end in ``#k`` to select
-            the k-th call of each module it matches (see the module docstring).
+            or a predicate ``(name, module) -> bool``. Any item but ``A<k>`` may end in ``#k``
+            to select the k-th call of each module it matches (see the module docstring).
+        example: what ``A<k>`` items are counted on (:data:`Example`; default None: ``A<k>``
+            raises); run once, only when an ``A<k>`` item is given.
 
     Returns:
-        Module names, and ``name#k`` sites for items with a call number; without duplicates.
+        Module names, and ``name#k`` sites for items with a call number and for ``A<k>``
+        items (``A0`` of a once-called ``relu1`` is ``relu1#1``); without duplicates.
 
     Raises:
-        LsaUserError: a name or glob matches no module, a bad ``#k``, or nothing is selected.
+        LsaUserError: a name or glob matches no module, a bad ``#k``, an index out of range
+            (naming how many learnable layers / activation sites the model has), ``A<k>``
+            without ``example``, or nothing is selected.
     """
     named = [(n, m) for n, m in model.named_modules() if n]
     if callable(spec) and not isinstance(spec, str):
@@ -98,29 +126,44 @@ def select_layers(model: nn.Module, spec: LayerSpec = "activations") -> list[str
         items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
         keep: set[str] = set()
         calls: dict[str, set[int]] = {}
+        acts: list[str] | None = None  # activation sites, counted at the first A<k>
         for item in items:
             if not isinstance(item, str) or not item:
                 raise LsaUserError(f"layer selector must be a non-empty string, got {item!r}")
+            text = item
             item, call = parse_site(item)
+            index = _layer_index(item) if not any(n == item for n, _ in named) else None
             if item in KINDS:
                 hits = [n for n, m in named if isinstance(m, KINDS[item])]
             elif item == "leaves":
                 hits = [n for n, m in named if not any(True for _ in m.children())]
-            elif _is_learnable_index(item) and not any(n == item for n, _ in named):
+            elif index is not None and index[0] == "L":
                 learnable = [n for n, m in named if isinstance(m, LEARNABLE)]
-                k = int(item[1:])
+                k = index[1]
                 if k >= len(learnable):
                     raise LsaUserError(
                         f"{item}: {type(model).__name__} has {len(learnable)} learnable layers "
                         f"(L0..L{len(learnable) - 1}: {', '.join(learnable)})"
                     )
                 hits = [learnable[k]]
+            elif index is not None:
+                if call is not None:
+                    raise LsaUserError(f"{text}: A<k> names one activation site (one call) "
+                                       f"already; drop the #{call}")
+                if acts is None:
+                    acts = _activation_sites_for(model, item, example)
+                if index[1] >= len(acts):
+                    raise LsaUserError(f"{item}: {type(model).__name__} has "
+                                       f"{_count_sites(acts)}")
+                name, call = parse_site(acts[index[1]])
+                call = call or 1
+                hits = [name]
             else:
                 hits = [n for n, _ in named if fnmatch.fnmatchcase(n, item)]
                 if not hits:
                     raise LsaUserError(
                         f"no layer named {item!r} in {type(model).__name__} (kinds: "
-                        f"{', '.join([*KINDS, 'leaves'])}); layers: "
+                        f"{', '.join([*KINDS, 'leaves'])}; indexed: L<k>, A<k>); layers: "
                         f"{', '.join(n for n, _ in named[:40])}"
                         + (" …" if len(named) > 40 else "")
                     )
@@ -139,9 +182,116 @@ def select_layers(model: nn.Module, spec: LayerSpec = "activations") -> list[str
     return chosen
 
 
-def _is_learnable_index(item: str) -> bool:
-    """``"L<k>"`` / ``"l<k>"``: the k-th learnable layer (the paper's "LR-L<k>" naming)."""
-    return len(item) > 1 and item[0] in "Ll" and item[1:].isdigit()
+def _layer_index(item: str) -> tuple[str, int] | None:
+    """``"L<k>"`` / ``"l<k>"`` → ``("L", k)`` (k-th learnable layer, the paper's "LR-L<k>");
+    ``"A<k>"`` / ``"a<k>"`` → ``("A", k)`` (k-th activation site); else None."""
+    if len(item) > 1 and item[0] in "LlAa" and item[1:].isdigit():
+        return item[0].upper(), int(item[1:])
+    return None
+
+
+def _count_sites(acts: list[str]) -> str:
+    """``"3 activation sites in a forward (A0..A2: relu1, relu1#2, relu2)"``."""
+    if not acts:
+        return ("no activation sites in a forward (no module of the activation kinds ran; "
+                "functional activations such as F.relu are not modules)")
+    shown = ", ".join(acts[:40]) + (" …" if len(acts) > 40 else "")
+    return (f"{len(acts)} activation site{'s' if len(acts) != 1 else ''} in a forward "
+            f"(A0..A{len(acts) - 1}: {shown})")
+
+
+def _activation_sites_for(model: nn.Module, item: str, example: Example) -> list[str]:
+    if example is None:
+        raise LsaUserError(
+            f"{item}: A<k> counts the activation sites of one forward of "
+            f"{type(model).__name__} (as lsa analyze numbers its rows), which needs an input: "
+            "pass example= (an input batch or the input shape)"
+        )
+    return activation_sites(model, example)
+
+
+def example_input(model: nn.Module, example: Example) -> torch.Tensor:
+    """One sample ``[1, ...]`` to run ``model`` on, from ``example`` (:data:`Example`), on the
+    model's device and, for floating inputs, in its floating parameters' dtype.
+
+    Raises:
+        LsaUserError: ``example`` is None, an empty batch, or not a tensor or a shape.
+    """
+    if callable(example) and not isinstance(example, torch.Tensor):
+        example = example()
+    if isinstance(example, torch.Tensor):
+        if example.dim() == 0 or example.shape[0] == 0:
+            raise LsaUserError(f"example must be a non-empty input batch [B, ...], got shape "
+                               f"{tuple(example.shape)}")
+        x = example[:1]
+    elif isinstance(example, (tuple, list, torch.Size)) and all(
+            isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in example):
+        x = torch.zeros(1, *example)
+    else:
+        raise LsaUserError("example must be an input batch (a tensor [B, ...]) or the input "
+                           f"shape without the batch dimension, got {example!r}")
+    device = next((t.device for t in model.parameters()), None)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    return x.to(device=device, dtype=dtype if x.is_floating_point() and dtype else None)
+
+
+def forward_sites(model: nn.Module, names: Sequence[str], example: Example,
+                  output: Any = None) -> tuple[list[str], list[str]]:
+    """The sites of the modules ``names`` in the order they run in one forward of one sample
+    of ``example`` (eval mode, no gradients; mode and ``requires_grad`` restored), and those
+    of them whose output is the model's logits itself (the same memory: a final activation,
+    or an in-place one on the logits; ``output``: the logits selector of
+    :func:`lsa_ext.outputs.logits_of`; none when the output holds no logits).
+
+    Raises:
+        LsaUserError: a bad ``example`` (:func:`example_input`) or an unknown module name.
+    """
+    x = example_input(model, example)
+    seen: list[tuple[str, torch.Tensor]] = []
+    with Capture(model, names, on_output=lambda s, t: seen.append((s, t)), detach=True,
+                 copy="never"), model_mode(model, "eval"), torch.no_grad():
+        out = model(x)
+    logits = logits_or_none(out, output)
+    same = [s for s, t in seen if logits is not None and t.numel() == logits.numel() > 0
+            and t.data_ptr() == logits.data_ptr()]
+    return [s for s, _ in seen], same
+
+
+def activation_sites(model: nn.Module, example: Example) -> list[str]:
+    """The activation sites of ``model`` in forward order — ``A<k>`` is the k-th, and they are
+    the rows ``lsa analyze --layers activations`` reports — from one eval-mode, no-grad
+    forward of one sample of ``example`` (:func:`forward_sites`). ``[]`` when the model has no
+    activation module.
+
+    Raises:
+        LsaUserError: a bad ``example``.
+    """
+    names = [n for n, m in model.named_modules() if n and isinstance(m, ACTIVATIONS)]
+    return forward_sites(model, names, example)[0] if names else []
+
+
+def site_labels(model: nn.Module, sites: Sequence[str], example: Example = None) -> list[str]:
+    """Short labels of ``sites``: a learnable module's first call ``L<k>`` (its j-th call
+    ``L<k>#j``), an activation site ``A<k>`` (counted as :func:`activation_sites` does, so
+    only with ``example``; without one, or for a site that does not run, the site itself), any
+    other site unchanged. Used for run names (``AT-PGD-LR-A2``) and MVL messages.
+    """
+    modules = dict(model.named_modules())
+    learnable = [n for n, m in modules.items() if n and isinstance(m, LEARNABLE)]
+    parsed = [parse_site(s) for s in sites]
+    acts: list[str] = []
+    if example is not None and any(isinstance(modules.get(n), ACTIVATIONS) for n, _ in parsed):
+        acts = activation_sites(model, example)
+    labels = []
+    for site, (name, k) in zip(sites, parsed, strict=True):
+        canon = site_name(name, k or 1)
+        if name in learnable:
+            labels.append(f"L{learnable.index(name)}" + (f"#{k}" if k and k > 1 else ""))
+        elif canon in acts:
+            labels.append(f"A{acts.index(canon)}")
+        else:
+            labels.append(site)
+    return labels
 
 
 class InplaceGuard:

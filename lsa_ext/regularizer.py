@@ -16,8 +16,8 @@ Two points the paper leaves open are options (``TrainConfig.lr_reduction`` /
   toward the clean one. The clean forward then runs under ``torch.no_grad()`` where no clean
   logits are needed (``"auto"`` picks ``"two_pass"`` for that), which makes the term cheaper.
 
-- :func:`resolve_layers`: the regularized sites M from names, ``name#k`` sites, globs, kinds
-  or ``"L<k>"``.
+- :func:`resolve_layers`: the regularized sites M from names, ``name#k`` sites, globs, kinds,
+  ``"L<k>"`` or ``"A<k>"``.
 - :func:`gamma_tensor`: γ as one float32 weight per layer.
 - :class:`LRTerm`: the term for fixed sites, reused batch after batch (what the trainer holds:
   it remembers which sites need copies and which pass plan fits the model).
@@ -79,6 +79,7 @@ from lsa_ext.outputs import OutputSelector, check_selector, logits_of
 from lsa_ext.probes import (
     LEARNABLE,
     Capture,
+    Example,
     InplaceGuard,
     canonical_site,
     parse_site,
@@ -97,24 +98,30 @@ CONCAT_MIN_FRACTION = 0.9
 _PER_HALF = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 
 
-def resolve_layers(model: nn.Module, spec: str | Sequence[str]) -> list[str]:
+def resolve_layers(model: nn.Module, spec: str | Sequence[str], *,
+                   example: Example = None) -> list[str]:
     """Regularised sites from ``spec``.
 
     Args:
         spec: a list, or a comma-separated string, of items: ``"L<k>"`` (the k-th learnable
-            layer, ``select_layers(model, "learnable")[k]``, as in the paper's "LR-L<k>"), a
+            layer, ``select_layers(model, "learnable")[k]``, as in the paper's "LR-L<k>"),
+            ``"A<k>"`` (the k-th activation site of a forward, as ``lsa analyze`` numbers
+            its rows — a reused ReLU's second call is its own site; needs ``example``), a
             qualified module name (a leading ``module.`` is stripped), a site ``name#k`` (the
             k-th call of a module called several times per forward, as analysis reports it),
             a glob, or a kind accepted by :func:`lsa_ext.probes.select_layers`
             (``"activations"``, ...). A module name selects its first call.
+        example: an input batch or the input shape (:data:`lsa_ext.probes.Example`) for
+            counting ``A<k>``; used only when an ``A<k>`` item is given.
 
     Returns:
         Sites (``name`` for a first call, ``name#k`` for the k-th) in the order given, each
         once (``name#1`` is ``name``).
 
     Raises:
-        LsaUserError: an index out of range, a name that matches no layer, a bad ``#k``, or
-            ``"mvl"`` (chosen by :func:`lsa_ext.training.train` and ``lsa train``, not here).
+        LsaUserError: an index out of range, a name that matches no layer, a bad ``#k``,
+            ``A<k>`` without ``example``, or ``"mvl"`` (chosen by :func:`lsa_ext.training.train`
+            and ``lsa train``, not here).
     """
     module = unwrap(model)
     items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
@@ -130,7 +137,7 @@ def resolve_layers(model: nn.Module, spec: str | Sequence[str]) -> list[str]:
                 "Trainer or lr_term, get the list from lsa_ext.mvl_select (mvl_from_report, "
                 "mvl_on_the_fly)"
             )
-        for n in select_layers(module, strip_prefix(item)):
+        for n in select_layers(module, strip_prefix(item), example=example):
             site = canonical_site(n)
             if site not in out:
                 out.append(site)

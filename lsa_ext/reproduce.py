@@ -350,20 +350,22 @@ class PlannedRun(NamedTuple):
 
 def plan(protocol: Protocol, model: torch.nn.Module,
          methods: Sequence[str] | None = None,
-         layers: Sequence[str] | None = None) -> list[PlannedRun]:
+         layers: Sequence[str] | None = None,
+         input_shape: Sequence[int] | None = None) -> list[PlannedRun]:
     """Normal, each method, each method × each LR layer × each LR variant of the protocol.
 
     Default LR layers: every learnable layer except the output layer (the paper's rows for
     Model A are L0–L2; the CM of a one-logit output is unbounded near the decision boundary).
     Names are :func:`lsa_ext.training.run_name`'s (the paper's ``AT-<M>-LR-L<k>``) plus the
-    variant's suffix.
+    variant's suffix. ``input_shape``: the data's, for counting ``A<k>`` layers
+    (:func:`lsa_ext.probes.select_layers`); the run names keep them as typed.
     """
     methods = list(methods or protocol.methods)
     if layers is None:
         n = len(select_layers(model, "learnable"))
         layers = protocol.lr_layers or [f"L{k}" for k in range(max(1, n - 1))]
     for layer in layers:  # a typo fails here, not after the runs before it
-        resolve_layers(model, layer)
+        resolve_layers(model, layer, example=input_shape)
     out = [PlannedRun(run_name("none", []), "none", None)]
     out += [PlannedRun(run_name(m, []), m, None) for m in methods]
     out += [PlannedRun(run_name(m, [layer]) + v.suffix, m, layer, v)
@@ -470,7 +472,8 @@ def reproduce(
     # every setting is checked before the data is read and the first run starts
     info = check_dataset_args(proto.dataset, seed=0, **proto.data_options)
     clip = info.data_range
-    runs_plan = plan(proto, build_model(proto.model, info, seed=0), proto.methods, layers)
+    runs_plan = plan(proto, build_model(proto.model, info, seed=0), proto.methods, layers,
+                     info.input_shape)
     if isinstance(seeds, (str, bytes)) or not seeds:
         raise LsaUserError(f"seeds must be a non-empty list of integers, got {seeds!r}")
     seeds = [check_int("seed", s, minimum=0) for s in seeds]

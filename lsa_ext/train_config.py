@@ -19,7 +19,7 @@ from torch import nn
 
 from lsa_ext.errors import LsaUserError
 from lsa_ext.modules import MODES, unwrap
-from lsa_ext.probes import select_layers
+from lsa_ext.probes import Example, site_labels
 
 # Base methods of Algorithm 3 ("none": plain training without attack and LR term).
 AT_METHODS = ("none", "fgsm", "pgd", "fast", "trades", "apgd")
@@ -162,12 +162,15 @@ class TrainConfig:
         return run_name(self.at, self.lr_layers)
 
 
-def run_name(at: str, layers: Sequence[str], model: nn.Module | None = None) -> str:
+def run_name(at: str, layers: Sequence[str], model: nn.Module | None = None,
+             example: Example = None) -> str:
     """The paper's run name (arXiv 2202.02626, Tables 2–4): ``Normal``, ``AT-PGD``,
     ``AT-PGD-LR-L2``.
 
-    ``layers`` are written as given, or — with ``model`` — learnable layers of ``model`` as
-    ``L<k>`` and other layers by name; several are joined with ``+``.
+    ``layers`` are written as given, or — with ``model`` — as
+    :func:`lsa_ext.probes.site_labels` labels them: learnable layers ``L<k>``, activation
+    sites ``A<k>`` when ``example`` (an input batch or shape, for the one forward that counts
+    them) is given too (``AT-PGD-LR-A2``), other sites by name; several are joined with ``+``.
     """
     if at == "none":
         return "Normal"
@@ -176,8 +179,7 @@ def run_name(at: str, layers: Sequence[str], model: nn.Module | None = None) -> 
         return base
     labels = list(layers)
     if model is not None:
-        learnable = select_layers(unwrap(model), "learnable")
-        labels = [f"L{learnable.index(n)}" if n in learnable else n for n in layers]
+        labels = site_labels(unwrap(model), labels, example)
     return f"{base}-LR-{'+'.join(labels)}"
 
 

@@ -51,6 +51,7 @@ Choices (documented defaults):
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -64,7 +65,7 @@ from torch import nn
 
 from lsa_ext import checkpoint as ckpt
 from lsa_ext import distributed
-from lsa_ext.batches import batches, num_samples
+from lsa_ext.batches import batches, first_input, num_samples
 from lsa_ext.collapse import CollapseWatch
 from lsa_ext.devices import resolve_device
 from lsa_ext.errors import LsaUserError
@@ -150,7 +151,10 @@ class Trainer:
         self.num_samples = num_samples(train_data)
         if self.num_samples == 0:
             raise LsaUserError("the training set is empty")
-        self.layers = resolve_layers(self.module, config.lr_layers) if config.lr_layers else []
+        # A<k> selectors and A<k> run-name labels count activation sites on one sample
+        example = functools.partial(first_input, train_data)  # read only when needed
+        self.layers = resolve_layers(self.module, config.lr_layers, example=example) \
+            if config.lr_layers else []
         config.lr_layers = list(self.layers)
         self.gamma = gamma_tensor(config.gamma, len(self.layers), self.device) \
             if self.layers else None
@@ -170,7 +174,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self._fresh = True
         self.run_name = run_name("custom" if attack is not None and config.at == "none"
-                                 else config.at, self.layers, self.module)
+                                 else config.at, self.layers, self.module, example)
         # warns once when training collapses or diverges (lsa_ext.collapse)
         self.watch = CollapseWatch(train_data, config, self.layers,
                                    steps_per_epoch=-(-self.num_samples // config.batch_size),

@@ -14,6 +14,7 @@ Trainer, TrainConfig, lr_term, ...`` works:
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -38,6 +39,8 @@ from lsa_ext.train_config import (
 )
 from lsa_ext.trainer import Trainer, TrainingDivergedError, fit
 from lsa_ext.types import Perturbation
+
+log = logging.getLogger("lsa_ext.training")
 
 
 def train(
@@ -67,6 +70,7 @@ def train(
     lr_detach_clean: bool = False,
     eta: float = 1.0,
     mvl_report: str | os.PathLike | None = None,
+    mvl_kind: str = "activations",
     attack: Perturbation | None = None,
     out: str | os.PathLike | None = None,
     resume: str | os.PathLike | None = None,
@@ -85,7 +89,9 @@ def train(
             list or a comma-separated string (:func:`resolve_layers`); or ``"mvl"``: the most
             vulnerable layers for cut-off ``eta`` (default 1.0), read from the ``lsa analyze``
             report ``mvl_report`` when given, else found by Algorithm 2 on a normally trained
-            copy of ``model`` (``epochs`` epochs; :func:`lsa_ext.mvl_select.choose_mvl`).
+            copy of ``model`` (``epochs`` epochs; :func:`lsa_ext.mvl_select.choose_mvl`),
+            probing ``mvl_kind``: ``"activations"`` (default, as ``lsa analyze``) or
+            ``"learnable"``; the output layer is left out.
         lr_pass: how the clean and adversarial batches run for the LR term:
             ``"auto"`` (default), ``"concat"`` or ``"two_pass"`` (:mod:`lsa_ext.regularizer`).
         lr_reduction: the CM over the batch, ``"mean"`` (default: the paper's per-sample
@@ -137,11 +143,13 @@ def train(
             raise LsaUserError("lr_layers='mvl' needs an attack: choose an `at` method other "
                                "than 'none'")
         cfg.validate()  # every other setting is checked before the MVL search
-        cfg.lr_layers = choose_mvl(
+        choice = choose_mvl(
             model, train_data, at=at, eps=float(eps), clip=clip, eta=eta, report=mvl_report,
-            epochs=epochs, batch_size=batch_size, lr=float(lr), optimizer=optimizer, seed=seed,
-            device=device, progress=progress, output=output,
+            kind=mvl_kind, epochs=epochs, batch_size=batch_size, lr=float(lr),
+            optimizer=optimizer, seed=seed, device=device, progress=progress, output=output,
         )
+        log.info("lr_layers='mvl': %s", choice.describe())
+        cfg.lr_layers = choice.sites
     trainer = Trainer(model, train_data, cfg, attack=attack, out=out, progress=progress,
                       output=output)
     if resume is not None:

@@ -29,18 +29,21 @@ def _lsa(cwd, *args, umask=0o022):
 
 
 def test_at_pgd_lr_mvl_works_out_of_the_box(tmp_path):
-    """Point 1: the first AT-LR command anyone types. No layer passes η = 1 on two-moons: the
-    top-ranked hidden layer is taken (one warning line), the default γ does not collapse."""
+    """Point 1: the first AT-LR command anyone types. MVL on the fly probes the activation
+    outputs, as lsa analyze; no layer passes η = 1 on two-moons: the top-ranked one is taken
+    (one warning line), the default γ does not collapse."""
     res = _lsa(tmp_path, "train", "--at", "pgd", "--lr-layers", "mvl", "--epochs", "3",
                "--limit-train", "1000")
     assert res.returncode == 0, res.stderr
     warnings = [ln for ln in res.stderr.splitlines() if ln.startswith("WARNING")]
     assert warnings == ["WARNING lsa_ext.mvl_select: no layer passes the MVL cut-off eta=1: "
-                        "taking the top-ranked layer fc3 (a lower eta selects by the cut-off)"]
-    assert "LR layers (--lr-layers mvl, η=1): fc3" in res.stderr
+                        "taking the top-ranked layer act3 (a lower eta selects by the cut-off)"]
+    assert ("LR layers (--lr-layers mvl): MVL on the fly (activation outputs, as lsa analyze; "
+            "pgd, η=1): A2 (act3) (top-ranked: no layer passes η)") in res.stderr.splitlines()
     run = tmp_path / "runs" / "moons-AT-PGD-LR-mvl"  # point 2: the default --out names the run
     cfg = json.loads((run / "config.json").read_text())
-    assert cfg["config"]["lr_layers"] == ["fc3"] and cfg["config"]["gamma"] == 0.1
+    assert cfg["config"]["lr_layers"] == ["act3"] and cfg["config"]["gamma"] == 0.1
+    assert "AT-PGD-LR-A2:" in res.stdout
     acc = float(re.search(r"clean test accuracy ([\d.]+) %", res.stdout).group(1))
     assert acc > 70.0, res.stdout  # chance is 50 %; γ = 1 on fc3+fc4 gave exactly 50 %
     # point 5: progress lines with units

@@ -128,13 +128,29 @@ def test_lr_layers_from_an_analyze_report(tmp_path, capsys, caplog):
 
 
 def test_lr_layers_mvl_on_the_fly(tmp_path, capsys):
-    out = tmp_path / "run"
-    rc = main(["train", *TINY, "--at", "fgsm", "--lr-layers", "mvl", "--eta", "0",
-               "--epochs", "1", "--out", str(out)])
-    assert rc == 0, capsys.readouterr().err
-    layers = json.loads((out / "config.json").read_text())["config"]["lr_layers"]
-    assert layers and set(layers) <= {"fc1", "fc2", "fc3"}  # never the output layer fc4
-    assert "LR layers (--lr-layers mvl, η=0): " in capsys.readouterr().err
+    """Model A (fc1 act1 fc2 act2 fc3 act3 fc4): on the fly probes the activation outputs by
+    default, as lsa analyze; --mvl-kind learnable probes fc1..fc3 (fc4, the output, left out)."""
+    import re
+
+    for kind, sites, label in ((None, {"act1", "act2", "act3"}, "A"),
+                               ("learnable", {"fc1", "fc2", "fc3"}, "L")):
+        out = tmp_path / f"run-{kind}"
+        rc = main(["train", *TINY, "--at", "fgsm", "--lr-layers", "mvl", "--eta", "0",
+                   "--epochs", "1", "--out", str(out),
+                   *(["--mvl-kind", kind] if kind else [])])
+        captured = capsys.readouterr()
+        assert rc == 0, captured.err
+        saved = json.loads((out / "config.json").read_text())
+        layers = saved["config"]["lr_layers"]
+        assert layers and set(layers) <= sites
+        assert saved["meta"]["mvl_kind"] == (kind or "activations")
+        what = ("activation outputs, as lsa analyze" if kind is None else
+                "learnable-layer outputs; output layer fc4 left out")
+        named = ", ".join(f"{label}{int(s[-1]) - 1} ({s})" for s in layers)
+        line = f"LR layers (--lr-layers mvl): MVL on the fly ({what}; fgsm, η=0): {named}"
+        assert line in captured.err.splitlines(), captured.err
+        name = "+".join(re.findall(rf"{label}\d", named))
+        assert f"AT-FGSM-LR-{name}:" in captured.out
 
 
 def test_moons_options_reach_training_and_evaluation(tmp_path, capsys):

@@ -73,7 +73,7 @@ def test_mvl_from_a_real_analysis_report_matches_the_analysis(tmp_path):
     for eta in (-0.5, 0.0, 0.5):
         want = res.mvl(eta)["fgsm"]
         if want:
-            assert mvl_from_report(tmp_path / "report.json", eta) == want
+            assert mvl_from_report(tmp_path / "report.json", eta).sites == want
             checked += 1
     assert checked >= 2
 
@@ -92,13 +92,14 @@ def test_mvl_from_report_checks_the_schema_and_names(tmp_path, caplog):
     (tmp_path / "r.json").write_text(json.dumps(rep))
     # mu = 0.5, sigma = 0.4: only b#2 (mean 0.9) exceeds mu + 0.5 sigma; the site is kept as
     # reported (b's second call), so training regularises exactly that call
-    assert mvl_from_report(tmp_path / "r.json", 0.5) == ["b#2"]  # the one adversarial entry
-    assert mvl_from_report(tmp_path / "r.json", 0.5, "gaussian") == ["b#2"]
+    assert mvl_from_report(tmp_path / "r.json", 0.5).sites == ["b#2"]  # the one adversarial entry
+    assert mvl_from_report(tmp_path / "r.json", 0.5, "gaussian").sites == ["b#2"]
     with pytest.raises(LsaUserError, match="no perturbation 'pgd'"):
         mvl_from_report(tmp_path / "r.json", 0.5, "pgd")
     # no layer passes η = 5: the top-ranked layer, and a warning that says so
     with caplog.at_level("WARNING", logger="lsa_ext.mvl_select"):
-        assert mvl_from_report(tmp_path / "r.json", 5.0) == ["b#2"]  # the site as reported
+        choice = mvl_from_report(tmp_path / "r.json", 5.0)
+    assert choice.sites == ["b#2"] and choice.top_ranked  # the site as reported
     assert [r.getMessage() for r in caplog.records] == [
         f"no layer passes the MVL cut-off eta=5 in {tmp_path / 'r.json'}: taking the top-ranked "
         "layer b#2 (a lower eta selects by the cut-off)"]

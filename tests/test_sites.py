@@ -143,23 +143,32 @@ def test_train_lr_layers_mvl_from_a_report_and_on_the_fly(tmp_path):
     res = lsa_ext.analyze(m, (x, y), {"fgsm": FGSM(m, 0.1, clip=None)}, layers="learnable",
                           progress=False)
     res.to_json(tmp_path / "report.json", eta=0.0)
-    want = mvl_from_report(tmp_path / "report.json", 0.0)
+    # with the model, the output layer `out` is left out, as on the fly
+    want = mvl_from_report(tmp_path / "report.json", 0.0, model=Shared())
+    assert want.left_out == ["out"] and want.kind == "learnable"
+    assert want.sites and set(want.sites) <= {"fc1", "fc2"}
     lsa_ext.train(Shared(), (x, y), at="fgsm", eps=0.1, lr_layers="mvl", eta=0.0,
                   mvl_report=tmp_path / "report.json", epochs=1, batch_size=32,
                   out=tmp_path / "a", progress=False)
-    assert checkpoint.load_checkpoint(tmp_path / "a" / "last.pt")["config"]["lr_layers"] == want
+    assert checkpoint.load_checkpoint(tmp_path / "a" / "last.pt")["config"]["lr_layers"] \
+        == want.sites
     kw = dict(at="fgsm", eps=0.1, clip=None, eta=0.0, epochs=1, batch_size=32, seed=0)
     torch.manual_seed(1)
     fresh = Shared()
-    want = mvl_on_the_fly(fresh, (x, y), **kw)
-    assert want
+    want = mvl_on_the_fly(fresh, (x, y), **kw)  # activation sites, as lsa analyze
+    assert want.kind == "activations" and want.sites
+    assert set(want.sites) <= {"block.act", "block.act#2"}
     lsa_ext.train(fresh, (x, y), lr_layers="MVL", out=tmp_path / "b", progress=False,
                   **{k: v for k, v in kw.items() if k != "clip"})
-    assert checkpoint.load_checkpoint(tmp_path / "b" / "last.pt")["config"]["lr_layers"] == want
+    assert checkpoint.load_checkpoint(tmp_path / "b" / "last.pt")["config"]["lr_layers"] \
+        == want.sites
     with pytest.raises(LsaUserError, match="needs an attack"):
         lsa_ext.train(Shared(), (x, y), at="none", lr_layers="mvl", epochs=1)
     with pytest.raises(LsaUserError, match="unknown optimizer"):  # checked before the search
         lsa_ext.train(Shared(), (x, y), at="fgsm", lr_layers="mvl", optimizer="lbfgs")
+    with pytest.raises(LsaUserError, match="unknown MVL kind 'relu'; choices: activations, "
+                                           "learnable"):
+        lsa_ext.train(Shared(), (x, y), at="fgsm", lr_layers="mvl", mvl_kind="relu")
 
 
 def test_auto_pass_plan_follows_the_depth_of_the_last_site():

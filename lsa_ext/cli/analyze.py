@@ -79,7 +79,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "run's last.pt/model.pt: its dataset and model are used")
     p.add_argument("--layers", default="activations",
                    help="probes: activations, learnable, leaves, L<k> (k-th learnable layer), "
-                        "names or globs, comma-separated (default: activations)")
+                        "A<k> (k-th activation site: row k of the default), names, name#k "
+                        "sites or globs, comma-separated (default: activations)")
     p.add_argument("--perturbations", default=DEFAULT_PERTURBATIONS,
                    help="comma-separated specs, e.g. 'gaussian:std=0.1,fgsm:eps=0.1,pgd:steps=20' "
                         f"(default: {DEFAULT_PERTURBATIONS}); also salt_pepper, fast, trades, "
@@ -136,7 +137,7 @@ def _checked_model(args, info, model_name: str, eps: float):
     from lsa_ext.probes import select_layers
 
     model = build_model(model_name, info, seed=args.seed)
-    select_layers(model, args.layers)
+    select_layers(model, args.layers, example=info.input_shape)
     check_model_output(model, info.input_shape, info.num_classes)
     build_perturbations(args.perturbations, model=model, clip=info.data_range, eps=eps,
                         seed=args.seed, num_classes=info.num_classes)

@@ -40,7 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--methods", default=None,
                    help=f"comma-separated base methods (default: {defaults})")
     p.add_argument("--layers", default=None,
-                   help="comma-separated LR layers, e.g. L0,L2 (default: every learnable layer)")
+                   help="comma-separated LR layers, e.g. L0,L2 or A1 (k-th activation site) "
+                        "(default: every learnable layer but the output layer)")
     p.add_argument("--lr-variants", default=None,
                    help="comma-separated LR variants each LR row is trained with: "
                         f"{', '.join(LR_VARIANTS)}, or all (default: mean — per-sample CM, "

@@ -119,6 +119,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "interrupted run bit for bit.",
     )
     from lsa_ext.cli.options import add_device_option
+    from lsa_ext.mvl_select import MVL_KINDS
     from lsa_ext.train_config import (
         AT_METHODS,
         ATTACK_MODES,
@@ -143,13 +144,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--trades-beta", type=float, default=6.0, help="TRADES β (default 6)")
     g = p.add_argument_group("layer-wise regularization (LR)")
     g.add_argument("--lr-layers", default=None,
-                   help="regularized layers: comma-separated names or L<k> (k-th learnable "
-                        "layer), or 'mvl' (most vulnerable layers; see --mvl-report, --eta; "
-                        "the top-ranked layer when none passes η)")
+                   help="regularized layers: comma-separated names, name#k sites, L<k> (k-th "
+                        "learnable layer), A<k> (k-th activation site, as lsa analyze numbers "
+                        "its rows), or 'mvl' (most vulnerable layers; see --mvl-report, "
+                        "--mvl-kind, --eta; the top-ranked layer when none passes η)")
     g.add_argument("--mvl-report", default=None,
                    help="with --lr-layers mvl: an 'lsa analyze' report.json to take the MVL "
-                        "from (default: analyze a normally trained copy on the fly, hidden "
-                        "layers only)")
+                        "from (default: analyze a normally trained copy on the fly, output "
+                        "layer left out)")
+    g.add_argument("--mvl-kind", default=MVL_KINDS[0], choices=MVL_KINDS,
+                   help="with --lr-layers mvl on the fly: the layers probed — activations "
+                        "(default, as lsa analyze: activation outputs) or learnable (Conv/"
+                        "Linear outputs)")
     g.add_argument("--eta", type=float, default=1.0, help="MVL cut-off η ≥ 0 (default 1.0)")
     g.add_argument("--gamma", default=DEFAULT_GAMMA,
                    help="LR weight γ: one value, or one per layer comma-separated "
@@ -208,6 +214,11 @@ def _check_args(args: argparse.Namespace) -> None:
     mvl = args.lr_layers is not None and args.lr_layers.strip().lower() == "mvl"
     if args.mvl_report and not mvl:
         raise LsaUserError("--mvl-report is read only with --lr-layers mvl")
+    if "mvl_kind" in args.given and not mvl:
+        raise LsaUserError("--mvl-kind is read only with --lr-layers mvl")
+    if "mvl_kind" in args.given and args.mvl_report:
+        raise LsaUserError("--mvl-kind picks what MVL on the fly probes; with --mvl-report the "
+                           "report's layers count: give one of them")
     if mvl and args.at == "none":
         raise LsaUserError("--lr-layers mvl needs an --at method other than 'none'")
 
@@ -280,7 +291,7 @@ def _new_run(args: argparse.Namespace) -> int:
         at=args.at, eps=float(eps), attack_kwargs=attack_kwargs(args),
         attack_mode=args.attack_mode,
         clip=None if info.data_range is None else list(info.data_range),
-        lr_layers=[] if mvl else resolve_lr_layers(args, model, None, eps),
+        lr_layers=[] if mvl else _lr_layers(args, model, info.input_shape),
         gamma=parse_gamma(args.gamma), trades_beta=args.trades_beta,
         full_clean_pass=args.full_clean_pass, lr_pass=args.lr_pass,
         lr_reduction=args.lr_reduction, lr_detach_clean=args.lr_detach_clean, epochs=_epochs(args),
@@ -292,7 +303,8 @@ def _new_run(args: argparse.Namespace) -> int:
     check_training_attack(cfg, model, info.num_classes)
     if cfg.lr_layers:
         gamma_tensor(cfg.gamma, len(cfg.lr_layers))
-    mvl_names = mvl_from_report_layers(args, model) if mvl and args.mvl_report else None
+    # MVL from a report: read before any data (the on-the-fly search needs the data)
+    chosen = _mvl_layers(args, model, None, eps, info) if mvl and args.mvl_report else None
     out = prepare_out(args.out or _out_name(args.dataset, args), overwrite=args.overwrite)
     data = load_data(args.dataset, args.data_dir, args.data_seed, args.limit_train,
                      args.limit_test, options)
@@ -300,11 +312,12 @@ def _new_run(args: argparse.Namespace) -> int:
     distributed.init_from_env(args.dist_backend, args.device, args.dist_timeout)
     main = distributed.is_main()
     if mvl:
-        cfg.lr_layers = mvl_names or resolve_lr_layers(args, model, data, eps)
+        cfg.lr_layers = chosen or _mvl_layers(args, model, data.train, eps, info)
     meta = {"dataset": name, "model": model_name, "data_dir": args.data_dir,
             "data_seed": args.data_seed, "limit_train": args.limit_train,
             "limit_test": args.limit_test, "data_options": data.options,
-            "lr_layers_spec": args.lr_layers, "eta": args.eta, "mvl_report": args.mvl_report}
+            "lr_layers_spec": args.lr_layers, "eta": args.eta, "mvl_report": args.mvl_report,
+            "mvl_kind": args.mvl_kind if mvl and not args.mvl_report else None}
     trainer = Trainer(model, data.train, cfg, out=out, meta=meta, on_epoch=_on_epoch(out))
     if main:
         removed = clear_run(out) if args.overwrite and out.is_dir() else []
@@ -353,7 +366,7 @@ def _resume(args: argparse.Namespace) -> int:
                      meta.get("data_seed", 0), meta.get("limit_train"), meta.get("limit_test"),
                      stored_data_options(meta))
     model = build_model(meta["model"], data.info, seed=cfg.seed)
-    _check_resume_options(args, cfg, meta, model, path)
+    _check_resume_options(args, cfg, meta, model, path, data.info.input_shape)
     if "epochs" in args.given:
         if args.epochs < done:
             raise LsaUserError(f"--epochs {args.epochs} is fewer than the "
@@ -382,6 +395,7 @@ _FIXED = {
     "dataset": ("meta", "dataset"), "model": ("meta", "model"),
     "data_seed": ("meta", "data_seed"), "limit_train": ("meta", "limit_train"),
     "limit_test": ("meta", "limit_test"), "mvl_report": ("meta", "mvl_report"),
+    "mvl_kind": ("meta", "mvl_kind"),
     "eta": ("meta", "eta"), "at": ("config", "at"), "eps": ("config", "eps"),
     "attack_mode": ("config", "attack_mode"), "trades_beta": ("config", "trades_beta"),
     "full_clean_pass": ("config", "full_clean_pass"), "lr_pass": ("config", "lr_pass"),
@@ -396,8 +410,9 @@ _FIXED = {
 
 
 def _check_resume_options(args: argparse.Namespace, cfg, meta: dict[str, Any], model,
-                          path: Path) -> None:
-    """Raises when options given with --resume contradict the run's stored settings."""
+                          path: Path, input_shape: tuple[int, ...] | None = None) -> None:
+    """Raises when options given with --resume contradict the run's stored settings
+    (``input_shape``: the data's, for counting A<k> in --lr-layers)."""
     from lsa_ext.data import dataset_info
 
     stored = {"meta": meta, "config": cfg.to_dict(), "attack": cfg.attack_kwargs}
@@ -408,7 +423,7 @@ def _check_resume_options(args: argparse.Namespace, cfg, meta: dict[str, Any], m
             have, same = cfg.gamma, _same(parse_gamma(given), cfg.gamma)
         elif dest == "lr_layers":
             have = meta.get("lr_layers_spec") or ",".join(cfg.lr_layers) or None
-            same = _same_layers(given, have, cfg.lr_layers, model)
+            same = _same_layers(given, have, cfg.lr_layers, model, input_shape)
         else:
             where, key = _FIXED[dest]
             if where == "meta" and key not in meta:  # a run written before lsa_ext stored it
@@ -443,7 +458,8 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def _same_layers(given: str | None, spec: str | None, layers: list[str], model) -> bool:
+def _same_layers(given: str | None, spec: str | None, layers: list[str], model,
+                 input_shape: tuple[int, ...] | None = None) -> bool:
     """Whether --lr-layers ``given`` names the run's LR layers (stored ``spec``/``layers``)."""
     from lsa_ext.training import resolve_layers
 
@@ -454,7 +470,7 @@ def _same_layers(given: str | None, spec: str | None, layers: list[str], model) 
         return not layers
     if norm.lower() == "mvl":
         return False
-    return list(resolve_layers(model, norm)) == list(layers)
+    return list(resolve_layers(model, norm, example=input_shape)) == list(layers)
 
 
 def _fit_and_report(trainer, data, out: Path) -> int:
@@ -521,36 +537,30 @@ def _on_epoch(out: Path):
     return on_epoch
 
 
-def mvl_from_report_layers(args: argparse.Namespace, model) -> list[str]:
-    """The LR layers from --mvl-report (read before any data; no training)."""
-    from lsa_ext.mvl_select import mvl_from_report
-    from lsa_ext.training import resolve_layers
-
-    names = mvl_from_report(args.mvl_report, args.eta)
-    print(f"most vulnerable layers (η={args.eta}): {', '.join(names)}", file=sys.stderr)
-    return resolve_layers(model, names)
-
-
-def resolve_lr_layers(args: argparse.Namespace, model, data, eps: float) -> list[str]:
-    """The LR layer names from --lr-layers (names, L<k>, or mvl; ``data`` is needed only for
-    mvl computed on the fly)."""
-    from lsa_ext.mvl_select import mvl_from_report, mvl_on_the_fly
+def _lr_layers(args: argparse.Namespace, model, input_shape: tuple[int, ...]) -> list[str]:
+    """The LR sites of --lr-layers given as names, sites, L<k> or A<k> (A<k> counted on one
+    zero input of the dataset's shape); [] when none."""
     from lsa_ext.training import resolve_layers
 
     spec = args.lr_layers
     if spec is None or not spec.strip():
         return []
-    if spec.strip().lower() == "mvl":
-        if args.mvl_report:
-            names = mvl_from_report(args.mvl_report, args.eta)
-        else:
-            names = mvl_on_the_fly(
-                model, data.train, at=args.at, eps=eps,
-                clip=None if data.info.data_range is None else tuple(data.info.data_range),
-                eta=args.eta, epochs=_epochs(args), batch_size=args.batch_size, lr=args.lr,
-                optimizer=args.optimizer, seed=args.seed, device=args.device,
-            )
-        print(f"LR layers (--lr-layers mvl, η={args.eta:g}): {', '.join(names)}",
-              file=sys.stderr)
-        return resolve_layers(model, names)
-    return resolve_layers(model, spec)
+    return resolve_layers(model, spec, example=input_shape)
+
+
+def _mvl_layers(args: argparse.Namespace, model, train_data, eps: float, info) -> list[str]:
+    """The LR sites of --lr-layers mvl (:func:`lsa_ext.mvl_select.choose_mvl`): from
+    --mvl-report (``train_data`` None: nothing read, nothing trained), else on the fly on
+    ``train_data``, probing --mvl-kind. Prints which kind and sites were chosen."""
+    from lsa_ext.mvl_select import choose_mvl
+    from lsa_ext.training import resolve_layers
+
+    choice = choose_mvl(
+        model, train_data, at=args.at, eps=eps,
+        clip=None if info.data_range is None else tuple(info.data_range), eta=args.eta,
+        report=args.mvl_report, kind=args.mvl_kind, example=info.input_shape,
+        epochs=_epochs(args), batch_size=args.batch_size, lr=args.lr,
+        optimizer=args.optimizer, seed=args.seed, device=args.device,
+    )
+    print(f"LR layers (--lr-layers mvl): {choice.describe()}", file=sys.stderr)
+    return resolve_layers(model, choice.sites)
