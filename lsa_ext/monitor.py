@@ -31,8 +31,11 @@ Choices (documented defaults):
   monitored run trains to bitwise the same weights as an unmonitored one.
 
 Files (rank 0, when the monitor has a folder): :data:`CSV_NAME` (``epoch, layer, kind, mean,
-std``; one row per epoch and site) and :data:`PNG_NAME` (mean CM per site over the epochs),
-both rewritten atomically after every measurement (:mod:`lsa_ext.io`). A resumed run keeps the
+std``; one row per epoch and site), rewritten atomically after every measurement
+(:mod:`lsa_ext.io`), and :data:`PNG_NAME` (mean CM per site over the epochs), redrawn
+atomically after a measurement when that keeps its drawing under :data:`PNG_SHARE` (10 %) of
+the wall time since the last drawing — after every epoch once epochs take a few seconds — and
+always when training ends (:meth:`LayerMonitor.finish`). A resumed run keeps the
 rows of the epochs it has done and replaces those after them (a run restarted from an earlier
 checkpoint drops the later epochs), so no epoch appears twice.
 """
@@ -41,8 +44,10 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import os
 import random
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -60,7 +65,7 @@ from lsa_ext.io import atomic_write_csv, atomic_write_with
 from lsa_ext.modules import model_device
 from lsa_ext.outputs import OutputSelector
 from lsa_ext.probes import Capture, canonical_site, parse_site, select_layers
-from lsa_ext.report import wants_log_scale
+from lsa_ext.report import perturbation_params, wants_log_scale
 from lsa_ext.seeding import batch_seeding, rng_scope
 from lsa_ext.train_config import TRAIN_ATTACK_DEFAULTS
 from lsa_ext.types import Perturbation
@@ -70,6 +75,9 @@ log = logging.getLogger("lsa_ext.monitor")
 DEFAULT_SAMPLES = 256
 DEFAULT_LAYERS = "activations"
 NONE_ATTACK = "fgsm"  # the monitor's attack for runs that train without one
+# monitor.png is redrawn after an epoch only when drawing it (~0.3 s on a busy 2-core CPU)
+# keeps it under this share of the wall time since the last drawing; always at the end
+PNG_SHARE = 0.1
 CSV_NAME = "monitor.csv"
 PNG_NAME = "monitor.png"
 FIELDS = ("epoch", "layer", "kind", "mean", "std")
@@ -209,11 +217,19 @@ class LayerMonitor:
             self.attack = attack
         self.mode = "two_pass" if config.lr_pass == "two_pass" else "concat"
         self.rows: list[dict[str, Any]] = []
+        self._png_seconds, self._png_done, self._png_stale = 0.0, -math.inf, False
 
     @property
     def description(self) -> str:
         """The attack and probe, in words: ``FGSM(eps=0.3, ...) on 256 training samples``."""
         return f"{self.attack!r} on {len(self.y)} training samples"
+
+    @property
+    def short_description(self) -> str:
+        """``PGD (ε=0.3, 10 steps), 256 training samples``: the figure's title."""
+        params = perturbation_params(repr(self.attack))
+        name = type(self.attack).__name__
+        return f"{name}{f' ({params})' if params else ''}, {len(self.y)} training samples"
 
     # ----------------------------------------------------------------- measuring
     def measure(self) -> list[dict[str, Any]]:
@@ -286,14 +302,33 @@ class LayerMonitor:
             log.warning("%s cannot be read (%s): a new one is written", path, exc)
             return []
 
-    def write(self) -> None:
-        """Writes :data:`CSV_NAME` and :data:`PNG_NAME` atomically (rank 0, with a folder)."""
+    def write(self, figure: bool | None = None) -> None:
+        """Writes :data:`CSV_NAME` and, when due, :data:`PNG_NAME`, atomically (rank 0, with a
+        folder). ``figure``: True/False forces the figure on/off; None (default) draws it
+        unless the last drawing was less than ``(1/PNG_SHARE − 1)`` times its own duration
+        ago (then :meth:`finish` draws it)."""
         if self.out is None or not distributed.is_main():
             return
         atomic_write_csv(self.out / CSV_NAME, self.rows, FIELDS)
-        fig = monitor_figure(self.rows, title=f"Layer monitoring: relative error under "
-                                              f"{self.description}")
+        if figure is None:
+            wait = self._png_seconds * (1.0 / PNG_SHARE - 1.0)
+            figure = time.perf_counter() - self._png_done >= wait
+        self._png_stale = True
+        if figure:
+            self._draw()
+
+    def _draw(self) -> None:
+        t0 = time.perf_counter()
+        fig = monitor_figure(self.rows, title=f"Layer monitoring: {self.short_description}")
+        assert self.out is not None
         atomic_write_with(self.out / PNG_NAME, lambda fh: fig.savefig(fh, format="png", dpi=110))
+        self._png_done = time.perf_counter()
+        self._png_seconds, self._png_stale = self._png_done - t0, False
+
+    def finish(self) -> None:
+        """Draws :data:`PNG_NAME` if the last :meth:`write` skipped it (end of training)."""
+        if self._png_stale and self.out is not None and distributed.is_main():
+            self._draw()
 
 
 def monitor_figure(rows: Sequence[dict[str, Any]], title: str = "Layer monitoring") -> Any:
@@ -303,6 +338,7 @@ def monitor_figure(rows: Sequence[dict[str, Any]], title: str = "Layer monitorin
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     sites: list[str] = []
     for r in rows:
@@ -329,9 +365,10 @@ def monitor_figure(rows: Sequence[dict[str, Any]], title: str = "Layer monitorin
             ax.fill_between(ep, lo, m + s, color=color, alpha=0.12, lw=0)
     if log_scale:
         ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch (0: before training)")
     ax.set_ylabel("mean relative error (CM), ±std over the probe")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(f"{title}\nrelative error per layer, clean vs attacked", fontsize=10)
     ax.grid(True, alpha=0.35)
     if sites:
         ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)

@@ -361,6 +361,8 @@ class Trainer:
                       ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
             if self.on_epoch is not None:
                 self.on_epoch(self, record)
+        if self.monitor is not None:
+            self.monitor.finish()  # monitor.png drawn if an epoch skipped it
         return self.model
 
 
