@@ -274,15 +274,11 @@ class LayerMonitor:
 
     def start(self, epoch: int) -> None:
         """Called before training continues from ``epoch`` (0 for a fresh run): reads the rows
-        of :data:`CSV_NAME` written before (a resumed run), drops those after ``epoch`` and
-        records ``epoch`` itself when it has no rows."""
+        of :data:`CSV_NAME` written before (a resumed run), keeps those before ``epoch`` and
+        measures ``epoch`` itself (again: the same weights give the same rows)."""
         if not self.rows:
             self.rows = self._read()
-        self.rows = [r for r in self.rows if r["epoch"] <= epoch]
-        if any(r["epoch"] == epoch for r in self.rows):
-            self.write()
-        else:
-            self.record(epoch)
+        self.record(epoch)
 
     # ----------------------------------------------------------------- files
     def _read(self) -> list[dict[str, Any]]:

@@ -4,7 +4,9 @@
 Writes under ``--out`` (default ``runs/<dataset>-<run name>``, e.g. ``runs/moons-AT-PGD``):
 ``config.json`` (the run's settings), ``last.pt`` before the first batch and after every epoch
 (atomically; the one before is kept as ``prev.pt``), ``history.json`` (per-epoch losses) and
-``model.pt`` (final weights, a plain state_dict) at the end. A folder that is not empty is
+``model.pt`` (final weights, a plain state_dict) at the end; with ``--monitor``, ``monitor.csv``
+and ``monitor.png`` (each layer's relative error on a fixed probe under the training attack,
+per epoch: :mod:`lsa_ext.monitor`). A folder that is not empty is
 refused unless ``--overwrite`` (the old run's files are removed) or ``--resume``, which
 continues ``--out/last.pt`` (or a given checkpoint) with the settings stored in it: options
 that contradict them are an error naming them; ``--epochs``, ``--device`` and ``--data-dir``
