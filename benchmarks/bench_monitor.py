@@ -54,9 +54,9 @@ CASES = {
 
 
 def run_once(case: str, data, monitor: bool, epochs: int, folder: Path
-             ) -> tuple[list[float], list[float], list[float]]:
+             ) -> tuple[list[float], list[float], list[float], list[float]]:
     """One training run; per-epoch wall and CPU seconds (the first epoch left out) and the
-    monitor's own seconds per epoch."""
+    monitor's own wall and CPU seconds per epoch."""
     dataset, model_name, at, layer = CASES[case]
     model = build_model(model_name, data.info, seed=0)
     cfg = TrainConfig(at=at, eps=TRAIN_EPS.get(dataset, 0.3),
@@ -68,20 +68,22 @@ def run_once(case: str, data, monitor: bool, epochs: int, folder: Path
                       on_epoch=lambda t, r: stamps.append((time.perf_counter(),
                                                            time.process_time())))
     own: list[float] = []
+    own_cpu: list[float] = []
     if trainer.monitor is not None:
         record = trainer.monitor.record
 
         def timed(epoch: int):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             rows = record(epoch)
             own.append(time.perf_counter() - t0)
+            own_cpu.append(time.process_time() - c0)
             return rows
 
         trainer.monitor.record = timed  # type: ignore[method-assign]
     trainer.fit()
     wall = [b[0] - a[0] for a, b in zip(stamps, stamps[1:], strict=False)]
     cpu = [b[1] - a[1] for a, b in zip(stamps, stamps[1:], strict=False)]
-    return wall, cpu, own[2:]  # own[0]: epoch 0, own[1]: the first epoch (left out)
+    return wall, cpu, own[2:], own_cpu[2:]  # [0]: epoch 0, [1]: the first epoch (left out)
 
 
 def main() -> None:
@@ -103,14 +105,16 @@ def main() -> None:
         for case in cases:
             data = load_dataset(CASES[case][0], seed=0)
             res: dict[bool, dict[str, list[float]]] = {
-                m: {"wall": [], "cpu": [], "own": []} for m in (False, True)}
+                m: {"wall": [], "cpu": [], "own": [], "own_cpu": []} for m in (False, True)}
             for r in range(args.rounds):
                 for monitor in ((False, True) if r % 2 == 0 else (True, False)):
                     folder = Path(tmp) / f"{case}-{r}-{monitor}"
-                    wall, cpu, own = run_once(case, data, monitor, args.epochs, folder)
+                    wall, cpu, own, own_cpu = run_once(case, data, monitor, args.epochs,
+                                                       folder)
                     res[monitor]["wall"] += wall
                     res[monitor]["cpu"] += cpu
                     res[monitor]["own"] += own
+                    res[monitor]["own_cpu"] += own_cpu
             med = {m: {k: statistics.median(v) if v else float("nan") for k, v in d.items()}
                    for m, d in res.items()}
             rows.append((case, len(data.train), med))
@@ -118,7 +122,7 @@ def main() -> None:
     print(f"load average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print()
     print("| case | training samples | epoch without (s, wall / CPU) | epoch with --monitor "
-          "(s, wall / CPU) | ratio (wall) | ratio (CPU) | monitor's own (s) |")
+          "(s, wall / CPU) | ratio (wall) | ratio (CPU) | monitor's own (s, wall / CPU) |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for case, n, med in rows:
         off, on = med[False], med[True]
@@ -127,7 +131,7 @@ def main() -> None:
                                               f"AT-{at.upper()}-LR-{layer}")
         print(f"| {label} | {n} | {off['wall']:.3f} / {off['cpu']:.3f} | "
               f"{on['wall']:.3f} / {on['cpu']:.3f} | {on['wall'] / off['wall']:.2f}× | "
-              f"{on['cpu'] / off['cpu']:.2f}× | {on['own']:.3f} |")
+              f"{on['cpu'] / off['cpu']:.2f}× | {on['own']:.3f} / {on['own_cpu']:.3f} |")
 
 
 if __name__ == "__main__":
