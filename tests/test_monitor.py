@@ -222,7 +222,7 @@ def test_cli_train_monitor_writes_csv_and_png_and_resumes(tmp_path, capsys):
     (["--monitor", "--monitor-layers", "nope"], "no layer named 'nope'"),
     (["--monitor", "--monitor-layers", "learnable#3"], "monitor layers"),
     (["--monitor", "--monitor-samples", "0"], "monitor_samples must be an integer"),
-    (["--monitor-layers", "act1"], "--monitor-layers is used only with --monitor"),
+    (["--monitor-layers", "act1", "--monitor-samples", "-3"], "monitor_samples must be an"),
 ])
 def test_cli_monitor_user_errors_exit_2_before_training(tmp_path, capsys, extra, msg):
     out = tmp_path / "e"

@@ -187,9 +187,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "monitor.png in --out")
     g.add_argument("--monitor-layers", default=None,
                    help="layers to monitor besides the LR layers, as --layers of lsa analyze "
-                        "(default: activations)")
+                        "(default: activations); turns --monitor on (the way to ask for it "
+                        "under torchrun, which takes a bare --monitor for its own option)")
     g.add_argument("--monitor-samples", type=int, default=None,
-                   help="probe size: training samples drawn once with --seed (default 256)")
+                   help="probe size: training samples drawn once with --seed (default 256); "
+                        "turns --monitor on")
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None,
                    help="run folder (default: runs/<dataset>-<run name>, e.g. "
@@ -218,10 +220,11 @@ def check_data_args(dataset: str, data_dir: str | None, data_seed: int,
 
 
 def _check_monitor_args(args: argparse.Namespace) -> None:
-    for flag, value in (("--monitor-layers", args.monitor_layers),
-                        ("--monitor-samples", args.monitor_samples)):
-        if value is not None and not args.monitor:
-            raise LsaUserError(f"{flag} is used only with --monitor")
+    """--monitor-layers or --monitor-samples turn monitoring on by themselves: under torchrun,
+    whose parser reads a bare ``--monitor`` as an ambiguous abbreviation of its own
+    ``--monitor-interval`` (and stops), they are the way to ask for it."""
+    if args.monitor_layers is not None or args.monitor_samples is not None:
+        args.monitor = True
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -420,10 +423,8 @@ def monitor_settings(args: argparse.Namespace) -> dict[str, Any]:
 def _resume_monitor(args: argparse.Namespace, cfg, path: Path) -> None:
     """--monitor may be added when resuming (it does not change the weights); the layers and
     probe size of a run monitored before must stay as they were (one monitor.csv)."""
-    given = monitor_settings(args)
-    if cfg.monitor and not args.monitor:  # the run's own monitoring goes on
-        args.monitor = True
     _check_monitor_args(args)
+    given = monitor_settings(args)
     if cfg.monitor:
         clashes = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run: {getattr(cfg, k)})"
                    for k in ("monitor_layers", "monitor_samples")
