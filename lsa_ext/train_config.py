@@ -89,6 +89,12 @@ class TrainConfig:
             ``max(1, epochs // 3)`` epochs); stepped once per epoch.
         seed: seeds everything (default 0).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
+        monitor: layer monitoring (default False): after every epoch (and before the first)
+            the CM of each monitored site on a fixed probe batch under the training attack,
+            into ``monitor.csv`` / ``monitor.png`` of the run's folder (:mod:`lsa_ext.monitor`).
+        monitor_layers: the monitored sites besides the LR sites (default ``"activations"``,
+            as ``lsa analyze`` probes; any :func:`lsa_ext.probes.select_layers` selector).
+        monitor_samples: probe size, training samples drawn once with ``seed`` (default 256).
     """
 
     at: str = "none"
@@ -112,6 +118,9 @@ class TrainConfig:
     scheduler: str = "none"
     seed: int = 0
     device: str = "cpu"
+    monitor: bool = False
+    monitor_layers: str | list[str] = "activations"
+    monitor_samples: int = 256
 
     def validate(self, custom_attack: bool = False) -> None:
         """Raises :class:`LsaUserError` on an invalid setting (``custom_attack``: an attack is
@@ -131,8 +140,10 @@ class TrainConfig:
             raise LsaUserError("an LR term needs adversarial examples: set at= to one of "
                                f"{', '.join(AT_METHODS[1:])}, or pass attack=, or drop "
                                "lr_layers")
+        if not isinstance(self.monitor, bool):
+            raise LsaUserError(f"monitor must be True or False, got {self.monitor!r}")
         for name, v, lo in (("epochs", self.epochs, 1), ("batch_size", self.batch_size, 1),
-                            ("seed", self.seed, 0)):
+                            ("seed", self.seed, 0), ("monitor_samples", self.monitor_samples, 1)):
             if not isinstance(v, int) or v < lo:
                 raise LsaUserError(f"{name} must be an integer ≥ {lo}, got {v!r}")
         for name, v in (("eps", self.eps), ("lr", self.lr), ("weight_decay", self.weight_decay),

@@ -43,6 +43,10 @@ Choices (documented defaults):
   without the ``module.`` prefix (a prefix is stripped). The clean pass calls ``model.module``
   directly; the adversarial pass goes through the wrapper. Under torchrun every rank draws the
   same global batch and trains on its slice (:func:`lsa_ext.distributed.shard_batch`).
+* Layer monitoring (``config.monitor``, :mod:`lsa_ext.monitor`): before the first epoch and
+  after each one, before its checkpoint, the CM of every monitored site on a fixed probe batch
+  under the training attack, into ``out/monitor.csv`` and ``out/monitor.png``. It measures in
+  eval mode and restores the model's mode and the global RNG: the weights do not change.
 * Determinism: a fresh run seeds ``torch``, ``numpy`` and ``random`` with ``seed``; batches are
   drawn with a dedicated ``torch.Generator`` (seeded with ``seed``) and the attack of epoch ``e``
   is built with seed ``seed + 1000003·(e+1)``. All of these states go into every checkpoint, so
@@ -71,6 +75,7 @@ from lsa_ext.devices import resolve_device
 from lsa_ext.errors import LsaUserError
 from lsa_ext.losses import cross_entropy, kl_div, predict
 from lsa_ext.modules import unwrap
+from lsa_ext.monitor import LayerMonitor
 from lsa_ext.outputs import OutputSelector, check_selector, logits_of
 from lsa_ext.progress import progress as progress_bar
 from lsa_ext.regularizer import LRTerm, gamma_tensor, resolve_layers
@@ -179,6 +184,10 @@ class Trainer:
         self.watch = CollapseWatch(train_data, config, self.layers,
                                    steps_per_epoch=-(-self.num_samples // config.batch_size),
                                    output=self.output)
+        # config.monitor: per-site CM of a fixed probe batch after each epoch (lsa_ext.monitor)
+        self.monitor = LayerMonitor(self.module, train_data, config, lr_sites=self.layers,
+                                    attack=attack, out=self.out, output=self.output) \
+            if config.monitor else None
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -338,12 +347,16 @@ class Trainer:
         if self._fresh and self.epoch == 0:
             seed_everything(self.config.seed)
             self._fresh = False
+        if self.monitor is not None:
+            self.monitor.start(self.epoch)  # rows of later epochs dropped; this one measured
         while self.epoch < self.config.epochs:
             record = self.train_epoch()
             bad = [n for n, p in self.module.named_parameters() if not torch.isfinite(p).all()]
             if bad:
                 raise self._diverged(f"parameters {', '.join(bad[:3])} became NaN/Inf in epoch "
                                      f"{record['epoch']}", done=record["epoch"] - 1)
+            if self.monitor is not None:  # before the checkpoint: a resume re-measures
+                self.monitor.record(self.epoch)
             self.save()
             if distributed.is_main():
                 self.watch.check(self.module, record)
@@ -352,6 +365,8 @@ class Trainer:
                       ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
             if self.on_epoch is not None:
                 self.on_epoch(self, record)
+        if self.monitor is not None:
+            self.monitor.finish()  # monitor.png drawn if an epoch skipped it
         return self.model
 
 

@@ -23,6 +23,8 @@ from torch import nn
 
 from lsa_ext.batches import auto_clip
 from lsa_ext.errors import LsaUserError
+from lsa_ext.modules import unwrap
+from lsa_ext.monitor import monitor_sites
 from lsa_ext.mvl_select import choose_mvl
 from lsa_ext.outputs import OutputSelector
 from lsa_ext.regularizer import LR_PASSES, LRTerm, gamma_tensor, lr_term, resolve_layers
@@ -76,6 +78,9 @@ def train(
     resume: str | os.PathLike | None = None,
     progress: bool | None = None,
     output: OutputSelector = None,
+    monitor: bool = False,
+    monitor_layers: str | Sequence[str] = "activations",
+    monitor_samples: int = 256,
 ) -> nn.Module:
     """Trains ``model`` with Algorithm 3 (AT-LR) or one of its base methods; returns it.
 
@@ -101,6 +106,12 @@ def train(
         output: logits selector for models returning tuples, dicts or objects
             (:func:`lsa_ext.outputs.logits_of`; default: a tensor, a dict's ``"logits"`` or an
             object's ``.logits``), used by every pass, the attack and the MVL search.
+        monitor: layer monitoring (default False): the relative error of each site in
+            ``monitor_layers`` (default ``"activations"``) and of the LR sites on
+            ``monitor_samples`` (default 256) fixed training samples under the training attack
+            (FGSM at ``eps`` when ``at="none"``), before the first epoch and after each, into
+            ``out/monitor.csv`` and ``out/monitor.png`` (:mod:`lsa_ext.monitor`); the weights
+            are bitwise those of an unmonitored run.
 
     ``train_data`` may be a :class:`lsa_ext.data.DataSplits` (its training set is used).
     ``clip``: the range adversarial inputs are clipped to; ``"auto"`` (default, as ``lsa
@@ -136,8 +147,12 @@ def train(
         lr_reduction=lr_reduction, lr_detach_clean=bool(lr_detach_clean),
         epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=float(lr),
         momentum=float(momentum), weight_decay=float(weight_decay), scheduler=scheduler,
-        seed=seed, device=device,
+        seed=seed, device=device, monitor=bool(monitor),
+        monitor_layers=monitor_layers if isinstance(monitor_layers, str) else list(monitor_layers),
+        monitor_samples=monitor_samples,
     )
+    if cfg.monitor:  # a monitor selector naming no layer fails before the MVL search
+        monitor_sites(unwrap(model), cfg.monitor_layers, None)
     if mvl:
         if at == "none":
             raise LsaUserError("lr_layers='mvl' needs an attack: choose an `at` method other "

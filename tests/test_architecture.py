@@ -24,7 +24,7 @@ LAYERS: dict[str, int] = {
                      "checkpoint", "distributed", "report"], 2),
     # 3 method: LSA (Algorithms 1-2), AT-LR (Algorithm 3), evaluation, architectures
     **dict.fromkeys(["perturbations", "paired_capture", "result", "analysis", "regularizer",
-                     "train_config", "trainer", "evaluation", "models"], 3),
+                     "train_config", "monitor", "trainer", "evaluation", "models"], 3),
     # 4 experiments built from the method
     **dict.fromkeys(["mvl_select", "training", "model_cache", "reproduce",
                      "reproduce_figures"], 4),

@@ -352,6 +352,35 @@ def test_lsa_train_on_two_nodes_then_resumed_under_torchrun_matches_one_process(
             assert r2[key] == pytest.approx(r1[key], rel=1e-5), key
 
 
+def test_lsa_train_monitor_under_torchrun_matches_one_process(tmp_path):
+    """Layer monitoring under torchrun: every rank measures its share of the probe (2 chunks of
+    64 → one per rank), rank 0 writes monitor.csv, equal to a 1-process run's."""
+    import csv
+
+    from lsa_ext import cli
+
+    # no bare --monitor: torchrun's parser takes it for an abbreviation of --monitor-interval;
+    # --monitor-samples turns monitoring on
+    args = ["train", "--dataset", "moons", "--limit-train", "200", "--at", "pgd", "--lr-layers",
+            "L1", "--batch-size", "64", "--monitor-samples", "128", "--epochs", "1", "--device",
+            "cpu"]
+    assert cli.main([*args, "--out", str(tmp_path / "one")]) == 0
+    proc = _torchrun(["-m", "lsa_ext.cli", *args, "--out", str(tmp_path / "two")])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stderr.count("monitoring 4 layers") == 1  # rank 0 prints
+    rows = [list(csv.DictReader(open(tmp_path / d / "monitor.csv", encoding="utf-8")))
+            for d in ("one", "two")]
+    assert [(r["epoch"], r["layer"], r["kind"]) for r in rows[1]] == [
+        (e, s, "lr" if s == "fc2" else "probe") for e in "01" for s in
+        ("act1", "fc2", "act2", "act3")]
+    # epoch 0: the same weights, and the probe's PGD random starts do not depend on the ranks;
+    # epoch 1: AT-PGD itself matches a 1-process run in distribution only (README)
+    for r1, r2 in zip(*rows, strict=True):
+        rel = 1e-5 if r1["epoch"] == "0" else 0.05
+        assert float(r2["mean"]) == pytest.approx(float(r1["mean"]), rel=rel), r1
+        assert float(r2["std"]) == pytest.approx(float(r1["std"]), rel=10 * rel, abs=1e-7), r1
+
+
 def test_a_user_error_under_torchrun_prints_once_and_fails(tmp_path):
     """Every rank meets the same mistake; rank 0 alone prints it, without a "rank R failed"
     log line (torchrun's own failure summary still follows: it fails on any non-zero exit)."""

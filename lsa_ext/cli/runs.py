@@ -2,7 +2,8 @@
 
 A run folder (``--out``) holds ``config.json`` (``{"config": TrainConfig.to_dict(), "meta":
 {dataset, model, data_dir, data_seed, ...}}``), ``last.pt`` / ``prev.pt`` (checkpoints),
-``history.json`` and, at the end, ``model.pt``; ``lsa evaluate`` adds ``evaluation.json/.csv``.
+``history.json``, with ``--monitor`` ``monitor.csv`` / ``monitor.png`` and, at the end,
+``model.pt``; ``lsa evaluate`` adds ``evaluation.json/.csv``.
 
 * :func:`default_out`: ``runs/<dataset>-<run name>`` (``runs/digits-AT-PGD-LR-mvl``), so runs
   with different settings land in different folders.
@@ -25,7 +26,7 @@ from lsa_ext.errors import LsaUserError
 CONFIG = "config.json"
 # Files an `lsa train` run (and `lsa evaluate` on it) writes into its folder.
 RUN_FILES = (CONFIG, "history.json", "last.pt", "prev.pt", "model.pt", "evaluation.json",
-             "evaluation.csv")
+             "evaluation.csv", "monitor.csv", "monitor.png")
 
 
 def default_out(dataset: str, run_name: str) -> Path:

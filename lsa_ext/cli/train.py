@@ -4,7 +4,9 @@
 Writes under ``--out`` (default ``runs/<dataset>-<run name>``, e.g. ``runs/moons-AT-PGD``):
 ``config.json`` (the run's settings), ``last.pt`` before the first batch and after every epoch
 (atomically; the one before is kept as ``prev.pt``), ``history.json`` (per-epoch losses) and
-``model.pt`` (final weights, a plain state_dict) at the end. A folder that is not empty is
+``model.pt`` (final weights, a plain state_dict) at the end; with ``--monitor``, ``monitor.csv``
+and ``monitor.png`` (each layer's relative error on a fixed probe under the training attack,
+per epoch: :mod:`lsa_ext.monitor`). A folder that is not empty is
 refused unless ``--overwrite`` (the old run's files are removed) or ``--resume``, which
 continues ``--out/last.pt`` (or a given checkpoint) with the settings stored in it: options
 that contradict them are an error naming them; ``--epochs``, ``--device`` and ``--data-dir``
@@ -183,6 +185,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--scheduler", default="none", choices=SCHEDULERS)
     g.add_argument("--seed", type=int, default=0, help="seed of init, order, attacks (default 0)")
     add_device_option(g, default="auto")
+    g = p.add_argument_group("layer monitoring")
+    g.add_argument("--monitor", action="store_true",
+                   help="before the first epoch and after each: every monitored layer's "
+                        "relative error on a fixed probe of training samples under the "
+                        "training attack (FGSM at --eps with --at none) → monitor.csv, "
+                        "monitor.png in --out")
+    g.add_argument("--monitor-layers", default=None,
+                   help="layers to monitor besides the LR layers, as --layers of lsa analyze "
+                        "(default: activations); turns --monitor on (the way to ask for it "
+                        "under torchrun, which takes a bare --monitor for its own option)")
+    g.add_argument("--monitor-samples", type=int, default=None,
+                   help="probe size: training samples drawn once with --seed (default 256); "
+                        "turns --monitor on")
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None,
                    help="run folder (default: runs/<dataset>-<run name>, e.g. "
@@ -210,7 +225,16 @@ def check_data_args(dataset: str, data_dir: str | None, data_seed: int,
                               limit_test=limit_test, **(options or {}))
 
 
+def _check_monitor_args(args: argparse.Namespace) -> None:
+    """--monitor-layers or --monitor-samples turn monitoring on by themselves: under torchrun,
+    whose parser reads a bare ``--monitor`` as an ambiguous abbreviation of its own
+    ``--monitor-interval`` (and stops), they are the way to ask for it."""
+    if args.monitor_layers is not None or args.monitor_samples is not None:
+        args.monitor = True
+
+
 def _check_args(args: argparse.Namespace) -> None:
+    _check_monitor_args(args)
     mvl = args.lr_layers is not None and args.lr_layers.strip().lower() == "mvl"
     if args.mvl_report and not mvl:
         raise LsaUserError("--mvl-report is read only with --lr-layers mvl")
@@ -297,10 +321,15 @@ def _new_run(args: argparse.Namespace) -> int:
         lr_reduction=args.lr_reduction, lr_detach_clean=args.lr_detach_clean, epochs=_epochs(args),
         batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
         momentum=args.momentum, weight_decay=args.weight_decay, scheduler=args.scheduler,
-        seed=args.seed, device=args.device,
+        seed=args.seed, device=args.device, **monitor_settings(args),
     )
     cfg.validate()
     check_training_attack(cfg, model, info.num_classes)
+    if cfg.monitor:  # a selector naming no layer fails here (mvl's LR sites come later)
+        from lsa_ext.monitor import monitor_sites
+
+        monitor_sites(model, cfg.monitor_layers, None if mvl else cfg.lr_layers,
+                      input_shape=info.input_shape)
     if cfg.lr_layers:
         gamma_tensor(cfg.gamma, len(cfg.lr_layers))
     # MVL from a report: read before any data (the on-the-fly search needs the data)
@@ -330,6 +359,7 @@ def _new_run(args: argparse.Namespace) -> int:
               f"samples, {plural(cfg.epochs, 'epoch')}"
               + (f", {procs} processes" if procs > 1 else "") + f") → {out}",
               file=sys.stderr)
+        _print_monitor(trainer, out)
     # a resumable state before the first batch (the RNGs as fit() seeds them), so an
     # interrupted run can always be resumed, bit for bit
     seed_everything(cfg.seed)
@@ -374,6 +404,7 @@ def _resume(args: argparse.Namespace) -> int:
         cfg.epochs = args.epochs
     if "device" in args.given:
         cfg.device = args.device
+    _resume_monitor(args, cfg, path)
     distributed.init_from_env(args.dist_backend, cfg.device, args.dist_timeout)
     main = distributed.is_main()
     trainer = Trainer(model, data.train, cfg, out=out, meta=meta, on_epoch=_on_epoch(out))
@@ -387,7 +418,48 @@ def _resume(args: argparse.Namespace) -> int:
     if main:
         print(f"resuming {trainer.run_name} from {path}: {done} of {plural(cfg.epochs, 'epoch')} "
               f"done, continuing with epoch {done + 1}/{cfg.epochs}", file=sys.stderr)
+        _print_monitor(trainer, out)
     return _fit_and_report(trainer, data, out)
+
+
+def monitor_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainConfig fields of --monitor, --monitor-layers, --monitor-samples (defaults:
+    :data:`lsa_ext.monitor.DEFAULT_LAYERS`, :data:`lsa_ext.monitor.DEFAULT_SAMPLES`)."""
+    from lsa_ext.monitor import DEFAULT_LAYERS, DEFAULT_SAMPLES
+
+    return {"monitor": bool(args.monitor),
+            "monitor_layers": args.monitor_layers or DEFAULT_LAYERS,
+            "monitor_samples": (DEFAULT_SAMPLES if args.monitor_samples is None
+                                else args.monitor_samples)}
+
+
+def _resume_monitor(args: argparse.Namespace, cfg, path: Path) -> None:
+    """--monitor may be added when resuming (it does not change the weights); the layers and
+    probe size of a run monitored before must stay as they were (one monitor.csv)."""
+    _check_monitor_args(args)
+    given = monitor_settings(args)
+    if cfg.monitor:
+        clashes = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run: {getattr(cfg, k)})"
+                   for k in ("monitor_layers", "monitor_samples")
+                   if k in args.given and not _same(given[k], getattr(cfg, k))]
+        if clashes:
+            raise LsaUserError(f"--resume continues the layer monitoring of the run in {path}, "
+                               f"and {'; '.join(clashes)} differ from it: drop them")
+        return
+    if args.monitor:
+        cfg.monitor, cfg.monitor_layers = True, given["monitor_layers"]
+        cfg.monitor_samples = given["monitor_samples"]
+        cfg.validate()
+
+
+def _print_monitor(trainer, out: Path) -> None:
+    """One line naming what the layer monitor measures and where it writes."""
+    from lsa_ext.monitor import CSV_NAME, PNG_NAME
+
+    mon = trainer.monitor
+    if mon is not None:
+        print(f"monitoring {plural(len(mon.names), 'layer')} ({', '.join(mon.names)}) under "
+              f"{mon.description} → {out / CSV_NAME}, {PNG_NAME}", file=sys.stderr)
 
 
 # Options a resumed run takes from its checkpoint: dest → (where, key) in the stored state.
@@ -533,6 +605,13 @@ def _on_epoch(out: Path):
         atomic_write_json(out / "history.json", trainer.history)
         print(format_record(record, trainer.config.epochs, trainer.config.at != "none"),
               file=sys.stderr)
+        if trainer.monitor is not None:
+            rows = [r for r in trainer.monitor.rows if r["epoch"] == record["epoch"]]
+            if rows:
+                top = max(rows, key=lambda r: r["mean"])
+                low = min(r["mean"] for r in rows)
+                print(f"  monitor: relative error {low:.3g}–{top['mean']:.3g} over "
+                      f"{plural(len(rows), 'layer')}, highest {top['layer']}", file=sys.stderr)
 
     return on_epoch
 
