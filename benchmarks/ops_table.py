@@ -36,7 +36,7 @@ from ops_cases import all_cases, reset_compiled  # noqa: E402
 import lsa_ext  # noqa: E402
 from lsa_ext import _extension  # noqa: E402
 
-COLUMNS = ["fused", "op", "before", "naive", "compiled", "loop", "bandwidth"]
+COLUMNS = ["fused", "op", "sums+ratio", "before", "naive", "compiled", "loop", "bandwidth"]
 
 
 def load_average() -> str:
