@@ -5,6 +5,17 @@ relative error ``||φ_l(x) − φ_l(x̂)||_F / ||φ_l(x)||_F``, computed for all
 fused :func:`lsa_ext.relative_error_multi` call whose fused backward sends gradients into both
 the clean and the adversarial pass (both depend on θ).
 
+Two points the paper leaves open are options (``TrainConfig.lr_reduction`` /
+``lr_detach_clean``, ``lsa train --lr-reduction/--lr-detach-clean``):
+
+* ``reduction``: ``"mean"`` (default) averages the per-sample relative errors, as the paper's
+  formula for CM reads; ``"batch"`` takes one ratio ``||A − Â||_F / ||A||_F`` over the whole
+  batch, as the authors' published LSA code computes it.
+* ``detach_clean``: False (default) differentiates both passes; True treats ``φ_l(x)`` as a
+  constant target (``φ_l(x).detach()``), so only the adversarial representation is pulled
+  toward the clean one. The clean forward then runs under ``torch.no_grad()`` where no clean
+  logits are needed (``"auto"`` picks ``"two_pass"`` for that), which makes the term cheaper.
+
 - :func:`resolve_layers`: the regularized sites M from names, ``name#k`` sites, globs, kinds
   or ``"L<k>"``.
 - :func:`gamma_tensor`: γ as one float32 weight per layer.
@@ -74,7 +85,7 @@ from lsa_ext.probes import (
     select_layers,
     site_name,
 )
-from lsa_ext.train_config import LR_PASSES
+from lsa_ext.train_config import LR_PASSES, LR_REDUCTIONS
 
 log = logging.getLogger("lsa_ext.regularizer")
 
@@ -159,6 +170,9 @@ class LRTerm:
             ``"auto"`` (default: clone only sites changed in place later in the forward),
             ``"always"`` or ``"never"`` (unsafe with in-place ops; for measurements).
         eps: denominator floor of the relative error (default 1e-12).
+        reduction: the CM over the batch, ``"mean"`` (default) or ``"batch"``
+            (:data:`lsa_ext.train_config.LR_REDUCTIONS`; module docstring).
+        detach_clean: no gradient through the clean pass (default False; module docstring).
 
     State kept between calls: which sites need copies (decided on the first call, which
     clones every site) and, for ``"auto"``, the depth of the last site. If a later batch
@@ -167,11 +181,13 @@ class LRTerm:
     BatchNorm running statistics then see that batch twice).
 
     Raises:
-        LsaUserError: no layers, a site given twice, an unknown ``lr_pass`` or ``copy``.
+        LsaUserError: no layers, a site given twice, an unknown ``lr_pass``, ``copy`` or
+            ``reduction``.
     """
 
     def __init__(self, layers: Sequence[str], *, lr_pass: str = "auto", copy: str = "auto",
-                 eps: float = 1e-12) -> None:
+                 eps: float = 1e-12, reduction: str = "mean",
+                 detach_clean: bool = False) -> None:
         if isinstance(layers, str):
             layers = [layers]
         sites = [canonical_site(strip_prefix(n)) for n in layers]
@@ -183,6 +199,11 @@ class LRTerm:
                                "regularised once; 'name' and 'name#1' are the same site)")
         if lr_pass not in LR_PASSES:
             raise LsaUserError(f"unknown lr_pass {lr_pass!r}; choices: {', '.join(LR_PASSES)}")
+        if reduction not in LR_REDUCTIONS:
+            raise LsaUserError(f"unknown LR reduction {reduction!r}; choices: "
+                               f"{', '.join(LR_REDUCTIONS)}")
+        self.reduction = reduction
+        self.detach_clean = bool(detach_clean)
         self.sites = sites
         self.lr_pass = lr_pass
         self.guard = InplaceGuard(copy)
@@ -198,6 +219,8 @@ class LRTerm:
             return self.lr_pass
         if clean_logits:
             return "concat"
+        if self.detach_clean:
+            return "two_pass"  # the clean forward runs without autograd: cheaper than 2B
         if self.fraction is None:
             self.fraction = _depth_fraction(unwrap(model), self.sites, x[:1])
         return "concat" if self.fraction >= CONCAT_MIN_FRACTION else "two_pass"
@@ -236,8 +259,9 @@ class LRTerm:
                         "unlike before: running the batch again with them copied",
                         ", ".join(bad))
         self._check_sites(clean, adv, calls)
-        cm = relative_error_multi([clean[s] for s in self.sites], [adv[s] for s in self.sites],
-                                  reduction="mean", eps=self.eps)
+        cleans = [clean[s].detach() if self.detach_clean else clean[s] for s in self.sites]
+        cm = relative_error_multi(cleans, [adv[s] for s in self.sites],
+                                  reduction=self.reduction, eps=self.eps)
         return (g * cm.float()).sum(), (logits_clean if clean_logits else None), logits_adv
 
     def _two_pass(self, model: nn.Module, module: nn.Module, x: torch.Tensor,
@@ -254,8 +278,10 @@ class LRTerm:
         with Capture(module, self._probe, on_output=on_output, copy=self.guard) as cap:
             stop_early[0] = not clean_logits
             logits_clean = None
+            no_grad = self.detach_clean and not clean_logits
             try:
-                logits_clean = logits_of(module(x), output, batch=x.shape[0])
+                with torch.no_grad() if no_grad else contextlib.nullcontext():
+                    logits_clean = logits_of(module(x), output, batch=x.shape[0])
             except _StopForward:
                 pass
             clean = dict(store)
@@ -317,8 +343,11 @@ def lr_term(
     lr_pass: str = "auto",
     copy: str = "auto",
     output: OutputSelector = None,
+    reduction: str = "mean",
+    detach_clean: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """The LR term of Algorithm 3 for one batch: ``Σ_l γ_l · mean_i CM(φ_l(x_i), φ_l(x̂_i))``.
+    """The LR term of Algorithm 3 for one batch: ``Σ_l γ_l · mean_i CM(φ_l(x_i), φ_l(x̂_i))``
+    (``reduction="batch"``: ``Σ_l γ_l · ||φ_l(X) − φ_l(X̂)||_F / ||φ_l(X)||_F`` over the batch).
 
     Runs the model on ``x`` (clean) and ``x_adv`` (adversarial) in its current train/eval mode
     (two forwards, or one of both batches concatenated: ``lr_pass``, module docstring),
@@ -343,6 +372,10 @@ def lr_term(
         output: logits selector for models returning tuples, dicts or objects
             (:func:`lsa_ext.outputs.logits_of`; default: a tensor, a dict's ``"logits"`` or an
             object's ``.logits``).
+        reduction: ``"mean"`` (default, per-sample CM averaged: the paper's formula) or
+            ``"batch"`` (one ratio over the batch: the authors' published code).
+        detach_clean: treat the clean representations as constants (default False: gradients
+            flow through both passes, as Algorithm 3 is written).
 
     Returns:
         ``(lr_loss, logits_clean, logits_adv)``: a scalar float32 tensor, ``[B, K]`` (or None),
@@ -351,10 +384,12 @@ def lr_term(
     Raises:
         LsaUserError: no layers or one given twice, ``x``/``x_adv`` of different shapes, a
             layer without a tensor output, a bad ``gamma`` (see :func:`gamma_tensor`),
-            ``lr_pass`` or ``copy``, or a model output that holds no logits (naming its type).
+            ``lr_pass``, ``copy`` or ``reduction``, or a model output that holds no logits
+            (naming its type).
     """
     output = check_selector(output)
-    term = LRTerm(layers, lr_pass=lr_pass, copy=copy, eps=eps)
+    term = LRTerm(layers, lr_pass=lr_pass, copy=copy, eps=eps, reduction=reduction,
+                  detach_clean=detach_clean)
     return term(model, x, x_adv, gamma, clean_logits=clean_logits, output=output)
 
 

@@ -25,9 +25,12 @@ Settings (:data:`PROTOCOLS`): model, FGSM ε grid and training ε come from
   padding), 1437 train / 360 test, Adam lr 1e-3, batch 128, 20 epochs, training ε = 0.2,
   γ = 1, methods APGD-CE (10 iterations) as in Table 3; LR on L0…L3.
 
-LR variants (:class:`LRVariant`): every protocol runs the default variant (Algorithm 3 as
-:mod:`lsa_ext.training` implements it); further variants — e.g. other CM reductions or a
-detached clean pass — are ``TrainConfig`` overrides with a name suffix, run for every LR row.
+LR variants (:class:`LRVariant`, :data:`LR_VARIANTS`): every protocol runs the default variant
+(``mean``: Algorithm 3 as :mod:`lsa_ext.training` implements it — per-sample CM, gradients
+through both passes); ``reproduce(lr_variants=...)`` / ``--lr-variants`` add the two points the
+paper leaves open, as ``TrainConfig`` overrides with a name suffix, run for every LR row:
+``batch`` (``-batch``: the whole-batch CM of the authors' published code), ``detach``
+(``-detach``: no gradient through the clean pass) and ``batch-detach`` (both).
 
 Every run is cached under ``out/runs/<name>-s<seed>.{pt,json}``: a rerun with the same
 settings skips finished runs (so a killed reproduction continues where it stopped); a run
@@ -93,6 +96,36 @@ class LRVariant:
 
     suffix: str = ""
     overrides: dict[str, Any] = field(default_factory=dict)
+
+
+# The LR variants a reproduction can run (name → variant): the paper's two open points, the CM
+# reduction over the batch and whether the clean pass carries gradient (lsa_ext.regularizer).
+LR_VARIANTS: dict[str, LRVariant] = {
+    "mean": LRVariant(),
+    "batch": LRVariant("-batch", {"lr_reduction": "batch"}),
+    "detach": LRVariant("-detach", {"lr_detach_clean": True}),
+    "batch-detach": LRVariant("-batch-detach", {"lr_reduction": "batch",
+                                                "lr_detach_clean": True}),
+}
+
+
+def lr_variants(names: Sequence[str] | None) -> tuple[LRVariant, ...] | None:
+    """The :data:`LR_VARIANTS` named in ``names`` (``"all"``: every one), in the given order;
+    None for None.
+
+    Raises:
+        LsaUserError: an unknown name or an empty list.
+    """
+    if names is None:
+        return None
+    names = [n.strip().lower() for n in names]
+    if names == ["all"]:
+        names = list(LR_VARIANTS)
+    bad = [n for n in names if n not in LR_VARIANTS]
+    if bad or not names:
+        raise LsaUserError(f"unknown LR variant(s) {bad or names}; choose from "
+                           f"{', '.join(LR_VARIANTS)} or all")
+    return tuple(LR_VARIANTS[n] for n in dict.fromkeys(names))
 
 
 @dataclass(frozen=True)
@@ -241,15 +274,20 @@ class ReproduceResult:
         ours = {r["name"]: r for r in self.summary()}
         lines = ["| training | R&G here | R&G paper | Δ vs own base (here) | Δ vs base (paper) |",
                  "|---|---|---|---|---|"]
-        for name, accs in paper.items():
-            mine = ours.get(name)
-            base = name.split("-LR-")[0]
-            d_here = (f"{mine['rg'] - ours[base]['rg']:+.2f}"
-                      if mine is not None and "-LR-" in name and base in ours else "")
-            d_paper = (f"{sum(accs) - sum(paper[base]):+.2f}"
-                       if "-LR-" in name and base in paper else "")
-            lines.append(f"| {name} | {mine['rg']:.2f} | {sum(accs):.2f} | {d_here} | "
-                         f"{d_paper} |" if mine else f"| {name} | — | {sum(accs):.2f} | | |")
+        suffixes = [v.suffix for v in self.protocol.lr_variants]
+        for paper_name, accs in paper.items():
+            base = paper_name.split("-LR-")[0]
+            lr_row = "-LR-" in paper_name
+            d_paper = f"{sum(accs) - sum(paper[base]):+.2f}" if lr_row and base in paper else ""
+            for name in ([paper_name + s for s in suffixes] if lr_row else [paper_name]):
+                mine = ours.get(name)
+                if mine is None and name != paper_name:
+                    continue
+                d_here = (f"{mine['rg'] - ours[base]['rg']:+.2f}"
+                          if mine is not None and lr_row and base in ours else "")
+                lines.append(f"| {name} | {mine['rg']:.2f} | {sum(accs):.2f} | {d_here} | "
+                             f"{d_paper} |" if mine else
+                             f"| {name} | — | {sum(accs):.2f} | | {d_paper} |")
         return "\n".join(lines)
 
     def to_csv(self, path: str | os.PathLike) -> None:
@@ -335,7 +373,8 @@ def plan(protocol: Protocol, model: torch.nn.Module,
 
 def _protocol(dataset: str, *, quick: bool, methods: Sequence[str] | None, epochs: int | None,
               eps: float | None, gamma: float | None,
-              data_options: Mapping[str, Any] | None = None) -> Protocol:
+              data_options: Mapping[str, Any] | None = None,
+              variants: Sequence[str] | None = None) -> Protocol:
     """The protocol for ``dataset`` with :func:`reproduce`'s overrides applied."""
     key = dataset.strip().lower()
     if key not in PROTOCOLS:
@@ -352,6 +391,8 @@ def _protocol(dataset: str, *, quick: bool, methods: Sequence[str] | None, epoch
         changes["eps"] = check_number("eps", eps, positive=True)
     if gamma is not None:
         changes["gamma"] = check_number("gamma", gamma)
+    if variants is not None:
+        changes["lr_variants"] = lr_variants(variants)
     if methods is not None:
         known = [m for m in AT_METHODS if m != "none"]
         bad = [m for m in methods if m not in known]
@@ -395,6 +436,7 @@ def reproduce(
     eps: float | None = None,
     gamma: float | None = None,
     data_options: Mapping[str, Any] | None = None,
+    lr_variants: Sequence[str] | None = None,
     device: str = "cpu",
     progress: bool | None = None,
     figures: bool = True,
@@ -410,6 +452,8 @@ def reproduce(
         methods, layers, epochs, eps, gamma: override the protocol's.
         data_options: :func:`lsa_ext.data.load_dataset` options on top of the protocol's
             (e.g. ``{"scale": "raw", "noise": 0.1}`` for moons).
+        lr_variants: names of :data:`LR_VARIANTS` each LR row is trained with (default: the
+            protocol's, ``mean`` only; ``["all"]``: all four).
         on_run: called as ``on_run(result, cached)`` after each run.
 
     Returns:
@@ -420,7 +464,7 @@ def reproduce(
             folder — all before the first run starts.
     """
     proto = _protocol(dataset, quick=quick, methods=methods, epochs=epochs, eps=eps,
-                      gamma=gamma, data_options=data_options)
+                      gamma=gamma, data_options=data_options, variants=lr_variants)
     out = Path(out)
     check_dir(out)
     # every setting is checked before the data is read and the first run starts

@@ -31,6 +31,10 @@ SCHEDULERS = ("none", "cosine", "step")
 ATTACK_MODES = tuple(m for m in MODES if m != "keep")
 # How the LR term runs the clean and adversarial batches (lsa_ext.regularizer).
 LR_PASSES = ("auto", "concat", "two_pass")
+# How the LR term reduces a layer's CM over the batch (lsa_ext.regularizer): "mean" of the
+# per-sample relative errors (the paper's Eq. for CM, Algorithm 3) or one "batch" ratio
+# ||A − Â||_F / ||A||_F over the whole batch (the authors' published LSA code).
+LR_REDUCTIONS = ("mean", "batch")
 # Attack settings used for *training* unless given in ``attack_kwargs``: Madry et al.'s PGD
 # returns its last iterate; APGD runs 10 iterations (torchattacks' default, far cheaper than the
 # 100 of the evaluation setting). Everything else is the attack's own default.
@@ -71,6 +75,13 @@ class TrainConfig:
         lr_pass: how the clean and adversarial batches run for the LR term: ``"auto"``
             (default), ``"concat"`` (one forward of both) or ``"two_pass"``
             (:data:`lsa_ext.regularizer.LR_PASSES`).
+        lr_reduction: the CM of a layer over the batch: ``"mean"`` (default) of the per-sample
+            relative errors — the paper's formula — or ``"batch"``, one ratio over the whole
+            batch as the authors' published code computes it (:data:`LR_REDUCTIONS`).
+        lr_detach_clean: stop the gradient through the clean pass φ_l(x) (default False: the
+            paper's Algorithm 3 differentiates both passes, it does not say otherwise). With
+            True only the adversarial pass is pulled toward the clean one, and the clean
+            forward runs without autograd where no clean logits are needed.
         epochs, batch_size: default 10, 128.
         optimizer: ``adam`` (default), ``adamw`` or ``sgd``; ``lr`` (1e-3), ``momentum`` (0.9,
             SGD only), ``weight_decay`` (0).
@@ -90,6 +101,8 @@ class TrainConfig:
     trades_beta: float = 6.0
     full_clean_pass: bool = False
     lr_pass: str = "auto"
+    lr_reduction: str = "mean"
+    lr_detach_clean: bool = False
     epochs: int = 10
     batch_size: int = 128
     optimizer: str = "adam"
@@ -107,6 +120,10 @@ class TrainConfig:
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("scheduler", self.scheduler, SCHEDULERS)
         _check_choice("lr_pass", self.lr_pass, LR_PASSES)
+        _check_choice("lr_reduction", self.lr_reduction, LR_REDUCTIONS)
+        if not isinstance(self.lr_detach_clean, bool):
+            raise LsaUserError(f"lr_detach_clean must be True or False, got "
+                               f"{self.lr_detach_clean!r}")
         if self.attack_mode not in ATTACK_MODES:
             raise LsaUserError(f"attack_mode must be one of {', '.join(ATTACK_MODES)}, got "
                                f"{self.attack_mode!r}")

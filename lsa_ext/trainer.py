@@ -155,7 +155,9 @@ class Trainer:
         self.gamma = gamma_tensor(config.gamma, len(self.layers), self.device) \
             if self.layers else None
         # the LR term, kept for the whole run: it remembers which site outputs need copies
-        self.regularizer = LRTerm(self.layers, lr_pass=config.lr_pass) if self.layers else None
+        self.regularizer = LRTerm(
+            self.layers, lr_pass=config.lr_pass, reduction=config.lr_reduction,
+            detach_clean=config.lr_detach_clean) if self.layers else None
         self.attack_override = attack
         self.out = Path(out) if out is not None else None
         self.meta = dict(meta or {})

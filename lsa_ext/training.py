@@ -63,6 +63,8 @@ def train(
     trades_beta: float = 6.0,
     full_clean_pass: bool = False,
     lr_pass: str = "auto",
+    lr_reduction: str = "mean",
+    lr_detach_clean: bool = False,
     eta: float = 1.0,
     mvl_report: str | os.PathLike | None = None,
     attack: Perturbation | None = None,
@@ -86,6 +88,9 @@ def train(
             copy of ``model`` (``epochs`` epochs; :func:`lsa_ext.mvl_select.choose_mvl`).
         lr_pass: how the clean and adversarial batches run for the LR term:
             ``"auto"`` (default), ``"concat"`` or ``"two_pass"`` (:mod:`lsa_ext.regularizer`).
+        lr_reduction: the CM over the batch, ``"mean"`` (default: the paper's per-sample
+            formula) or ``"batch"`` (the authors' published code); ``lr_detach_clean``: no
+            gradient through the clean pass (default False). See :class:`TrainConfig`.
         out: checkpoint folder; ``resume``: a checkpoint to continue from.
         output: logits selector for models returning tuples, dicts or objects
             (:func:`lsa_ext.outputs.logits_of`; default: a tensor, a dict's ``"logits"`` or an
@@ -122,6 +127,7 @@ def train(
         lr_layers=[] if mvl else layers,
         gamma=float(gamma) if isinstance(gamma, (int, float)) else [float(g) for g in gamma],
         trades_beta=float(trades_beta), full_clean_pass=full_clean_pass, lr_pass=lr_pass,
+        lr_reduction=lr_reduction, lr_detach_clean=bool(lr_detach_clean),
         epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=float(lr),
         momentum=float(momentum), weight_decay=float(weight_decay), scheduler=scheduler,
         seed=seed, device=device,

@@ -15,7 +15,7 @@ from lsa_ext.cli.options import (
     plural,
 )
 from lsa_ext.errors import LsaUserError
-from lsa_ext.reproduce import PROTOCOLS
+from lsa_ext.reproduce import LR_VARIANTS, PROTOCOLS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,6 +41,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"comma-separated base methods (default: {defaults})")
     p.add_argument("--layers", default=None,
                    help="comma-separated LR layers, e.g. L0,L2 (default: every learnable layer)")
+    p.add_argument("--lr-variants", default=None,
+                   help="comma-separated LR variants each LR row is trained with: "
+                        f"{', '.join(LR_VARIANTS)}, or all (default: mean — per-sample CM, "
+                        "gradient through both passes; batch: whole-batch CM as the authors' "
+                        "code; detach: no gradient through the clean pass)")
     p.add_argument("--epochs", type=int, default=None, help="override the protocol's epochs")
     p.add_argument("--eps", type=float, default=None, help="override the training ε")
     p.add_argument("--gamma", type=float, default=None,
@@ -75,7 +80,9 @@ def run(args: argparse.Namespace) -> int:
                     methods=parse_list(args.methods, str, "--methods"),
                     layers=parse_list(args.layers, str, "--layers"),
                     epochs=args.epochs, eps=args.eps, gamma=args.gamma,
-                    data_options=dataset_options(args, args.dataset), device=args.device,
+                    data_options=dataset_options(args, args.dataset),
+                    lr_variants=parse_list(args.lr_variants, str, "--lr-variants"),
+                    device=args.device,
                     figures=not args.no_figures, on_run=on_run)
     p = res.protocol
     print(f"\n{args.dataset}: {p.model}, {plural(p.epochs, 'epoch')}, training ε = {p.eps:g}, "

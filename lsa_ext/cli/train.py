@@ -119,7 +119,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "interrupted run bit for bit.",
     )
     from lsa_ext.cli.options import add_device_option
-    from lsa_ext.train_config import AT_METHODS, ATTACK_MODES, LR_PASSES, OPTIMIZERS, SCHEDULERS
+    from lsa_ext.train_config import (
+        AT_METHODS,
+        ATTACK_MODES,
+        LR_PASSES,
+        LR_REDUCTIONS,
+        OPTIMIZERS,
+        SCHEDULERS,
+    )
 
     add_data_args(p)
     g = p.add_argument_group("adversarial training")
@@ -153,6 +160,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--lr-pass", default="auto", choices=LR_PASSES,
                    help="LR term: one forward of clean+adversarial batches (concat), two "
                         "forwards (two_pass), or auto (default; see README)")
+    g.add_argument("--lr-reduction", default="mean", choices=LR_REDUCTIONS,
+                   help="CM of a layer over the batch: mean of the per-sample relative errors "
+                        "(default; the paper's formula) or one ratio over the whole batch "
+                        "(batch; the authors' published code)")
+    g.add_argument("--lr-detach-clean", action="store_true",
+                   help="no gradient through the clean pass of the LR term (default: both "
+                        "passes, as Algorithm 3 is written)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=None, help=f"default {DEFAULT_EPOCHS}")
     g.add_argument("--batch-size", type=int, default=128, help="default 128")
@@ -268,7 +282,8 @@ def _new_run(args: argparse.Namespace) -> int:
         clip=None if info.data_range is None else list(info.data_range),
         lr_layers=[] if mvl else resolve_lr_layers(args, model, None, eps),
         gamma=parse_gamma(args.gamma), trades_beta=args.trades_beta,
-        full_clean_pass=args.full_clean_pass, lr_pass=args.lr_pass, epochs=_epochs(args),
+        full_clean_pass=args.full_clean_pass, lr_pass=args.lr_pass,
+        lr_reduction=args.lr_reduction, lr_detach_clean=args.lr_detach_clean, epochs=_epochs(args),
         batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
         momentum=args.momentum, weight_decay=args.weight_decay, scheduler=args.scheduler,
         seed=args.seed, device=args.device,
@@ -370,6 +385,7 @@ _FIXED = {
     "eta": ("meta", "eta"), "at": ("config", "at"), "eps": ("config", "eps"),
     "attack_mode": ("config", "attack_mode"), "trades_beta": ("config", "trades_beta"),
     "full_clean_pass": ("config", "full_clean_pass"), "lr_pass": ("config", "lr_pass"),
+    "lr_reduction": ("config", "lr_reduction"), "lr_detach_clean": ("config", "lr_detach_clean"),
     "batch_size": ("config", "batch_size"),
     "optimizer": ("config", "optimizer"), "lr": ("config", "lr"),
     "momentum": ("config", "momentum"), "weight_decay": ("config", "weight_decay"),
