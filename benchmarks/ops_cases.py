@@ -198,4 +198,6 @@ def all_cases(before=None) -> list[Case]:
         multi_case("multi VGG-19 16 convs B=1", 1, targets={"loop": 1.0}, before=before),
         forward_case("forward B=1 [1,8388608] f32", (1, 8_388_608), before=before),
         forward_case("forward B=4096 [4096,3,4,4] f32", (4096, 3, 4, 4), before=before),
+        # Call overhead: validation, dispatch, autograd wrapper ("fused" - "op": the Python layer)
+        forward_case("forward tiny [8,16] f32", (8, 16), before=before),
     ]
