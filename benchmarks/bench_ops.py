@@ -4,9 +4,9 @@ Run:
     .venv/bin/python -m pytest benchmarks/bench_ops.py --benchmark-group-by=param:case \
         --benchmark-columns=median,iqr,rounds
 
-Each case of benchmarks/ops_cases.py is one group; its contenders (fused, naive, compiled, loop,
-bandwidth) are the benchmarks of that group, on the same data. For the single table with ratios
-and targets, use benchmarks/ops_table.py.
+Each case of benchmarks/ops_cases.py is one group; its contenders (fused, op, sums+ratio, naive,
+compiled, loop, bandwidth) are the benchmarks of that group, on the same data. For the single
+table with ratios and targets, use benchmarks/ops_table.py.
 """
 
 from __future__ import annotations

@@ -6,12 +6,14 @@ Contenders, timed interleaved (base, LR, base, LR, ...) on the same data in one 
   AT-PGD-10 vs AT-PGD-10-LR-L0 (Table 3's layer) vs LR on L0…L3 (every hidden learnable layer),
   the latter three ways: main's path before this change (two passes, clean pass stopped after
   the last site, outputs held by reference — wrong with in-place ops), two passes with the
-  in-place guard (``copy="auto"``), and the default (``lr_pass="auto"``: here one forward of the
-  concatenated clean + adversarial batch, with the guard).
+  in-place guard (``copy="auto"``), the default (``lr_pass="auto"``: here one forward of the
+  concatenated clean + adversarial batch, with the guard), and with the clean pass detached
+  (``TrainConfig.lr_detach_clean=True``: clean forward under ``torch.no_grad``, no gradient
+  through it).
 * VGG-19 on a CIFAR-shaped batch (random ``[B, 3, 32, 32]``, default B = 32): one training
   step of AT-PGD-10 vs LR-L1 (Table 4's layer) vs LR on all 16 convs: main's path, two passes
-  with the guard, two passes cloning every site (``copy="always"``), and the default (concat,
-  BatchNorm run per half).
+  with the guard, two passes cloning every site (``copy="always"``), the default (concat,
+  BatchNorm run per half), and the detached clean pass.
 * The LR term's own cost: the fused ``relative_error_multi`` forward + backward on the captured
   layer outputs of that step, and the same with the pure-PyTorch reference; the in-place
   guard's own cost: cloning every site output of both passes vs watching them by reference.
@@ -52,9 +54,12 @@ def _digits():
     return load_dataset("digits", seed=0)
 
 
-# LR variants: (lr_pass, copy). "main": the path before the in-place guard and the concat pass.
-VARIANTS = {"main": ("two_pass", "never"), "two-pass": ("two_pass", "auto"),
-            "two-pass, clone all": ("two_pass", "always"), "auto": ("auto", "auto")}
+# LR variants: (lr_pass, copy, detach_clean). "main": the path before the in-place guard and
+# the concat pass. "detached clean": TrainConfig.lr_detach_clean=True (no gradient through the
+# clean pass; its forward runs under torch.no_grad, two passes) with the default lr_pass/copy.
+VARIANTS = {"main": ("two_pass", "never", False), "two-pass": ("two_pass", "auto", False),
+            "two-pass, clone all": ("two_pass", "always", False),
+            "auto": ("auto", "auto", False), "detached clean": ("auto", "auto", True)}
 
 
 def make_trainer(model_name: str, data_train, info, layers: list[str], eps: float,
@@ -65,12 +70,14 @@ def make_trainer(model_name: str, data_train, info, layers: list[str], eps: floa
     from lsa_ext.models import build_model
 
     model = build_model(model_name, info, seed=0)
-    lr_pass, copy = VARIANTS[variant]
+    lr_pass, copy, detach = VARIANTS[variant]
     cfg = TrainConfig(at=at, eps=eps, clip=[0.0, 1.0], lr_layers=layers, epochs=1,
-                      batch_size=batch_size, device=device, seed=0, lr_pass=lr_pass)
+                      batch_size=batch_size, device=device, seed=0, lr_pass=lr_pass,
+                      lr_detach_clean=detach)
     trainer = Trainer(model, data_train, cfg, progress=False)
     if layers:
-        trainer.regularizer = LRTerm(trainer.layers, lr_pass=lr_pass, copy=copy)
+        trainer.regularizer = LRTerm(trainer.layers, lr_pass=lr_pass, copy=copy,
+                                     detach_clean=detach)
     return trainer
 
 
@@ -203,7 +210,7 @@ def digits_contenders(device: str = "cpu") -> tuple[dict[str, Callable[[], None]
     hidden = resolve_layers(probe, "L0,L1,L2,L3")
     t1 = make_trainer("model_b", d.train, d.info, one, 0.2, 128, device)
     t4 = {v: make_trainer("model_b", d.train, d.info, hidden, 0.2, 128, device, v)
-          for v in ("main", "two-pass", "auto")}
+          for v in ("main", "two-pass", "auto", "detached clean")}
     x = d.train.tensors[0][:128].to(device)
     y = d.train.tensors[1][:128].to(device)
     fns = {"base": epoch_fn(base), "LR-L0": epoch_fn(t1)}

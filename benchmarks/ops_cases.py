@@ -2,8 +2,10 @@
 bench_ops.py (pytest-benchmark) and ops_table.py (one table, all contenders interleaved).
 
 Every case holds one set of inputs; its contenders are zero-argument callables on that data:
-``fused`` (lsa_ext), ``op`` (forward cases: the kernel alone, ``torch.ops.lsa_ext.sq_sums``,
-no Python layer and no ratio), ``before`` (the same public API on a baseline build's kernels, see
+``fused`` (lsa_ext), ``op`` (forward cases: the kernel alone,
+``torch.ops.lsa_ext.relative_error``, no Python layer), ``sums+ratio`` (the public call as it was
+before the ratio moved into the kernel: the same sums kernel, then the ratio as PyTorch ops on
+``[B]`` tensors), ``before`` (the same public API on a baseline build's kernels, see
 baseline.py; only when one is given), ``naive`` (the expression a user would write),
 ``compiled`` (torch.compile of that expression), ``loop`` (one fused call per layer),
 ``bandwidth`` (``a.sum() + b.sum()``: reads both inputs once).
@@ -32,6 +34,7 @@ if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
 import torch  # noqa: E402
 
 import lsa_ext  # noqa: E402
+from lsa_ext import ops, reference  # noqa: E402
 
 # Output shapes of the 16 conv layers of VGG-19 on a 3x32x32 (CIFAR) input: blocks of 2, 2, 4, 4,
 # 4 convs with 64, 128, 256, 512, 512 channels, each block followed by a 2x2 max-pool.
@@ -52,6 +55,21 @@ def naive_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def naive_multi(cleans: list[torch.Tensor], perturbeds: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([naive(a, b) for a, b in zip(cleans, perturbeds, strict=True)])
+
+
+def sums_then_ratio(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``lsa_ext.relative_error(a, b)`` as commit e57d722 computed it: validation, the sums
+    kernel (``torch.ops.lsa_ext.sq_sums``), then the ratio as PyTorch ops on ``[B]`` tensors."""
+    ops._check_pair(a, b)
+    d, n = torch.ops.lsa_ext.sq_sums(a, b)
+    return reference.reduce(d, n, "none", reference.eps_floor(1e-12, a.dtype))
+
+
+def sums_then_ratio_multi(cleans: list[torch.Tensor], perturbeds: list[torch.Tensor]):
+    """:func:`sums_then_ratio` for L layers (``relative_error_multi`` of e57d722)."""
+    cleans, perturbeds = ops._check_lists(cleans, perturbeds)
+    d, n = torch.ops.lsa_ext.sq_sums_multi(cleans, perturbeds)
+    return reference.reduce(d, n, "none", reference.eps_floor(1e-12, cleans[0].dtype))
 
 
 def _pair(shape, seed=0, requires_grad=False):
@@ -111,7 +129,8 @@ def forward_case(name: str, shape, targets=None, before=None) -> Case:
         name=name,
         contenders={
             "fused": lambda: lsa_ext.relative_error(a, b),
-            "op": lambda: torch.ops.lsa_ext.sq_sums(a, b),
+            "op": lambda: torch.ops.lsa_ext.relative_error(a, b, 1e-12),
+            "sums+ratio": lambda: sums_then_ratio(a, b),
             **({"before": lambda: before.relative_error(a, b)} if before else {}),
             "naive": lambda: naive(a, b),
             "compiled": lambda: _compiled("fwd")(a, b),
@@ -128,6 +147,7 @@ def backward_case(name: str, shape, targets=None, before=None) -> Case:
         name=name,
         contenders={
             "fused": _backward(lambda x, y: lsa_ext.relative_error(x, y).sum(), a, b),
+            "sums+ratio": _backward(lambda x, y: sums_then_ratio(x, y).sum(), a, b),
             **({"before": _backward(lambda x, y: before.relative_error(x, y).sum(), a, b)}
                if before else {}),
             "naive": _backward(naive_loss, a, b),
@@ -146,6 +166,7 @@ def multi_case(name: str, batch: int, targets=None, before=None) -> Case:
         name=name,
         contenders={
             "fused": lambda: lsa_ext.relative_error_multi(cleans, perturbeds),
+            "sums+ratio": lambda: sums_then_ratio_multi(cleans, perturbeds),
             **({"before": lambda: before.relative_error_multi(cleans, perturbeds)}
                if before else {}),
             "loop": lambda: torch.stack(
@@ -177,4 +198,6 @@ def all_cases(before=None) -> list[Case]:
         multi_case("multi VGG-19 16 convs B=1", 1, targets={"loop": 1.0}, before=before),
         forward_case("forward B=1 [1,8388608] f32", (1, 8_388_608), before=before),
         forward_case("forward B=4096 [4096,3,4,4] f32", (4096, 3, 4, 4), before=before),
+        # Call overhead: validation, dispatch, autograd wrapper ("fused" - "op": the Python layer)
+        forward_case("forward tiny [8,16] f32", (8, 16), before=before),
     ]

@@ -36,7 +36,7 @@ from ops_cases import all_cases, reset_compiled  # noqa: E402
 import lsa_ext  # noqa: E402
 from lsa_ext import _extension  # noqa: E402
 
-COLUMNS = ["fused", "op", "before", "naive", "compiled", "loop", "bandwidth"]
+COLUMNS = ["fused", "op", "sums+ratio", "before", "naive", "compiled", "loop", "bandwidth"]
 
 
 def load_average() -> str:
@@ -80,6 +80,11 @@ def measure(contenders, repeats: int, warmup: int = 3,
     return {k: (statistics.median(v), cpu[k] / sum(v), threads[k]) for k, v in wall.items()}
 
 
+def _ms(seconds: float) -> str:
+    """Milliseconds, with 3 decimals below 0.1 ms (µs-scale call overheads)."""
+    return f"{seconds * 1e3:.3f}" if seconds < 1e-4 else f"{seconds * 1e3:.2f}"
+
+
 def table(cases, repeats: int) -> bool:
     header = ["case", "fused ms", "fused CPU/wall", "thr", "fused GB/s"]
     header += [f"{c} ms (x)" for c in COLUMNS[1:]] + ["targets"]
@@ -89,10 +94,10 @@ def table(cases, repeats: int) -> bool:
     for case in cases:
         med = measure(case.contenders, repeats)
         fused, fused_cpu, fused_threads = med["fused"]
-        row = [case.name, f"{fused * 1e3:.2f}", f"{fused_cpu:.2f}", str(fused_threads),
+        row = [case.name, _ms(fused), f"{fused_cpu:.2f}", str(fused_threads),
                f"{case.bytes_read / fused / 1e9:.1f}"]
         for c in COLUMNS[1:]:
-            row.append(f"{med[c][0] * 1e3:.2f} ({med[c][0] / fused:.2f}x)" if c in med else "—")
+            row.append(f"{_ms(med[c][0])} ({med[c][0] / fused:.2f}x)" if c in med else "—")
         checks = []
         for c, want in case.targets.items():
             got = med[c][0] / fused

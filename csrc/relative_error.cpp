@@ -51,4 +51,14 @@ TORCH_LIBRARY(lsa_ext, m) {
   m.def(
       "sq_sums_multi_backward(Tensor grad_diff, Tensor grad_norm, Tensor[] cleans,"
       " Tensor[] perturbeds) -> (Tensor[], Tensor[])");
+  // The comparison measure itself, in one pass: (ratio, diff, norm), each [B], where
+  //   ratio[i] = sqrt(diff[i]) / max(sqrt(norm[i]), eps, tiny)
+  // (tiny: the input dtype's smallest normal number; see RatioGuard in relative_error.h) and
+  // diff/norm are sq_sums' outputs (kept for the backward, which is sq_sums_backward's).
+  m.def(
+      "relative_error(Tensor clean, Tensor perturbed, float eps) -> (Tensor, Tensor, Tensor)");
+  // L layers in one call: outputs are [L, B].
+  m.def(
+      "relative_error_multi(Tensor[] cleans, Tensor[] perturbeds, float eps)"
+      " -> (Tensor, Tensor, Tensor)");
 }

@@ -2,7 +2,11 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/macros/Macros.h>
 
+#include <algorithm>
+#include <cmath>
+#include <limits>
 #include <vector>
 
 namespace lsa_ext {
@@ -50,6 +54,45 @@ inline void check_lists(at::TensorList as, at::TensorList bs) {
         as[l].device() == as[0].device(), "all layers must be on the same device, layer 0 is on ",
         as[0].device(), " and layer ", l, " on ", as[l].device());
   }
+}
+
+// The denominator guard of the relative error (the semantics of lsa_ext.reference.ratio and
+// eps_floor): the result is sqrt(d) / max(sqrt(n), floor) with floor = max(eps, tiny of the input
+// dtype). When floor^2 is a normal number of the accumulation dtype, max(sqrt(n), floor) is
+// computed as sqrt(max(n, floor^2)) (as the reference does), else as max(sqrt(n), floor).
+struct RatioGuard {
+  double floor;      // max(eps, tiny(input dtype))
+  bool clamp_norm;   // compare n with floor^2 (true) or sqrt(n) with floor (false)
+};
+
+// Validates eps (finite, >= 0) and derives the guard for inputs of dtype `input`.
+inline RatioGuard ratio_guard(double eps, at::ScalarType input) {
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "eps must be a finite number >= 0, got ", eps);
+  double tiny = 0;
+  switch (input) {
+    case at::kHalf: tiny = 6.103515625e-05; break;  // 2**-14
+    case at::kDouble: tiny = std::numeric_limits<double>::min(); break;
+    default: tiny = static_cast<double>(std::numeric_limits<float>::min()); break;  // 2**-126
+  }
+  const double floor = std::max(eps, tiny);
+  const double acc_tiny = input == at::kDouble ? std::numeric_limits<double>::min()
+                                               : static_cast<double>(std::numeric_limits<float>::min());
+  return {floor, floor * floor >= acc_tiny};
+}
+
+// sqrt(d) / max(sqrt(n), floor) in the accumulation type T, bitwise as the reference's PyTorch
+// ops compute it (IEEE sqrt and division; NaN in d or n propagates). `floor_t` and `floor_sq_t`
+// are the guard's floor and floor^2 rounded to T.
+template <typename T>
+C10_HOST_DEVICE inline T guarded_ratio(T d, T n, T floor_t, T floor_sq_t, bool clamp_norm) {
+  T den;
+  if (clamp_norm) {
+    den = std::sqrt(n < floor_sq_t ? floor_sq_t : n);
+  } else {
+    const T s = std::sqrt(n);
+    den = s < floor_t ? floor_t : s;
+  }
+  return std::sqrt(d) / den;
 }
 
 // True when each sample of `t` occupies one dense block of numel/B elements and the tensor is

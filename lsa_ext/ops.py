@@ -4,7 +4,9 @@ The comparison measure (CM) of Khalooei et al., arXiv 2202.02626 (used by Algori
 ``CM(a, b) = ||a - b||_F / ||a||_F`` per sample, where ``a`` is a layer's
 clean representation and ``b`` its perturbed twin. The compiled kernels (``torch.ops.lsa_ext``)
 compute the per-sample squared sums ``D_i = sum (a_i - b_i)^2`` and ``N_i = sum a_i^2`` in one
-read of each input; the ratio and the reduction over samples are tiny ``[B]`` operations done here.
+read of each input, and ``lsa_ext::relative_error`` / ``relative_error_multi`` the ratio from
+them in the same call (its backward: the ratio's chain rule on ``[B]`` tensors here, then the
+sums' backward kernel). ``reduction="batch"`` (a ratio of sums over samples) uses the sums.
 
 Zero-norm guard: the result is ``sqrt(D) / max(sqrt(N), eps, tiny)`` with ``tiny`` the input
 dtype's smallest normal number (:func:`lsa_ext.reference.eps_floor`), so a clean sample of zero
@@ -63,6 +65,10 @@ def _check_options(reduction: object, eps: object) -> None:
     if not isinstance(reduction, str) or reduction not in REDUCTIONS:
         choices = ", ".join(REDUCTIONS)
         raise ValueError(f"unknown reduction {reduction!r}; expected one of {choices}")
+    _check_eps(eps)
+
+
+def _check_eps(eps: object) -> None:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise TypeError(f"eps must be a number, got {type(eps).__name__}")
     if not (math.isfinite(eps) and eps >= 0):
@@ -133,6 +139,22 @@ if _extension.LOADED:
         cleans, perturbeds = _check_lists(cleans, perturbeds)
         return [torch.empty_like(a) for a in cleans], [torch.empty_like(a) for a in cleans]
 
+    @torch.library.register_fake("lsa_ext::relative_error")
+    def _relative_error_fake(clean, perturbed, eps):
+        _check_pair(clean, perturbed)
+        _check_eps(eps)
+        acc = acc_dtype(clean.dtype)
+        shape = (clean.shape[0],)
+        return tuple(clean.new_empty(shape, dtype=acc) for _ in range(3))
+
+    @torch.library.register_fake("lsa_ext::relative_error_multi")
+    def _relative_error_multi_fake(cleans, perturbeds, eps):
+        cleans, perturbeds = _check_lists(cleans, perturbeds)
+        _check_eps(eps)
+        acc = acc_dtype(cleans[0].dtype)
+        shape = (len(cleans), cleans[0].shape[0])
+        return tuple(cleans[0].new_empty(shape, dtype=acc) for _ in range(3))
+
     # Reference kernels under CompositeExplicitAutograd: they serve every device that has no
     # compiled kernel (and calls without tensor arguments, e.g. empty lists, which then fail
     # validation with a ValueError like everywhere else). Compiled CPU/CUDA kernels, registered
@@ -170,6 +192,20 @@ if _extension.LOADED:
         ]
         return [p[0] for p in pairs], [p[1] for p in pairs]
 
+    def _relative_error_ref(clean, perturbed, eps):
+        _check_pair(clean, perturbed)
+        _check_eps(eps)
+        d, n = reference.sq_sums(clean, perturbed)
+        return reference.ratio(d, n, reference.eps_floor(eps, clean.dtype)), d, n
+
+    def _relative_error_multi_ref(cleans, perturbeds, eps):
+        cleans, perturbeds = _check_lists(cleans, perturbeds)
+        _check_eps(eps)
+        d, n = reference.sq_sums_multi(cleans, perturbeds)
+        return reference.ratio(d, n, reference.eps_floor(eps, cleans[0].dtype)), d, n
+
+    _LIB.impl("relative_error", _relative_error_ref, "CompositeExplicitAutograd")
+    _LIB.impl("relative_error_multi", _relative_error_multi_ref, "CompositeExplicitAutograd")
     _LIB.impl("sq_sums", _sq_sums_ref, "CompositeExplicitAutograd")
     _LIB.impl("sq_sums_multi", _sq_sums_multi_ref, "CompositeExplicitAutograd")
     _LIB.impl("sq_sums_backward", _sq_sums_backward_ref, "CompositeExplicitAutograd")
@@ -195,6 +231,50 @@ if _extension.LOADED:
         )
         return list(grads_a), list(grads_b)
 
+    def _ratio_grads(ctx, grad_ratio, grad_diff, grad_norm):
+        """Upstream gradients of (ratio, diff, norm) as gradients of (diff, norm)."""
+        diff, norm = ctx.saved_tensors[-2:]
+        gd, gn = reference.ratio_backward(grad_ratio, diff, norm, ctx.floor)
+        if grad_diff is not None:
+            gd = gd + grad_diff
+        if grad_norm is not None:
+            gn = gn + grad_norm
+        return gd, gn
+
+    def _relative_error_setup(ctx, inputs, output):
+        clean, perturbed, eps = inputs
+        ctx.floor = reference.eps_floor(eps, clean.dtype)
+        ctx.save_for_backward(clean, perturbed, output[1], output[2])
+
+    def _relative_error_backward(ctx, grad_ratio, grad_diff, grad_norm):
+        clean, perturbed = ctx.saved_tensors[:2]
+        gd, gn = _ratio_grads(ctx, grad_ratio, grad_diff, grad_norm)
+        grad_a, grad_b = torch.ops.lsa_ext.sq_sums_backward(gd, gn, clean, perturbed)
+        return grad_a, grad_b, None
+
+    def _relative_error_multi_setup(ctx, inputs, output):
+        cleans, perturbeds, eps = inputs
+        ctx.num_layers = len(cleans)
+        ctx.floor = reference.eps_floor(eps, cleans[0].dtype)
+        ctx.save_for_backward(*cleans, *perturbeds, output[1], output[2])
+
+    def _relative_error_multi_backward(ctx, grad_ratio, grad_diff, grad_norm):
+        saved = ctx.saved_tensors
+        n = ctx.num_layers
+        gd, gn = _ratio_grads(ctx, grad_ratio, grad_diff, grad_norm)
+        grads_a, grads_b = torch.ops.lsa_ext.sq_sums_multi_backward(
+            gd, gn, list(saved[:n]), list(saved[n : 2 * n])
+        )
+        return list(grads_a), list(grads_b), None
+
+    torch.library.register_autograd(
+        "lsa_ext::relative_error", _relative_error_backward, setup_context=_relative_error_setup
+    )
+    torch.library.register_autograd(
+        "lsa_ext::relative_error_multi",
+        _relative_error_multi_backward,
+        setup_context=_relative_error_multi_setup,
+    )
     torch.library.register_autograd(
         "lsa_ext::sq_sums", _sq_sums_backward, setup_context=_sq_sums_setup
     )
@@ -259,8 +339,15 @@ def relative_error(
         float64 for float64 input, float32 otherwise. Differentiable in both arguments.
     """
     _check_options(reduction, eps)
-    d, n = sq_sums(clean, perturbed)
-    return reference.reduce(d, n, reduction, reference.eps_floor(eps, clean.dtype))
+    if reduction == "batch":
+        d, n = sq_sums(clean, perturbed)
+        return reference.reduce(d, n, reduction, reference.eps_floor(eps, clean.dtype))
+    _check_pair(clean, perturbed)
+    if _extension.has_kernel(clean.device.type):
+        r = torch.ops.lsa_ext.relative_error(clean, perturbed, float(eps))[0]
+    else:
+        r = reference.relative_error(clean, perturbed, "none", eps)
+    return _over_samples(r, reduction)
 
 
 def relative_error_multi(
@@ -280,8 +367,24 @@ def relative_error_multi(
         ``[L, B]`` for ``"none"``, ``[L]`` for ``"mean"``, ``"sum"`` and ``"batch"``.
     """
     _check_options(reduction, eps)
-    d, n = sq_sums_multi(cleans, perturbeds)
-    return reference.reduce(d, n, reduction, reference.eps_floor(eps, cleans[0].dtype))
+    if reduction == "batch":
+        d, n = sq_sums_multi(cleans, perturbeds)
+        return reference.reduce(d, n, reduction, reference.eps_floor(eps, cleans[0].dtype))
+    cleans, perturbeds = _check_lists(cleans, perturbeds)
+    if _extension.has_kernel(cleans[0].device.type):
+        r = torch.ops.lsa_ext.relative_error_multi(cleans, perturbeds, float(eps))[0]
+    else:
+        r = reference.relative_error_multi(cleans, perturbeds, "none", eps)
+    return _over_samples(r, reduction)
+
+
+def _over_samples(r: torch.Tensor, reduction: str) -> torch.Tensor:
+    """``reduction`` ("none", "mean" or "sum") of per-sample values along the last dimension."""
+    if reduction == "mean":
+        return r.mean(dim=-1)
+    if reduction == "sum":
+        return r.sum(dim=-1)
+    return r
 
 
 def backend() -> dict[str, str]:

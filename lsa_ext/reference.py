@@ -67,6 +67,33 @@ def ratio(diff: torch.Tensor, norm: torch.Tensor, eps: float) -> torch.Tensor:
     return safe_sqrt(diff) / den
 
 
+def ratio_backward(
+    grad: torch.Tensor, diff: torch.Tensor, norm: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`ratio` w.r.t. ``diff`` and ``norm`` for an upstream ``grad``.
+
+    The chain rule through :func:`ratio`'s own ops, written out as autograd applies it (``sqrt``:
+    ``g / (2 sqrt(x))``, 0 at 0 for :func:`safe_sqrt`; ``clamp_min``: ``g`` where ``x >= min``,
+    else 0; division: ``g / den`` and ``-g (num / den) / den``), so the compiled op's backward
+    (lsa_ext.ops) equals autograd of the reference. All tensors elementwise, one dtype.
+    """
+    dz = diff == 0
+    num = torch.where(dz, 0.0, torch.where(dz, 1.0, diff).sqrt())
+    if eps * eps >= torch.finfo(norm.dtype).tiny:
+        den = norm.clamp_min(eps * eps).sqrt()
+        g_den = -grad * ((num / den) / den)
+        g_norm = torch.where(norm >= eps * eps, g_den / (2 * den), 0.0)
+    else:
+        nz = norm == 0
+        root = torch.where(nz, 1.0, norm).sqrt()
+        s = torch.where(nz, 0.0, root)
+        den = s.clamp_min(eps)
+        g_den = -grad * ((num / den) / den)
+        g_norm = torch.where(nz, 0.0, torch.where(s >= eps, g_den, 0.0) / (2 * root))
+    g_diff = torch.where(dz, 0.0, (grad / den) / (2 * torch.where(dz, 1.0, num)))
+    return g_diff, g_norm
+
+
 def reduce(diff: torch.Tensor, norm: torch.Tensor, reduction: str, eps: float) -> torch.Tensor:
     """Applies ``reduction`` along the last (sample) dimension of ``diff``/``norm``."""
     if reduction == "batch":

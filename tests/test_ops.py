@@ -27,6 +27,8 @@ REDUCTIONS = ["none", "mean", "sum", "batch"]
 # accumulation error only, float32 accumulation for all but float64.
 SUM_RTOL = {torch.float16: 2e-6, torch.bfloat16: 2e-6, torch.float32: 2e-6, torch.float64: 1e-13}
 # Gradients are rounded once to the input dtype: about half an ulp, plus float32 arithmetic.
+# The kernels' ratio of their own sums against reference.ratio's PyTorch ops on the same sums.
+RATIO_ULPS = {torch.float32: 4 * 2.0**-24, torch.float64: 4 * 2.0**-53}
 GRAD_RTOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-6, torch.float64: 1e-13}
 
 HYPO = settings(
@@ -135,6 +137,68 @@ def test_relative_error_all_reductions_match_reference(device, case, reduction):
                                else 1e-12, atol=0, equal_nan=True)
 
 
+@HYPO
+@given(case=cases(), eps=st.sampled_from([1e-12, 0.0, 1e-3, 2.0]))
+def test_relative_error_op_matches_float64_reference(device, case, eps):
+    """The measure computed in the kernel (lsa_ext::relative_error): its ratio against the
+    float64 reference, and the reference's ratio of the op's own sums (same eps floor) to an ulp
+    or two (IEEE sqrt here; PyTorch's vectorised float32 sqrt is within 0.5001 ulp)."""
+    a, b = random_pair(case["shape"], case["dtype"], device, case["seed"], case["mean"])
+    a = relayout(a, *case["layout_a"])
+    b = relayout(b, *case["layout_b"])
+    if case["shape"][0] > 1 and a.numel():
+        a.view(-1)[: a.numel() // a.shape[0]].zero_() if a.is_contiguous() else a[0].zero_()
+    with cpu_isa(case["isa"]):
+        r, d, n = torch.ops.lsa_ext.relative_error(a, b, eps)
+    acc = reference.acc_dtype(case["dtype"])
+    assert r.dtype == d.dtype == n.dtype == acc and r.shape == (case["shape"][0],)
+    floor = reference.eps_floor(eps, case["dtype"])
+    torch.testing.assert_close(r, reference.ratio(d, n, floor), rtol=RATIO_ULPS[acc], atol=0)
+    want_d, want_n = ref_sums(a, b)
+    want = reference.ratio(want_d, want_n, floor)
+    rtol = SUM_RTOL[case["dtype"]]
+    torch.testing.assert_close(d.double().cpu(), want_d, rtol=rtol, atol=1e-30)
+    torch.testing.assert_close(n.double().cpu(), want_n, rtol=rtol, atol=1e-30)
+    torch.testing.assert_close(r.double().cpu(), want, rtol=2 * rtol, atol=0)
+
+
+def test_relative_error_op_eps_floor_zero_norm_and_empty(device):
+    """Zero-norm clean samples: ||b|| / max(eps, tiny) with tiny the input dtype's smallest normal
+    (float16: 2**-14, so the default eps gives 16384 ||b||, not 1e12 ||b||); zero diff: 0; an
+    empty batch and empty samples."""
+    for dtype in DTYPES:
+        a = torch.zeros(3, 4, dtype=dtype, device=device)
+        b = torch.zeros(3, 4, dtype=dtype, device=device)
+        b[0, 1] = 0.5
+        a[2] = 1.0
+        b[2] = 1.0
+        for eps, floor in ((1e-12, reference.eps_floor(1e-12, dtype)), (0.25, 0.25)):
+            r, d, n = torch.ops.lsa_ext.relative_error(a, b, eps)
+            assert r.cpu().tolist() == [pytest.approx(0.5 / floor, rel=1e-7), 0.0, 0.0], dtype
+            assert d.cpu().tolist() == [0.25, 0.0, 0.0] and n.cpu().tolist() == [0.0, 0.0, 4.0]
+            if dtype == torch.float16 and eps == 1e-12:
+                assert r[0].item() == 0.5 * 2**14
+        if dtype == torch.float64:  # eps = 0: floor 2**-1022, whose square underflows
+            r, _, _ = torch.ops.lsa_ext.relative_error(a, b, 0.0)
+            assert r[0].item() == 0.5 / 2.0**-1022
+    for shape in ([0, 3], [3, 0], [0]):
+        r, d, n = torch.ops.lsa_ext.relative_error(torch.ones(shape, device=device),
+                                                   torch.ones(shape, device=device), 1e-12)
+        assert r.shape == d.shape == n.shape == (shape[0],) and not r.any()
+        r, _, _ = torch.ops.lsa_ext.relative_error_multi(
+            [torch.ones(shape, device=device)] * 2, [torch.ones(shape, device=device)] * 2, 0.0)
+        assert r.shape == (2, shape[0]) and not r.any()
+
+
+@pytest.mark.parametrize("eps", [-1.0, float("nan"), float("inf")])
+def test_relative_error_ops_reject_bad_eps(device, eps):
+    a = torch.ones(2, 3, device=device)
+    with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
+        torch.ops.lsa_ext.relative_error(a, a, eps)
+    with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
+        torch.ops.lsa_ext.relative_error_multi([a], [a], eps)
+
+
 @st.composite
 def multi_cases(draw):
     batch = draw(st.sampled_from([1, 2, 3, 6]))
@@ -158,6 +222,11 @@ def test_multi_matches_per_layer_reference(device, case):
     with cpu_isa(case["isa"]):
         d, n = lsa_ext.sq_sums_multi(cleans, perturbeds)
         got = lsa_ext.relative_error_multi(cleans, perturbeds, reduction=case["reduction"])
+        r_op, d_op, n_op = torch.ops.lsa_ext.relative_error_multi(cleans, perturbeds, 1e-12)
+    assert torch.equal(d_op, d) and torch.equal(n_op, n)
+    floor = reference.eps_floor(1e-12, case["dtype"])
+    torch.testing.assert_close(r_op, reference.ratio(d, n, floor), rtol=RATIO_ULPS[r_op.dtype],
+                               atol=0)
     pairs = [ref_sums(a, b) for a, b in zip(cleans, perturbeds, strict=True)]
     rtol = SUM_RTOL[case["dtype"]]
     torch.testing.assert_close(d.double().cpu(), torch.stack([p[0] for p in pairs]), rtol=rtol,
@@ -436,6 +505,13 @@ def test_composite_reference_kernels_match_compiled():
     ):
         for x, y in zip(got, want, strict=True):
             assert x.stride() == y.stride()
+            torch.testing.assert_close(x, y, rtol=2e-6, atol=1e-6)
+    for got, want in (
+        (ops._relative_error_ref(a, b, 1e-3), torch.ops.lsa_ext.relative_error(a, b, 1e-3)),
+        (ops._relative_error_multi_ref([a, b], [b, a], 0.0),
+         torch.ops.lsa_ext.relative_error_multi([a, b], [b, a], 0.0)),
+    ):
+        for x, y in zip(got, want, strict=True):
             torch.testing.assert_close(x, y, rtol=2e-6, atol=1e-6)
     ga, gb = ops._sq_sums_multi_backward_ref(gd[None], gn[None], [a], [b])
     torch.testing.assert_close(ga[0], torch.ops.lsa_ext.sq_sums_backward(gd, gn, a, b)[0])

@@ -52,6 +52,49 @@ def test_gradcheck_sq_sums_and_multi_with_one_output_used(device):
     )
 
 
+@pytest.mark.parametrize("eps", [1e-12, 0.0, 0.5])
+def test_gradcheck_relative_error_ops_all_outputs(device, eps):
+    """The ops' backward (ratio chain rule, then sq_sums_backward) with every output used: the
+    ratio and the diff/norm sums it returns; eps = 0 takes the branch where floor**2 underflows
+    (max(sqrt(n), floor)), 0.5 clamps some samples."""
+    a, b = pair([4, 3, 2], device, seed=10)
+    with torch.no_grad():
+        a[1] *= 0.1  # norm below 0.5**2
+
+    def single(x, y):
+        r, d, n = torch.ops.lsa_ext.relative_error(x, y, eps)
+        return r, 0.3 * d, -0.2 * n
+
+    def multi(x, y):
+        r, d, n = torch.ops.lsa_ext.relative_error_multi([x, y[:, :1]], [y, x[:, :1]], eps)
+        return r, 0.3 * d, -0.2 * n
+
+    assert torch.autograd.gradcheck(single, (a, b))
+    assert torch.autograd.gradcheck(multi, (a, b))
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-3])
+def test_zero_norm_grads_match_reference_autograd_in_both_eps_branches(device, eps):
+    """Zero-norm, zero-diff and ordinary samples: the op's gradients equal autograd through
+    reference.ratio, for floor**2 representable (1e-3) and underflowing (0.0 in float64)."""
+    a, b = pair([4, 5], device, seed=11)
+    with torch.no_grad():
+        a[0] = 0
+        b[1] = a[1]
+        a[2] = 0
+        b[2] = 0
+    ra, rb = a.detach().clone().requires_grad_(True), b.detach().clone().requires_grad_(True)
+    out = lsa_ext.relative_error(a, b, eps=eps)
+    want = reference.relative_error(ra, rb, eps=eps)
+    torch.testing.assert_close(out, want, rtol=1e-15, atol=0)
+    w = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64, device=device)
+    (out * w).sum().backward()
+    (want * w).sum().backward()
+    for g, r in ((a.grad, ra.grad), (b.grad, rb.grad)):
+        assert g.isfinite().all()
+        torch.testing.assert_close(g, r, rtol=1e-14, atol=0)
+
+
 @pytest.mark.parametrize("multi", [False, True])
 def test_zero_norm_and_zero_diff_give_finite_grads(device, multi):
     a, b = pair([4, 6], device, seed=5)
@@ -203,6 +246,20 @@ def test_opcheck_sq_sums_multi_and_backward(device):
         gn = torch.randn(n, 2, dtype=acc, device=device)
         torch.library.opcheck(
             torch.ops.lsa_ext.sq_sums_multi_backward.default, (gd, gn, cleans, perturbeds)
+        )
+
+
+def test_opcheck_relative_error_ops(device):
+    for a, b in _opcheck_samples(device):
+        for eps in (1e-12, 0.0, 0.5):
+            ag, bg = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+            torch.library.opcheck(torch.ops.lsa_ext.relative_error.default, (ag, bg, eps))
+    samples = _opcheck_samples(device)
+    for dtype in (torch.float32, torch.float64):
+        pairs = [(a.to(dtype)[:2], b.to(dtype)[:2]) for a, b in samples]
+        grads = [x.clone().requires_grad_(True) for p in pairs for x in p]
+        torch.library.opcheck(
+            torch.ops.lsa_ext.relative_error_multi.default, (grads[0::2], grads[1::2], 1e-12)
         )
 
 

@@ -55,6 +55,8 @@ def test_torch_ops_reject_bad_pairs(name, a, b, exc, match):
         lambda: torch.ops.lsa_ext.sq_sums_multi([a], [b]),
         lambda: torch.ops.lsa_ext.sq_sums_backward(gd, gd, a, b),
         lambda: torch.ops.lsa_ext.sq_sums_multi_backward(gd[None], gd[None], [a], [b]),
+        lambda: torch.ops.lsa_ext.relative_error(a, b, 1e-12),
+        lambda: torch.ops.lsa_ext.relative_error_multi([a], [b], 1e-12),
     ]
     for call in calls:
         with pytest.raises(exc, match=r"(?is)" + match):
@@ -88,6 +90,8 @@ def test_bad_layer_lists(name, cs, ps, exc, match):
         lsa_ext.sq_sums_multi(cs, ps)
     with pytest.raises(exc, match=r"(?is)" + match):
         torch.ops.lsa_ext.sq_sums_multi(cs, ps)
+    with pytest.raises(exc, match=r"(?is)" + match):
+        torch.ops.lsa_ext.relative_error_multi(cs, ps, 1e-12)
     g = torch.ones(max(len(cs), 1), 2)
     with pytest.raises(exc, match=r"(?is)" + match):
         torch.ops.lsa_ext.sq_sums_multi_backward(g, g, cs, ps)

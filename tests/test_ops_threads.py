@@ -53,11 +53,24 @@ LAYERS = [random_pair([3, *s], seed=4 + i)
           for i, s in enumerate([(64, 40, 40), (7,), (300, 300), (4, 1000, 70)])]
 BWD = random_pair([2, 1_500_001], seed=8)              # backward items are 2 MiB: 6 items
 
+
+
+def _relative_error_grads(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The public measure's value and the gradients of its mean."""
+    x, y = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    r = lsa_ext.relative_error(x, y)
+    return (r.detach(), *torch.autograd.grad(r.mean(), (x, y)))
+
+
 CALLS: dict[str, Callable[[], object]] = {
     "sq_sums huge sample": lambda: lsa_ext.sq_sums(*HUGE),
     "sq_sums split samples": lambda: lsa_ext.sq_sums(*SPLIT),
     "sq_sums grouped samples": lambda: lsa_ext.sq_sums(*GROUPED),
     "sq_sums_multi": lambda: lsa_ext.sq_sums_multi([a for a, _ in LAYERS], [b for _, b in LAYERS]),
+    "relative_error split samples": lambda: torch.ops.lsa_ext.relative_error(*SPLIT, 1e-12),
+    "relative_error_multi": lambda: torch.ops.lsa_ext.relative_error_multi(
+        [a for a, _ in LAYERS], [b for _, b in LAYERS], 1e-12),
+    "relative_error fwd+bwd": lambda: _relative_error_grads(*BWD),
     "sq_sums_backward": lambda: torch.ops.lsa_ext.sq_sums_backward(
         torch.ones(2), torch.full((2,), 0.5), *BWD),
     "sq_sums_multi_backward": lambda: torch.ops.lsa_ext.sq_sums_multi_backward(
@@ -117,28 +130,32 @@ def test_results_do_not_depend_on_thread_count(name):
             assert torch.equal(x, y), f"{name}: {n} threads differ from 1 thread"
 
 
-def _forked_child(a, b, want, want_ga, queue):
+def _forked_child(a, b, want, want_ga, want_ratio, queue):
     # Only lsa_ext ops and numpy here: PyTorch's own OpenMP-parallel ops (torch.equal on large
     # tensors...) hang in a forked child once the parent used them (libgomp is not fork-safe).
     torch.set_num_threads(2)
     got = lsa_ext.sq_sums(a, b)
     threads = _extension.cpu_threads_last_call()
+    ratio = lsa_ext.relative_error(a, b)
+    same_ratio = np.array_equal(ratio.numpy(), want_ratio.numpy())
     ga, _ = torch.ops.lsa_ext.sq_sums_backward(torch.ones(2), torch.zeros(2), a, b)
     same = np.array_equal(got[0].numpy(), want[0].numpy())
-    queue.put((bool(same and np.array_equal(ga.numpy(), want_ga.numpy())), threads))
+    queue.put((bool(same and same_ratio and np.array_equal(ga.numpy(), want_ga.numpy())),
+               threads))
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="fork start method")
 def test_parallel_kernels_work_in_a_forked_child():
     """DataLoader-style fork after the parallel kernels ran: no hang, same results, one thread."""
     a, b = random_pair([2, 1_500_000], seed=10)
-    (want, want_ga), threads = at_threads(2, lambda: (
+    (want_ratio, want, want_ga), threads = at_threads(2, lambda: (
+        lsa_ext.relative_error(a, b),
         lsa_ext.sq_sums(a, b),
         torch.ops.lsa_ext.sq_sums_backward(torch.ones(2), torch.zeros(2), a, b)[0]))
     assert threads == 2  # the parent's pool ran, so a fork-unsafe child would hang
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_forked_child, args=(a, b, want, want_ga, queue))
+    proc = ctx.Process(target=_forked_child, args=(a, b, want, want_ga, want_ratio, queue))
     proc.start()
     proc.join(timeout=60)
     if proc.exitcode is None:

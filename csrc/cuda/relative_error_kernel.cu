@@ -1,4 +1,5 @@
-// CUDA kernels of the relative-error op family: per-sample squared sums and their backward.
+// CUDA kernels of the relative-error op family: per-sample squared sums, the relative error
+// computed from them, and the sums' backward.
 //
 // Work decomposition (forward and backward alike): every layer's samples are cut into chunks of a
 // per-layer size, and each (layer, sample, chunk) is one *work item* handled by one warp. All
@@ -15,6 +16,11 @@
 // several chunks) combines each sample's partials in a fixed order, no atomics: results are
 // bitwise reproducible run to run, and a sample's result depends only on its values and on
 // whether the vector path applies (alignment), not on the batch size or the other layers.
+//
+// Ratio (relative_error ops only): one more launch, elementwise over the [L, B] sums, computes
+// sqrt(d) / max(sqrt(n), floor) as the CPU epilogue does (guarded_ratio, relative_error.h). Kept
+// out of stages 1 and 2: IEEE sqrt and division have slow-path calls whose register demands
+// made the sums kernels spill (ptxas), and the sq_sums ops need no ratio.
 //
 // Backward (fused, one pass): grad_clean = 2 (a - b) gD[i] + 2 a gN[i], grad_perturbed =
 // -2 (a - b) gD[i], elementwise with the same item list and vector width; the outputs get the
@@ -298,6 +304,19 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// ratio[p] = sqrt(d[p]) / max(sqrt(n[p]), floor) for p < count (grid-stride).
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    ratio_kernel(const acc_t* __restrict__ d, const acc_t* __restrict__ n,
+                 acc_t* __restrict__ ratio, int64_t count, acc_t floor_t, acc_t floor_sq_t,
+                 bool clamp_norm) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t p = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; p < count;
+       p += stride) {
+    ratio[p] = guarded_ratio<acc_t>(d[p], n[p], floor_t, floor_sq_t, clamp_norm);
+  }
+}
+
 // Backward over `len` elements (a warp; lane `lane`); V elements per access.
 template <typename scalar_t, typename acc_t, int V>
 __device__ __forceinline__ void backward_range(const scalar_t* __restrict__ a,
@@ -573,6 +592,23 @@ std::tuple<at::Tensor, at::Tensor> sq_sums_impl(std::vector<at::Tensor> as,
   return {diff, norm};
 }
 
+// The relative error from finished sums (same shape and dtype), on the current stream.
+at::Tensor ratio_impl(const at::Tensor& diff, const at::Tensor& norm, const RatioGuard& rg) {
+  const c10::cuda::CUDAGuard guard(diff.device());
+  at::Tensor ratio = at::empty_like(diff);
+  const int64_t count = diff.numel();
+  if (count == 0) return ratio;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(diff.scalar_type(), "lsa_ext_ratio_cuda", [&] {
+    ratio_kernel<scalar_t><<<grid_for(count, kThreads), kThreads, 0, stream>>>(
+        diff.const_data_ptr<scalar_t>(), norm.const_data_ptr<scalar_t>(),
+        ratio.data_ptr<scalar_t>(), count, static_cast<scalar_t>(rg.floor),
+        static_cast<scalar_t>(rg.floor * rg.floor), rg.clamp_norm);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return ratio;
+}
+
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sq_sums_backward_impl(
     const at::Tensor& grad_diff, const at::Tensor& grad_norm, std::vector<at::Tensor> as,
     std::vector<at::Tensor> bs) {
@@ -653,6 +689,26 @@ std::tuple<at::Tensor, at::Tensor> sq_sums_multi_cuda(at::TensorList cleans,
   return sq_sums_impl(cleans.vec(), perturbeds.vec());
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> relative_error_cuda(const at::Tensor& clean,
+                                                                   const at::Tensor& perturbed,
+                                                                   double eps) {
+  check_pair(clean, perturbed, "");
+  const RatioGuard rg = ratio_guard(eps, clean.scalar_type());
+  auto sums = sq_sums_impl({clean}, {perturbed});
+  at::Tensor diff = std::get<0>(sums).squeeze(0);
+  at::Tensor norm = std::get<1>(sums).squeeze(0);
+  return {ratio_impl(diff, norm, rg), diff, norm};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> relative_error_multi_cuda(
+    at::TensorList cleans, at::TensorList perturbeds, double eps) {
+  check_lists(cleans, perturbeds);
+  const RatioGuard rg = ratio_guard(eps, cleans[0].scalar_type());
+  auto sums = sq_sums_impl(cleans.vec(), perturbeds.vec());
+  return {ratio_impl(std::get<0>(sums), std::get<1>(sums), rg), std::get<0>(sums),
+          std::get<1>(sums)};
+}
+
 std::tuple<at::Tensor, at::Tensor> sq_sums_backward_cuda(const at::Tensor& grad_diff,
                                                          const at::Tensor& grad_norm,
                                                          const at::Tensor& clean,
@@ -676,6 +732,8 @@ TORCH_LIBRARY_IMPL(lsa_ext, CUDA, m) {
   m.impl("sq_sums_backward", &sq_sums_backward_cuda);
   m.impl("sq_sums_multi", &sq_sums_multi_cuda);
   m.impl("sq_sums_multi_backward", &sq_sums_multi_backward_cuda);
+  m.impl("relative_error", &relative_error_cuda);
+  m.impl("relative_error_multi", &relative_error_multi_cuda);
 }
 
 }  // namespace lsa_ext
