@@ -26,6 +26,29 @@ except ImportError as exc:  # pragma: no cover - exercised only without a build
     )
 
 
+# The ops the Python layer (lsa_ext.ops) registers fake kernels and autograd for.
+OPS = ("sq_sums", "sq_sums_backward", "sq_sums_multi", "sq_sums_multi_backward",
+       "relative_error", "relative_error_multi")
+
+
+def missing_ops(namespace: object) -> list[str]:
+    """The names of :data:`OPS` that ``namespace`` (``torch.ops.lsa_ext``) lacks: a build of an
+    older revision of the C++ sources."""
+    return [name for name in OPS if not hasattr(namespace, name)]
+
+
+if LOADED and (_missing := missing_ops(torch.ops.lsa_ext)):
+    LOADED = False
+    LOAD_ERROR = (f"the compiled extension is older than this lsa_ext (it lacks "
+                  f"{', '.join('lsa_ext::' + n for n in _missing)})")
+    warnings.warn(
+        f"lsa_ext: {LOAD_ERROR}; using the pure-PyTorch reference implementation (slower). "
+        "Rebuild it with `make build` or `pip install --no-build-isolation -e .`.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
 def _registered(dispatch_key: str) -> bool:
     if not LOADED:
         return False

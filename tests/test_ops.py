@@ -517,3 +517,13 @@ def test_composite_reference_kernels_match_compiled():
     torch.testing.assert_close(ga[0], torch.ops.lsa_ext.sq_sums_backward(gd, gn, a, b)[0])
     with pytest.raises(ValueError, match="empty list"):
         torch.ops.lsa_ext.sq_sums_multi([], [])
+
+
+def test_a_build_lacking_an_op_is_reported_as_out_of_date():
+    """An extension built from older C++ sources (an op missing) is not used half-way."""
+    assert _extension.missing_ops(torch.ops.lsa_ext) == []  # this checkout's build
+
+    class OldBuild:
+        sq_sums = sq_sums_backward = sq_sums_multi = sq_sums_multi_backward = object()
+
+    assert _extension.missing_ops(OldBuild()) == ["relative_error", "relative_error_multi"]
