@@ -85,7 +85,8 @@ FIELDS = ("epoch", "layer", "kind", "mean", "std")
 
 def monitor_sites(model: nn.Module, layers: str | Sequence[str],
                   lr_sites: Sequence[str] | None = (),
-                  input_shape: Sequence[int] | None = None) -> list[str]:
+                  input_shape: Sequence[int] | None = None,
+                  example: Any = None) -> list[str]:
     """The probe list of a monitor: the sites ``layers`` selects plus the LR sites.
 
     Args:
@@ -98,6 +99,8 @@ def monitor_sites(model: nn.Module, layers: str | Sequence[str],
         input_shape: one sample's shape; when given, the model runs once (eval mode, no
             gradients, two zero inputs; its mode is restored) to check that every site runs —
             ``name#k`` needs k calls of ``name`` in a forward.
+        example: what ``A<k>`` selectors are counted on (:data:`lsa_ext.probes.Example`: an
+            input batch or one sample's shape; default: ``input_shape``).
 
     Returns:
         Module names and ``name#k`` sites for :class:`lsa_ext.probes.Capture`.
@@ -111,7 +114,8 @@ def monitor_sites(model: nn.Module, layers: str | Sequence[str],
     if not items:
         raise LsaUserError("monitor layers: no layer selector given (default: activations)")
     try:
-        names = select_layers(model, items + list(lr_sites or ()))
+        names = select_layers(model, items + list(lr_sites or ()),
+                              example=example if example is not None else input_shape)
     except LsaUserError as exc:
         if lr_sites is None and str(exc).startswith("no layer of "):
             return []
@@ -201,10 +205,10 @@ class LayerMonitor:
                  out: str | os.PathLike | None = None, output: OutputSelector = None) -> None:
         self.model = model
         self.config = config
-        self.names = monitor_sites(model, config.monitor_layers, lr_sites)
+        self.x, self.y = _probe(train_data, config.monitor_samples, config.seed)
+        self.names = monitor_sites(model, config.monitor_layers, lr_sites, example=self.x)
         self.lr_sites = {canonical_site(s) for s in lr_sites}
         self.out = Path(out) if out is not None else None
-        self.x, self.y = _probe(train_data, config.monitor_samples, config.seed)
         self.custom = attack
         if attack is None:
             at = config.at if config.at != "none" else NONE_ATTACK

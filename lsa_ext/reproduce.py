@@ -119,11 +119,16 @@ def lr_variants(names: Sequence[str] | None) -> tuple[LRVariant, ...] | None:
     if names is None:
         return None
     names = [n.strip().lower() for n in names]
-    if names == ["all"]:
+    if not names or not all(names):
+        raise LsaUserError(f"LR variants: give one or more of {', '.join(LR_VARIANTS)}, or all")
+    if "all" in names:
+        if names != ["all"]:
+            raise LsaUserError("LR variants: 'all' stands alone (it means "
+                               f"{', '.join(LR_VARIANTS)})")
         names = list(LR_VARIANTS)
     bad = [n for n in names if n not in LR_VARIANTS]
-    if bad or not names:
-        raise LsaUserError(f"unknown LR variant(s) {bad or names}; choose from "
+    if bad:
+        raise LsaUserError(f"unknown LR variant(s) {', '.join(bad)}; choose from "
                            f"{', '.join(LR_VARIANTS)} or all")
     return tuple(LR_VARIANTS[n] for n in dict.fromkeys(names))
 

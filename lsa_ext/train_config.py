@@ -169,8 +169,19 @@ class TrainConfig:
 
     @property
     def run_name(self) -> str:
-        """The paper's naming: ``Normal``, ``AT-PGD``, ``AT-PGD-LR-<layers>``."""
-        return run_name(self.at, self.lr_layers)
+        """The paper's naming: ``Normal``, ``AT-PGD``, ``AT-PGD-LR-<layers>``, plus the LR
+        variant's suffix (:func:`lr_variant_suffix`)."""
+        name = run_name(self.at, self.lr_layers)
+        if self.lr_layers:
+            name += lr_variant_suffix(self.lr_reduction, self.lr_detach_clean)
+        return name
+
+
+def lr_variant_suffix(reduction: str = "mean", detach_clean: bool = False) -> str:
+    """The run-name suffix of an LR variant: ``""`` (the default: per-sample mean, gradient
+    through both passes), ``"-batch"``, ``"-detach"`` or ``"-batch-detach"`` — as ``lsa
+    reproduce --lr-variants`` names its rows."""
+    return ("-batch" if reduction == "batch" else "") + ("-detach" if detach_clean else "")
 
 
 def run_name(at: str, layers: Sequence[str], model: nn.Module | None = None,

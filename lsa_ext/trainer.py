@@ -44,7 +44,7 @@ Choices (documented defaults):
   directly; the adversarial pass goes through the wrapper. Under torchrun every rank draws the
   same global batch and trains on its slice (:func:`lsa_ext.distributed.shard_batch`).
 * Layer monitoring (``config.monitor``, :mod:`lsa_ext.monitor`): before the first epoch and
-  after each one, before its checkpoint, the CM of every monitored site on a fixed probe batch
+  after each one, after its checkpoint, the CM of every monitored site on a fixed probe batch
   under the training attack, into ``out/monitor.csv`` and ``out/monitor.png``. It measures in
   eval mode and restores the model's mode and the global RNG: the weights do not change.
 * Determinism: a fresh run seeds ``torch``, ``numpy`` and ``random`` with ``seed``; batches are
@@ -85,6 +85,7 @@ from lsa_ext.train_config import (
     TrainConfig,
     build_optimizer,
     build_scheduler,
+    lr_variant_suffix,
     run_name,
 )
 from lsa_ext.types import Perturbation
@@ -180,6 +181,8 @@ class Trainer:
         self._fresh = True
         self.run_name = run_name("custom" if attack is not None and config.at == "none"
                                  else config.at, self.layers, self.module, example)
+        if self.layers:
+            self.run_name += lr_variant_suffix(config.lr_reduction, config.lr_detach_clean)
         # warns once when training collapses or diverges (lsa_ext.collapse)
         self.watch = CollapseWatch(train_data, config, self.layers,
                                    steps_per_epoch=-(-self.num_samples // config.batch_size),
@@ -355,9 +358,9 @@ class Trainer:
             if bad:
                 raise self._diverged(f"parameters {', '.join(bad[:3])} became NaN/Inf in epoch "
                                      f"{record['epoch']}", done=record["epoch"] - 1)
-            if self.monitor is not None:  # before the checkpoint: a resume re-measures
-                self.monitor.record(self.epoch)
             self.save()
+            if self.monitor is not None:  # after the checkpoint: an interrupted measurement
+                self.monitor.record(self.epoch)  # loses no training (a resume re-measures)
             if distributed.is_main():
                 self.watch.check(self.module, record)
             log.debug("%s epoch %d/%d: %s", self.run_name, record["epoch"],

@@ -179,3 +179,31 @@ def test_comparison_lists_each_variant_against_its_base_and_the_paper():
     assert rows["AT-FGSM-LR-L2"].split(" | ")[3:] == ["-6.00", f"{d_paper} |"]
     assert rows["AT-FGSM-LR-L2-detach"].split(" | ")[3:] == ["+12.00", f"{d_paper} |"]
     assert "AT-PGD-LR-L2-detach" not in rows and rows["AT-PGD-LR-L2"].split(" | ")[1] == "—"
+
+
+def test_variants_name_runs_and_need_lr_layers(tmp_path, capsys):
+    """A variant is part of the run name (and default folder), as lsa reproduce names its
+    rows; variant options without --lr-layers are an error, not silently ignored."""
+    cfg = training.TrainConfig(at="pgd", lr_layers=["fc3"], lr_reduction="batch",
+                               lr_detach_clean=True)
+    assert cfg.run_name == "AT-PGD-LR-fc3-batch-detach"
+    assert training.TrainConfig(at="pgd", lr_layers=["fc3"]).run_name == "AT-PGD-LR-fc3"
+    assert rp.LR_VARIANTS["batch-detach"].suffix == "-batch-detach"
+    x = torch.randn(16, 2)
+    trainer = training.Trainer(_mlp(0), (x, torch.zeros(16, dtype=torch.long)),
+                               training.TrainConfig(at="fgsm", lr_layers=["2"],
+                                                    lr_detach_clean=True), progress=False)
+    assert trainer.run_name == "AT-FGSM-LR-L1-detach"
+    for extra in (["--lr-reduction", "batch"], ["--lr-detach-clean"]):
+        rc = main(["train", "--dataset", "moons", "--at", "pgd", "--epochs", "1", "--out",
+                   str(tmp_path / "x"), *extra])
+        err = capsys.readouterr().err
+        assert rc == 2 and "give --lr-layers too" in err and "Traceback" not in err
+        assert not (tmp_path / "x").exists()
+
+
+def test_lr_variant_names_errors():
+    for names, msg in ((["all", "mean"], "'all' stands alone"), ([""], "give one or more"),
+                       (["median"], r"unknown LR variant\(s\) median")):
+        with pytest.raises(LsaUserError, match=msg):
+            rp.lr_variants(names)

@@ -242,3 +242,32 @@ def test_cli_resume_refuses_other_monitor_settings(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "--monitor-samples 10 (the run: 256)" in err, err
     assert ckpt.load_checkpoint(out / ckpt.LAST)["epoch"] == 1
+
+
+def test_monitor_layers_take_activation_sites(tmp_path, capsys):
+    """--monitor-layers A<k> selects the k-th activation site, as --lr-layers does."""
+    import csv as _csv
+
+    from lsa_ext.cli import main as cli_main
+
+    out = tmp_path / "run"
+    rc = cli_main(["train", "--dataset", "moons", "--limit-train", "100", "--limit-test", "50",
+                   "--at", "fgsm", "--monitor-layers", "A2,L0", "--monitor-samples", "32",
+                   "--epochs", "1", "--threads", "1", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    rows = list(_csv.DictReader(open(out / "monitor.csv")))
+    assert sorted({r["layer"] for r in rows}) == ["act3", "fc1"]
+    assert sorted({int(r["epoch"]) for r in rows}) == [0, 1]
+
+
+def test_resume_of_a_run_not_written_by_lsa_train_is_one_error_line(tmp_path, capsys):
+    import lsa_ext
+    from lsa_ext.cli import main as cli_main
+    from lsa_ext.data import load_dataset
+
+    data = load_dataset("moons", limit_train=64, limit_test=32)
+    model = lsa_ext.models.build_model("model_a", data.info)
+    lsa_ext.train(model, data, at="fgsm", epochs=1, out=tmp_path / "api", progress=False)
+    rc = cli_main(["train", "--out", str(tmp_path / "api"), "--resume"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "was not written by lsa train" in err and "Traceback" not in err

@@ -245,6 +245,11 @@ def _check_args(args: argparse.Namespace) -> None:
                            "report's layers count: give one of them")
     if mvl and args.at == "none":
         raise LsaUserError("--lr-layers mvl needs an --at method other than 'none'")
+    variant = [f"--{d.replace('_', '-')}" for d in ("lr_reduction", "lr_detach_clean")
+               if d in args.given]
+    if variant and not (args.lr_layers and args.lr_layers.strip()):
+        raise LsaUserError(f"{' and '.join(variant)} set{'s' if len(variant) == 1 else ''} "
+                           "how the LR term is computed: give --lr-layers too")
 
 
 def check_training_attack(cfg, model, num_classes: int) -> None:
@@ -279,10 +284,12 @@ def _out_name(dataset: str, args: argparse.Namespace) -> Path:
     """The default --out: ``runs/<dataset>-<run name>`` with the layers as typed
     (``runs/moons-AT-PGD-LR-mvl``, ``runs/moons-AT-FGSM-LR-L1+fc3``)."""
     from lsa_ext.data import dataset_info
-    from lsa_ext.train_config import run_name
+    from lsa_ext.train_config import lr_variant_suffix, run_name
 
     items = parse_list(args.lr_layers, str, "--lr-layers") or []
     name = run_name(args.at, items)
+    if items:
+        name += lr_variant_suffix(args.lr_reduction, args.lr_detach_clean)
     return default_out(dataset_info(dataset).name, re.sub(r"[^A-Za-z0-9_.+=-]+", "_", name))
 
 
@@ -390,6 +397,10 @@ def _resume(args: argparse.Namespace) -> int:
         out = Path(args.out) if args.out else path.parent
     state = ckpt.load_checkpoint(path)
     meta = state.get("meta") or {}
+    if "dataset" not in meta or "model" not in meta:
+        raise LsaUserError(f"{path} was not written by lsa train (no dataset and model recorded, "
+                           "e.g. a run of lsa_ext.train): resume it from Python with "
+                           "lsa_ext.train(..., resume=...)")
     cfg = TrainConfig.from_dict(state["config"])
     done = int(state["epoch"])
     data = load_data(meta["dataset"], args.data_dir or meta.get("data_dir"),
