@@ -64,7 +64,7 @@ from lsa_ext.errors import LsaUserError
 from lsa_ext.io import atomic_write_csv, atomic_write_with
 from lsa_ext.modules import model_device
 from lsa_ext.outputs import OutputSelector
-from lsa_ext.probes import Capture, canonical_site, parse_site, select_layers
+from lsa_ext.probes import canonical_site, select_layers, sites_not_run
 from lsa_ext.report import perturbation_params, wants_log_scale
 from lsa_ext.seeding import batch_seeding, rng_scope
 from lsa_ext.train_config import TRAIN_ATTACK_DEFAULTS
@@ -121,34 +121,11 @@ def monitor_sites(model: nn.Module, layers: str | Sequence[str],
             return []
         raise LsaUserError(f"monitor layers {','.join(items)!r}: {exc}") from None
     if input_shape is not None:
-        missing = _sites_not_run(model, names, input_shape)
+        missing = sites_not_run(model, names, input_shape)
         if missing:
             raise LsaUserError(f"monitor layers {','.join(items)!r}: {', '.join(missing)} "
                                "never run in a forward of the model (name#k needs k calls)")
     return names
-
-
-def _sites_not_run(model: nn.Module, names: Sequence[str],
-                   input_shape: Sequence[int]) -> list[str]:
-    """The sites of ``names`` that a forward of two zero inputs does not reach."""
-    param = next(model.parameters(), None)
-    x = torch.zeros(2, *input_shape, dtype=param.dtype if param is not None else None,
-                    device=model_device(model))
-    was_training = model.training
-    try:
-        with torch.no_grad(), Capture(model, names, on_output=lambda s, t: None, detach=True,
-                                      copy="never") as cap:
-            model.eval()
-            model(x)
-            calls = cap.calls
-    finally:
-        model.train(was_training)
-    out = []
-    for s in names:
-        name, k = parse_site(s)
-        if calls.get(name, 0) < (k or 1):
-            out.append(s)
-    return out
 
 
 def _probe(train_data: Any, samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

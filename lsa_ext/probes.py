@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from lsa_ext.errors import LsaUserError
-from lsa_ext.modules import model_mode
+from lsa_ext.modules import model_device, model_mode
 from lsa_ext.outputs import logits_or_none
 
 log = logging.getLogger("lsa_ext.probes")
@@ -502,3 +502,28 @@ def _first_tensor(output) -> torch.Tensor | None:
             if t is not None:
                 return t
     return None
+
+
+def sites_not_run(model: nn.Module, names: Sequence[str],
+                  input_shape: Sequence[int]) -> list[str]:
+    """The sites of ``names`` (module names, ``name#k``) that one eval-mode, no-grad forward of
+    two zero inputs of shape ``input_shape`` does not reach (``name#k`` needs k calls); the
+    model's mode is restored."""
+    param = next(model.parameters(), None)
+    x = torch.zeros(2, *input_shape, dtype=param.dtype if param is not None else None,
+                    device=model_device(model))
+    was_training = model.training
+    try:
+        with torch.no_grad(), Capture(model, names, on_output=lambda s, t: None, detach=True,
+                                      copy="never") as cap:
+            model.eval()
+            model(x)
+            calls = cap.calls
+    finally:
+        model.train(was_training)
+    out = []
+    for s in names:
+        name, k = parse_site(s)
+        if calls.get(name, 0) < (k or 1):
+            out.append(s)
+    return out

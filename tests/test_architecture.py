@@ -30,7 +30,7 @@ LAYERS: dict[str, int] = {
                      "reproduce_figures"], 4),
     # 5 interfaces
     **dict.fromkeys(["", "cli", "cli.__main__", "cli.analyze", "cli.demo", "cli.evaluate",
-                     "cli.options", "cli.reproduce", "cli.runs", "cli.train"], 5),
+                     "cli.monitoring", "cli.options", "cli.reproduce", "cli.runs", "cli.train"], 5),
 }
 
 

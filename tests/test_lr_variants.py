@@ -207,3 +207,12 @@ def test_lr_variant_names_errors():
                        (["median"], r"unknown LR variant\(s\) median")):
         with pytest.raises(LsaUserError, match=msg):
             rp.lr_variants(names)
+
+
+def test_lr_site_that_never_runs_is_refused_before_training(tmp_path, capsys):
+    out = tmp_path / "s"
+    rc = main(["train", "--dataset", "moons", "--at", "pgd", "--lr-layers", "act1#2",
+               "--epochs", "1", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "act1#2 never run in a forward" in err and "Traceback" not in err
+    assert not out.exists()  # nothing written: the corrected command is not blocked

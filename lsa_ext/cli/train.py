@@ -22,6 +22,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lsa_ext.cli.monitoring import (
+    add_monitor_options,
+    check_monitor_args,
+    monitor_settings,
+    print_monitor,
+)
 from lsa_ext.cli.options import Interrupted, add_moons_options, dataset_options, parse_list, plural
 from lsa_ext.cli.runs import CONFIG, clear_run, default_out, prepare_out
 from lsa_ext.errors import LsaUserError
@@ -185,19 +191,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--scheduler", default="none", choices=SCHEDULERS)
     g.add_argument("--seed", type=int, default=0, help="seed of init, order, attacks (default 0)")
     add_device_option(g, default="auto")
-    g = p.add_argument_group("layer monitoring")
-    g.add_argument("--monitor", action="store_true",
-                   help="before the first epoch and after each: every monitored layer's "
-                        "relative error on a fixed probe of training samples under the "
-                        "training attack (FGSM at --eps with --at none) → monitor.csv, "
-                        "monitor.png in --out")
-    g.add_argument("--monitor-layers", default=None,
-                   help="layers to monitor besides the LR layers, as --layers of lsa analyze "
-                        "(default: activations); turns --monitor on (the way to ask for it "
-                        "under torchrun, which takes a bare --monitor for its own option)")
-    g.add_argument("--monitor-samples", type=int, default=None,
-                   help="probe size: training samples drawn once with --seed (default 256); "
-                        "turns --monitor on")
+    add_monitor_options(p)
     g = p.add_argument_group("output")
     g.add_argument("--out", default=None,
                    help="run folder (default: runs/<dataset>-<run name>, e.g. "
@@ -225,16 +219,8 @@ def check_data_args(dataset: str, data_dir: str | None, data_seed: int,
                               limit_test=limit_test, **(options or {}))
 
 
-def _check_monitor_args(args: argparse.Namespace) -> None:
-    """--monitor-layers or --monitor-samples turn monitoring on by themselves: under torchrun,
-    whose parser reads a bare ``--monitor`` as an ambiguous abbreviation of its own
-    ``--monitor-interval`` (and stops), they are the way to ask for it."""
-    if args.monitor_layers is not None or args.monitor_samples is not None:
-        args.monitor = True
-
-
 def _check_args(args: argparse.Namespace) -> None:
-    _check_monitor_args(args)
+    check_monitor_args(args)
     mvl = args.lr_layers is not None and args.lr_layers.strip().lower() == "mvl"
     if args.mvl_report and not mvl:
         raise LsaUserError("--mvl-report is read only with --lr-layers mvl")
@@ -339,6 +325,11 @@ def _new_run(args: argparse.Namespace) -> int:
                       input_shape=info.input_shape)
     if cfg.lr_layers:
         gamma_tensor(cfg.gamma, len(cfg.lr_layers))
+        from lsa_ext.probes import sites_not_run
+
+        if missing := sites_not_run(model, cfg.lr_layers, info.input_shape):
+            raise LsaUserError(f"--lr-layers: {', '.join(missing)} never run in a forward of "
+                               "the model (name#k needs k calls of name)")
     # MVL from a report: read before any data (the on-the-fly search needs the data)
     chosen = _mvl_layers(args, model, None, eps, info) if mvl and args.mvl_report else None
     out = prepare_out(args.out or _out_name(args.dataset, args), overwrite=args.overwrite)
@@ -366,7 +357,7 @@ def _new_run(args: argparse.Namespace) -> int:
               f"samples, {plural(cfg.epochs, 'epoch')}"
               + (f", {procs} processes" if procs > 1 else "") + f") → {out}",
               file=sys.stderr)
-        _print_monitor(trainer, out)
+        print_monitor(trainer, out)
     # a resumable state before the first batch (the RNGs as fit() seeds them), so an
     # interrupted run can always be resumed, bit for bit
     seed_everything(cfg.seed)
@@ -429,25 +420,14 @@ def _resume(args: argparse.Namespace) -> int:
     if main:
         print(f"resuming {trainer.run_name} from {path}: {done} of {plural(cfg.epochs, 'epoch')} "
               f"done, continuing with epoch {done + 1}/{cfg.epochs}", file=sys.stderr)
-        _print_monitor(trainer, out)
+        print_monitor(trainer, out)
     return _fit_and_report(trainer, data, out)
-
-
-def monitor_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The TrainConfig fields of --monitor, --monitor-layers, --monitor-samples (defaults:
-    :data:`lsa_ext.monitor.DEFAULT_LAYERS`, :data:`lsa_ext.monitor.DEFAULT_SAMPLES`)."""
-    from lsa_ext.monitor import DEFAULT_LAYERS, DEFAULT_SAMPLES
-
-    return {"monitor": bool(args.monitor),
-            "monitor_layers": args.monitor_layers or DEFAULT_LAYERS,
-            "monitor_samples": (DEFAULT_SAMPLES if args.monitor_samples is None
-                                else args.monitor_samples)}
 
 
 def _resume_monitor(args: argparse.Namespace, cfg, path: Path) -> None:
     """--monitor may be added when resuming (it does not change the weights); the layers and
     probe size of a run monitored before must stay as they were (one monitor.csv)."""
-    _check_monitor_args(args)
+    check_monitor_args(args)
     given = monitor_settings(args)
     if cfg.monitor:
         clashes = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run: {getattr(cfg, k)})"
@@ -461,16 +441,6 @@ def _resume_monitor(args: argparse.Namespace, cfg, path: Path) -> None:
         cfg.monitor, cfg.monitor_layers = True, given["monitor_layers"]
         cfg.monitor_samples = given["monitor_samples"]
         cfg.validate()
-
-
-def _print_monitor(trainer, out: Path) -> None:
-    """One line naming what the layer monitor measures and where it writes."""
-    from lsa_ext.monitor import CSV_NAME, PNG_NAME
-
-    mon = trainer.monitor
-    if mon is not None:
-        print(f"monitoring {plural(len(mon.names), 'layer')} ({', '.join(mon.names)}) under "
-              f"{mon.description} → {out / CSV_NAME}, {PNG_NAME}", file=sys.stderr)
 
 
 # Options a resumed run takes from its checkpoint: dest → (where, key) in the stored state.
