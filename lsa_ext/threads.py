@@ -69,7 +69,12 @@ def choose_threads(requested: int | str | None = "auto", *, small_model: bool = 
         except ValueError:
             raise LsaUserError(f"--threads must be 'auto' or an integer >= 1, got "
                                f"{requested!r}") from None
-    return check_int("threads", requested, minimum=1), "requested"
+    n = check_int("threads", requested, minimum=1)
+    if n > available_cores():
+        log.warning("%d intra-op threads requested on %d available cores: the threads will "
+                    "take turns on the cores (oversubscription), which is slower than %d",
+                    n, available_cores(), available_cores())
+    return n, "requested"
 
 
 def set_threads(requested: int | str | None = "auto", *, small_model: bool = False) -> int:

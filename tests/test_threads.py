@@ -60,3 +60,14 @@ def test_cli_rejects_bad_threads_before_work(capsys, restore_threads):
     assert main(["train", "--threads", "zero", "--epochs", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["lsa train: error: --threads must be 'auto' or an integer >= 1, got 'zero'"]
+
+
+def test_more_threads_than_cores_warns_once(monkeypatch, caplog, restore_threads):
+    monkeypatch.setattr(threads, "available_cores", lambda: 2)
+    with caplog.at_level("WARNING", logger="lsa_ext.threads"):
+        assert threads.choose_threads(2) == (2, "requested")
+        assert not caplog.records
+        assert threads.choose_threads(999) == (999, "requested")
+    assert [r.getMessage() for r in caplog.records] == [
+        "999 intra-op threads requested on 2 available cores: the threads will take turns on "
+        "the cores (oversubscription), which is slower than 2"]
