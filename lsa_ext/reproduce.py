@@ -83,6 +83,7 @@ from lsa_ext.reproduce_figures import (  # noqa: F401  (re-exported)
     plot_rg,
     rg_figure,
 )
+from lsa_ext.train_config import lr_variant_suffix
 from lsa_ext.training import AT_METHODS, TrainConfig, Trainer, resolve_layers, run_name
 
 log = logging.getLogger("lsa_ext.reproduce")
@@ -100,12 +101,21 @@ class LRVariant:
 
 # The LR variants a reproduction can run (name → variant): the paper's two open points, the CM
 # reduction over the batch and whether the clean pass carries gradient (lsa_ext.regularizer).
+def _variant(reduction: str, detach_clean: bool) -> LRVariant:
+    """The :class:`LRVariant` of these LR settings, suffixed as ``lsa train`` names its runs."""
+    overrides: dict[str, Any] = {}
+    if reduction != "mean":
+        overrides["lr_reduction"] = reduction
+    if detach_clean:
+        overrides["lr_detach_clean"] = True
+    return LRVariant(lr_variant_suffix(reduction, detach_clean), overrides)
+
+
 LR_VARIANTS: dict[str, LRVariant] = {
-    "mean": LRVariant(),
-    "batch": LRVariant("-batch", {"lr_reduction": "batch"}),
-    "detach": LRVariant("-detach", {"lr_detach_clean": True}),
-    "batch-detach": LRVariant("-batch-detach", {"lr_reduction": "batch",
-                                                "lr_detach_clean": True}),
+    "mean": _variant("mean", False),
+    "batch": _variant("batch", False),
+    "detach": _variant("mean", True),
+    "batch-detach": _variant("batch", True),
 }
 
 
