@@ -19,6 +19,10 @@ Contenders, timed interleaved (base, LR, base, LR, ...) on the same data in one 
   guard's own cost: cloning every site output of both passes vs watching them by reference.
 * The two kinds of pass a step is made of ('part' rows): one attack iteration and one
   training pass, whose ratio to the step is the LR term's floor.
+* The floor itself, timed as a contender ('floor' rows, and the '× floor' column): the base
+  method plus one training pass on the clean batch (its cross-entropy added to the loss) —
+  the work the exact term cannot avoid (a forward of the clean batch and a backward through
+  it with weight gradients), without hooks, the CM op or the in-place guard.
 
 Script (prints the tables of benchmarks/README.md, with the command and load averages)::
 
@@ -79,6 +83,30 @@ def make_trainer(model_name: str, data_train, info, layers: list[str], eps: floa
         trainer.regularizer = LRTerm(trainer.layers, lr_pass=lr_pass, copy=copy,
                                      detach_clean=detach)
     return trainer
+
+
+class FloorTrainer(Trainer):
+    """The exact LR term's floor: the base method plus one training pass on the clean batch
+    (cross-entropy on the clean logits added to the loss, so the clean forward is
+    differentiated with weight gradients, as the exact term needs) and nothing else — no
+    hooks, no CM op, no in-place guard."""
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor, attack):
+        from lsa_ext.losses import cross_entropy
+        from lsa_ext.outputs import logits_of
+
+        loss, parts = super().loss(x, y, attack)
+        return loss + cross_entropy(logits_of(self.module(x), self.output), y), parts
+
+
+def make_floor_trainer(model_name: str, data_train, info, eps: float, batch_size: int,
+                       device: str) -> Trainer:
+    """A :class:`FloorTrainer` set up as :func:`make_trainer`'s base (PGD-10, Adam, seed 0)."""
+    from lsa_ext.models import build_model
+
+    cfg = TrainConfig(at="pgd", eps=eps, clip=[0.0, 1.0], lr_layers=[], epochs=1,
+                      batch_size=batch_size, device=device, seed=0)
+    return FloorTrainer(build_model(model_name, info, seed=0), data_train, cfg, progress=False)
 
 
 def epoch_fn(trainer: Trainer) -> Callable[[], None]:
@@ -213,12 +241,16 @@ def digits_contenders(device: str = "cpu") -> tuple[dict[str, Callable[[], None]
           for v in ("main", "two-pass", "auto", "detached clean")}
     x = d.train.tensors[0][:128].to(device)
     y = d.train.tensors[1][:128].to(device)
-    fns = {"base": epoch_fn(base), "LR-L0": epoch_fn(t1)}
+    floor = make_floor_trainer("model_b", d.train, d.info, 0.2, 128, device)
+    fns = {"base": epoch_fn(base), FLOOR: epoch_fn(floor),
+           "LR-L0": epoch_fn(t1)}
     fns.update({f"LR-L0..L3 {v}": epoch_fn(t) for v, t in t4.items()})
     trades = make_trainer("model_b", d.train, d.info, [], 0.2, 128, device, at="trades")
     trades4 = make_trainer("model_b", d.train, d.info, hidden, 0.2, 128, device, at="trades")
     fns.update({"TRADES base": epoch_fn(trades), "TRADES LR-L0..L3 auto": epoch_fn(trades4)})
-    fns.update({"step base": step_fn(base, x, y), "step LR-L0": step_fn(t1, x, y)})
+    fns.update({"step base": step_fn(base, x, y),
+                f"step {FLOOR}": step_fn(floor, x, y),
+                "step LR-L0": step_fn(t1, x, y)})
     fns.update({f"step LR-L0..L3 {v}": step_fn(t, x, y) for v, t in t4.items()})
     fns.update(part_fns(base, x, y))
     fns.update({"op L0 fused": lr_op_fn(t1, x, "fused"),
@@ -244,7 +276,10 @@ def vgg_contenders(batch: int = 32, device: str = "cpu"):
                       device)
     tall = {v: make_trainer("vgg19", data, info, convs, 8 / 255, batch, device, v)
             for v in VARIANTS}
-    fns = {"base": step_fn(base, x, y), "LR-L1": step_fn(t1, x, y)}
+    floor = make_floor_trainer("vgg19", data, info, 8 / 255, batch, device)
+    fns = {"base": step_fn(base, x, y),
+           FLOOR: step_fn(floor, x, y),
+           "LR-L1": step_fn(t1, x, y)}
     fns.update({f"LR-all-{len(convs)}-convs {v}": step_fn(t, x, y) for v, t in tall.items()})
     fns.update({f"step {k}": f for k, f in part_fns(base, x, y).items()})
     fns.update({"op L1 fused": lr_op_fn(t1, x, "fused"),
@@ -266,21 +301,33 @@ def _base_of(k: str, res: dict) -> str:
     return b if b in res else "base"
 
 
+FLOOR = "floor: base + clean training pass"
+
+
+def _floor_of(k: str, res: dict) -> str | None:
+    """The floor row matching row ``k``'s base (``None`` for the TRADES rows, parts and ops)."""
+    b = _base_of(k, res)
+    f = {"base": FLOOR, "step base": f"step {FLOOR}"}.get(b)
+    return f if f in res and not k.startswith(("part", "op", "step part")) else None
+
+
 def _table(title: str, wall: dict[str, list[float]], cpu: dict[str, list[float]]) -> str:
     """Per contender: median and minimum wall time, median CPU time (ms), each as a ratio to
-    the matching base row."""
+    the matching base row, and the CPU-time ratio to the matching floor row."""
     med = {k: statistics.median(v) for k, v in wall.items()}
     low = {k: min(v) for k, v in wall.items()}
     cmed = {k: statistics.median(v) for k, v in cpu.items()}
     lines = [f"\n{title}", "",
              "| contender | median ms | × base | min ms | × base (min) | CPU ms (median) "
-             "| × base (CPU) |",
-             "|---|---|---|---|---|---|---|"]
+             "| × base (CPU) | × floor (CPU) |",
+             "|---|---|---|---|---|---|---|---|"]
     for k in wall:
         b = _base_of(k, wall)
+        f = _floor_of(k, wall)
+        vs_floor = f"{cmed[k] / cmed[f]:.3f}" if f else ""
         lines.append(f"| {k} | {med[k] * 1e3:.1f} | {med[k] / med[b]:.3f} | "
                      f"{low[k] * 1e3:.1f} | {low[k] / low[b]:.3f} | {cmed[k] * 1e3:.1f} | "
-                     f"{cmed[k] / cmed[b]:.3f} |")
+                     f"{cmed[k] / cmed[b]:.3f} | {vs_floor} |")
     return "\n".join(lines)
 
 
