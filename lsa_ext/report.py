@@ -27,7 +27,7 @@ from lsa_ext.probes import labelled_site
 # report.json's "schema"; lsa_ext.result.load_result reads "lsa_ext.analysis/1" and every 1.x.
 # 1.1 added "accuracy_percent" (percent, like every other accuracy lsa_ext prints or writes);
 # "accuracy" keeps the fraction 0–1 of schema 1 for the readers of 1.
-# 1.2 added "sites": each layer's short label (A<k>, L<k>, ...; null when not known).
+# 1.2 added "labels": each layer's short label (A<k>, L<k>, ...; null when not known).
 SCHEMA = "lsa_ext.analysis/1.2"
 SCHEMA_FAMILY = "lsa_ext.analysis/1"
 
@@ -85,7 +85,7 @@ def analysis_report(result: AnalysisTables, eta: float) -> dict[str, Any]:
         "schema": SCHEMA,
         "measure": result.measure,
         "layers": list(result.layers),
-        "sites": None if result.labels is None else list(result.labels),
+        "labels": None if result.labels is None else list(result.labels),
         "perturbations": perts,
         "mvl": {"eta": float(eta), "layers": mvl_layers, "stats": mvl_stats},
         "ranking": ranking,
@@ -105,12 +105,12 @@ def write_analysis_json(result: AnalysisTables, path: str | os.PathLike, eta: fl
 def write_analysis_csv(result: AnalysisTables, path: str | os.PathLike, eta: float) -> None:
     """One row per (perturbation, layer): perturbation, layer_index (the row's position in
     the report, 0-based), layer, mean, std, count, rank (1 = most vulnerable for that
-    perturbation), in_mvl (0/1 for ``eta``), site (the layer's label ``A<k>`` / ``L<k>`` /
+    perturbation), in_mvl (0/1 for ``eta``), label (the layer's label ``A<k>`` / ``L<k>`` /
     its name, :attr:`lsa_ext.result.AnalysisResult.labels`; empty when not known)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["perturbation", "layer_index", "layer", "mean", "std", "count", "rank", "in_mvl",
-                "site"])
+                "label"])
     mvl = result.mvl(eta)
     ranking = result.ranking()
     labels = result.labels or [""] * len(result.layers)
@@ -128,7 +128,7 @@ def format_analysis(result: AnalysisTables, eta: float) -> str:
     """Plain-text table: one row per layer, one column of mean CM per perturbation; MVL rows
     marked ``*`` per cell; followed by the MVL list per perturbation.
 
-    When the result has labels, the first column ``site`` holds each layer's label (``A<k>``,
+    When the result has labels, the first column ``label`` holds each layer's label (``A<k>``,
     ``L<k>``, ...: what ``--layers`` / ``--lr-layers`` take; ``-`` for a site without one,
     named by its layer name alone) and the MVL lists name layers ``A3 (relu4)``; without
     labels (a report of schema 1 or 1.1) the table has no such column."""
@@ -141,13 +141,13 @@ def format_analysis(result: AnalysisTables, eta: float) -> str:
     mvl = result.mvl(eta)
     shown = None if labels is None else [
         "-" if lbl == layer else lbl for lbl, layer in zip(labels, result.layers, strict=True)]
-    site_w = 0 if shown is None else max(len("site"), *(len(x) for x in shown))
+    site_w = 0 if shown is None else max(len("label"), *(len(x) for x in shown))
 
     def row(site: str, layer: str, cells: Sequence[str]) -> str:
         lead = f"{site:<{site_w}}  " if shown is not None else ""
         return f"{lead}{layer:<{layer_w}}  " + "  ".join(cells)
 
-    head = row("site", "layer", [f"{n:>{col_w}}" for n in names])
+    head = row("label", "layer", [f"{n:>{col_w}}" for n in names])
     title = (f"mean {result.measure} per layer (* = in MVL, eta={eta:g}); "
              f"{int(result.count.max()) if result.count.size else 0} samples")
     if acc is not None:

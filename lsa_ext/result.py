@@ -187,7 +187,7 @@ def load_result(path: str | os.PathLike) -> AnalysisResult:
 
     The statistics are rebuilt from the stored mean, std and count (``sum = mean·count``,
     ``sumsq = (std² + mean²)·count``), so ``.mvl()`` and ``.ranking()`` give the report's answers.
-    ``labels`` are the report's ``"sites"`` (schema 1.2); None for schemas 1 and 1.1, which
+    ``labels`` are the report's ``"labels"`` (schema 1.2); None for schemas 1 and 1.1, which
     did not record them (they are not recounted: the model is not at hand).
 
     Raises:
@@ -212,10 +212,10 @@ def load_result(path: str | os.PathLike) -> AnalysisResult:
         cols = {k: torch.tensor([[float("nan") if v is None else v
                                   for v in rep["perturbations"][n][k]] for n in names],
                                 dtype=torch.float64) for k in ("mean", "std", "count")}
-        labels = rep.get("sites")  # 1.2; absent in 1 and 1.1, null when not known
+        labels = rep.get("labels")  # 1.2; absent in 1 and 1.1, null when not known
         if labels is not None and not (isinstance(labels, list) and len(labels) == len(layers)
                                        and all(isinstance(x, str) for x in labels)):
-            raise ValueError(f"'sites' must be null or {len(layers)} strings, got {labels!r}")
+            raise ValueError(f"'labels' must be null or {len(layers)} strings, got {labels!r}")
     except (KeyError, TypeError, ValueError) as exc:
         raise LsaUserError(f"report {str(path)!r} is malformed: {exc!r}") from None
     m, sd, c = cols["mean"], cols["std"], cols["count"]

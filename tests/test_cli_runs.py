@@ -143,7 +143,7 @@ def test_report_accuracy_is_written_in_percent_and_both_schemas_read(tmp_path):
                            layers="activations", progress=False)
     res.to_json(tmp_path / "r.json")
     rep = json.loads((tmp_path / "r.json").read_text())
-    assert rep["schema"] == "lsa_ext.analysis/1.2"  # 1.2: "sites" (test_site_labels_report)
+    assert rep["schema"] == "lsa_ext.analysis/1.2"  # 1.2: "labels" (test_site_labels_report)
     correct = sum(int(c) for c in (model(data.test.tensors[0]).squeeze(1) > 0).long()
                   == data.test.tensors[1])
     assert rep["accuracy_percent"]["clean"] == pytest.approx(100.0 * correct / 64, abs=1e-9)

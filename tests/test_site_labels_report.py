@@ -1,6 +1,6 @@
 """Analysis reports name every probed site with its short label — ``A<k>`` (k-th activation
 site of a forward), ``L<k>`` (k-th learnable layer), else the site itself — in the result, the
-text table, ``layers.csv`` (column ``site``) and ``report.json`` (``"sites"``, schema 1.2), so
+text table, ``layers.csv`` (column ``label``) and ``report.json`` (``"labels"``, schema 1.2), so
 the numbers ``--layers`` / ``--lr-layers`` take can be read off any report. The reference for
 a label is :func:`lsa_ext.probes.select_layers`: the label, typed back as a selector, selects
 that very site."""
@@ -88,8 +88,8 @@ def _analyze(tmp_path, capsys, ckpt, model_name, dataset, layers, out="a", eta="
 def _table(text: str) -> list[tuple[str, str]]:
     """``(site, layer)`` of the table's rows (between the two rules)."""
     lines = text.splitlines()
-    h = next(i for i, ln in enumerate(lines) if ln.startswith("site "))
-    assert lines[h].split()[:2] == ["site", "layer"]
+    h = next(i for i, ln in enumerate(lines) if ln.startswith("label "))
+    assert lines[h].split()[:2] == ["label", "layer"]
     out = []
     for ln in lines[h + 2:]:
         if not ln.strip() or ln.startswith("---"):
@@ -108,12 +108,12 @@ def _selects(model, label: str, site: str, info) -> bool:
 def _check_report(rep, rows, text, model, info, sites, labels):
     """Every view of the report names ``sites`` with ``labels``; labels select their sites."""
     assert rep["schema"] == SCHEMA == "lsa_ext.analysis/1.2"
-    assert rep["layers"] == sites and rep["sites"] == labels
+    assert rep["layers"] == sites and rep["labels"] == labels
     for site, label in zip(sites, labels, strict=True):
         if label != site:
             assert _selects(model, label, site, info), (label, site)
-    # layers.csv: the old columns first, unchanged, then `site`
-    assert rows[0] == [*CSV_HEAD, "site"]
+    # layers.csv: the old columns first, unchanged, then `label`
+    assert rows[0] == [*CSV_HEAD, "label"]
     perts = list(rep["perturbations"])
     body = rows[1:]
     assert len(body) == len(perts) * len(sites)
@@ -122,7 +122,7 @@ def _check_report(rep, rows, text, model, info, sites, labels):
         assert row[0] == perts[p] and row[1] == str(i) and row[2] == sites[i]
         assert row[8] == labels[i]
         assert float(row[3]) == rep["perturbations"][perts[p]]["mean"][i]
-    # the text table: `site` column (`-` where the label is the site itself), then the layer
+    # the text table: `label` column (`-` where the label is the site itself), then the layer
     assert _table(text) == [("-" if lbl == s else lbl, s)
                             for s, lbl in zip(sites, labels, strict=True)]
     # the MVL lines name each layer with its label
@@ -207,7 +207,7 @@ def test_python_api_labels_and_a_one_shot_iterator_guesses_nothing():
 
 
 def _old(rep: dict, schema: str) -> dict:
-    old = {k: v for k, v in rep.items() if k != "sites"}
+    old = {k: v for k, v in rep.items() if k != "labels"}
     old["schema"] = schema
     if schema == "lsa_ext.analysis/1":
         old.pop("accuracy_percent")
@@ -224,15 +224,15 @@ def test_reports_of_schema_1_and_1_1_load_without_labels(tmp_path, capsys, schem
     assert old.labels is None and old.layers == new.layers == ["act1", "act3"]
     np.testing.assert_allclose(old.mean, new.mean, rtol=1e-12)
     assert old.mvl(1.0) == new.mvl(1.0) and old.accuracy == pytest.approx(new.accuracy)
-    # written again: labels stay unknown (null / empty), the table has no site column
+    # written again: labels stay unknown (null / empty), the table has no label column
     old.to_json(tmp_path / "again.json")
     again = json.loads((tmp_path / "again.json").read_text())
-    assert again["schema"] == SCHEMA and again["sites"] is None
+    assert again["schema"] == SCHEMA and again["labels"] is None
     assert load_result(tmp_path / "again.json").labels is None
     old.to_csv(tmp_path / "again.csv")
     with open(tmp_path / "again.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert [r["site"] for r in rows] == ["", ""] * len(old.perturbations)
+    assert [r["label"] for r in rows] == ["", ""] * len(old.perturbations)
     table = old.format_table(1.0).splitlines()
     assert table[1].split()[0] == "layer" and table[3].split()[0] == "act1"
     assert "A0" not in old.format_table(1.0)
@@ -242,6 +242,6 @@ def test_malformed_sites_are_refused(tmp_path, capsys):
     model, info, ckpt = _checkpoint(tmp_path, "model_a", "moons")
     rep, _, _ = _analyze(tmp_path, capsys, ckpt, "model_a", "moons", "A0,A2")
     for bad in (["A0"], "A0,A2", ["A0", 2]):
-        (tmp_path / "bad.json").write_text(json.dumps({**rep, "sites": bad}))
-        with pytest.raises(LsaUserError, match="malformed.*sites"):
+        (tmp_path / "bad.json").write_text(json.dumps({**rep, "labels": bad}))
+        with pytest.raises(LsaUserError, match="malformed.*labels"):
             load_result(tmp_path / "bad.json")
