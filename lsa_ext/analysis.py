@@ -47,7 +47,7 @@ from lsa_ext.perturbations import (
     parse_perturbation_specs,
     perturbation_names,
 )
-from lsa_ext.probes import LayerSpec, select_layers
+from lsa_ext.probes import LayerSpec, select_layers, site_labels
 from lsa_ext.progress import progress
 from lsa_ext.result import AnalysisResult, load_result
 from lsa_ext.seeding import batch_seeding, rng_scope
@@ -220,6 +220,18 @@ def accumulate(
     return sites, stats
 
 
+def _labels(model: nn.Module, sites: Sequence[str], data: Any) -> list[str]:
+    """The sites' labels (:func:`lsa_ext.probes.site_labels`; ``A<k>`` counted on the first
+    sample of ``data``, as ``layers`` selects them). Data that cannot give a sample without
+    losing it (a one-shot iterator) leaves activation sites named by themselves (logged)."""
+    try:
+        example = first_input(data)  # reads one sample, draws no random numbers
+    except LsaUserError as exc:
+        log.info("activation sites are labelled by name, not A<k>: %s", exc)
+        example = None
+    return site_labels(model, sites, example)
+
+
 def _config(model: nn.Module, layers: LayerSpec, meas: Measure, descriptions: dict[str, str],
             device: torch.device, **settings: Any) -> dict[str, Any]:
     """The settings recorded in the result's ``config`` (JSON-serialisable, in report.json);
@@ -298,7 +310,9 @@ def analyze(
             ``accuracy`` None (logged); attacks and unlabelled data need logits and raise.
 
     Returns:
-        :class:`AnalysisResult` with per (perturbation, layer) mean, std and count of CM.
+        :class:`AnalysisResult` with per (perturbation, layer) mean, std and count of CM, and
+        each site's label (``A<k>``, ``L<k>``, :attr:`AnalysisResult.labels`), counted on
+        the first sample of ``data`` in one more eval-mode, no-grad forward.
 
     Raises:
         LsaUserError: unknown layer/measure/perturbation names, no probed layer, NaN from the
@@ -332,6 +346,8 @@ def analyze(
                 forward_batch=forward_batch, max_samples=max_samples, total=total,
                 progress_enabled=progress, reseed=reseed_batch, output=output,
             )
+            # inside the seeded scope, after the batches: cannot change their randomness
+            labels = _labels(model, sites, data)
     finally:
         model.train(was_training)
     cfg = _config(model, layers, meas, descriptions, dev, batch_size=batch_size,
@@ -339,4 +355,4 @@ def analyze(
                   clip=list(clip) if clip is not None else None, eps=eps,
                   max_samples=max_samples)
     cfg.update(config or {})
-    return AnalysisResult.from_stats(sites, list(perts), stats, meas.name, cfg)
+    return AnalysisResult.from_stats(sites, list(perts), stats, meas.name, cfg, labels)

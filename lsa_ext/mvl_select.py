@@ -52,6 +52,7 @@ from lsa_ext.probes import (
     Example,
     canonical_site,
     forward_sites,
+    labelled_site,
     parse_site,
     select_layers,
     site_labels,
@@ -103,7 +104,7 @@ class MvlChoice:
                                "layers not recorded")
         if self.left_out:
             what += f"; output layer {', '.join(self.left_out)} left out"
-        named = ", ".join(s if lbl == s else f"{lbl} ({s})"
+        named = ", ".join(labelled_site(s, lbl)
                           for lbl, s in zip(self.labels, self.sites, strict=True))
         return (f"{where} ({what}; {self.perturbation}, η={self.eta:g}): {named}"
                 + (" (top-ranked: no layer passes η)" if self.top_ranked else ""))

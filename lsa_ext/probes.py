@@ -22,7 +22,7 @@ gradients, from an ``example`` (an input batch or the input shape) that the entr
 supply (``lsa`` commands: the dataset's shape; training and analysis: the first sample of the
 data). Functional activations (``F.relu``) are not modules and are not counted, as analysis
 does not probe them. :func:`site_labels` names sites back as ``L<k>`` / ``A<k>`` (run names,
-MVL messages).
+MVL messages, the ``site`` column of analysis reports; :func:`labelled_site` writes both).
 
 Outputs kept past their hook (:class:`Capture` storing them, the AT-LR term) go through an
 :class:`InplaceGuard`, so a later in-place op in the model (``ReLU(inplace=True)``,
@@ -274,7 +274,11 @@ def site_labels(model: nn.Module, sites: Sequence[str], example: Example = None)
     """Short labels of ``sites``: a learnable module's first call ``L<k>`` (its j-th call
     ``L<k>#j``), an activation site ``A<k>`` (counted as :func:`activation_sites` does, so
     only with ``example``; without one, or for a site that does not run, the site itself), any
-    other site unchanged. Used for run names (``AT-PGD-LR-A2``) and MVL messages.
+    other site unchanged. Used for run names (``AT-PGD-LR-A2``), MVL messages and the
+    ``site`` labels of analysis reports (:attr:`lsa_ext.result.AnalysisResult.labels`).
+
+    Raises:
+        LsaUserError: a bad ``example`` (only read when an activation site is among ``sites``).
     """
     modules = dict(model.named_modules())
     learnable = [n for n, m in modules.items() if n and isinstance(m, LEARNABLE)]
@@ -292,6 +296,12 @@ def site_labels(model: nn.Module, sites: Sequence[str], example: Example = None)
         else:
             labels.append(site)
     return labels
+
+
+def labelled_site(site: str, label: str | None) -> str:
+    """A site as messages and reports name it with its :func:`site_labels` label:
+    ``"A2 (relu#2)"``; the site alone when ``label`` is None or the site itself."""
+    return site if label is None or label == site else f"{label} ({site})"
 
 
 class InplaceGuard:

@@ -22,11 +22,13 @@ import numpy as np
 
 from lsa_ext._version import versions
 from lsa_ext.io import atomic_write_json, atomic_write_text, atomic_write_with
+from lsa_ext.probes import labelled_site
 
 # report.json's "schema"; lsa_ext.result.load_result reads "lsa_ext.analysis/1" and every 1.x.
 # 1.1 added "accuracy_percent" (percent, like every other accuracy lsa_ext prints or writes);
 # "accuracy" keeps the fraction 0–1 of schema 1 for the readers of 1.
-SCHEMA = "lsa_ext.analysis/1.1"
+# 1.2 added "labels": each layer's short label (A<k>, L<k>, ...; null when not known).
+SCHEMA = "lsa_ext.analysis/1.2"
 SCHEMA_FAMILY = "lsa_ext.analysis/1"
 
 
@@ -43,6 +45,7 @@ class AnalysisTables(Protocol):
     perturbations: list[str]
     measure: str
     config: dict[str, Any]
+    labels: list[str] | None  # aligned with layers (A<k>, L<k>, ...), None: not known
 
     @property
     def mean(self) -> np.ndarray: ...  # [P, L] float64
@@ -82,6 +85,7 @@ def analysis_report(result: AnalysisTables, eta: float) -> dict[str, Any]:
         "schema": SCHEMA,
         "measure": result.measure,
         "layers": list(result.layers),
+        "labels": None if result.labels is None else list(result.labels),
         "perturbations": perts,
         "mvl": {"eta": float(eta), "layers": mvl_layers, "stats": mvl_stats},
         "ranking": ranking,
@@ -99,33 +103,51 @@ def write_analysis_json(result: AnalysisTables, path: str | os.PathLike, eta: fl
 
 
 def write_analysis_csv(result: AnalysisTables, path: str | os.PathLike, eta: float) -> None:
-    """One row per (perturbation, layer): perturbation, layer_index, layer, mean, std, count,
-    rank (1 = most vulnerable for that perturbation), in_mvl (0/1 for ``eta``)."""
+    """One row per (perturbation, layer): perturbation, layer_index (the row's position in
+    the report, 0-based), layer, mean, std, count, rank (1 = most vulnerable for that
+    perturbation), in_mvl (0/1 for ``eta``), label (the layer's label ``A<k>`` / ``L<k>`` /
+    its name, :attr:`lsa_ext.result.AnalysisResult.labels`; empty when not known)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["perturbation", "layer_index", "layer", "mean", "std", "count", "rank", "in_mvl"])
+    w.writerow(["perturbation", "layer_index", "layer", "mean", "std", "count", "rank", "in_mvl",
+                "label"])
     mvl = result.mvl(eta)
     ranking = result.ranking()
+    labels = result.labels or [""] * len(result.layers)
     for p, name in enumerate(result.perturbations):
         ranks = {layer: r + 1 for r, layer in enumerate(ranking[name])}
         for i, layer in enumerate(result.layers):
             w.writerow([
                 name, i, layer, repr(float(result.mean[p, i])), repr(float(result.std[p, i])),
-                int(result.count[p, i]), ranks[layer], int(layer in mvl[name]),
+                int(result.count[p, i]), ranks[layer], int(layer in mvl[name]), labels[i],
             ])
     atomic_write_text(path, buf.getvalue())
 
 
 def format_analysis(result: AnalysisTables, eta: float) -> str:
     """Plain-text table: one row per layer, one column of mean CM per perturbation; MVL rows
-    marked ``*`` per cell; followed by the MVL list per perturbation."""
+    marked ``*`` per cell; followed by the MVL list per perturbation.
+
+    When the result has labels, the first column ``label`` holds each layer's label (``A<k>``,
+    ``L<k>``, ...: what ``--layers`` / ``--lr-layers`` take; ``-`` for a site without one,
+    named by its layer name alone) and the MVL lists name layers ``A3 (relu4)``; without
+    labels (a report of schema 1 or 1.1) the table has no such column."""
     names = result.perturbations
     acc = result.accuracy
+    labels = result.labels
     layer_w = max(len("layer") if acc is None else len("accuracy %"),
                   *(len(s) for s in result.layers))
     col_w = max(10, *(len(n) for n in names))
     mvl = result.mvl(eta)
-    head = f"{'#':>3}  {'layer':<{layer_w}}  " + "  ".join(f"{n:>{col_w}}" for n in names)
+    shown = None if labels is None else [
+        "-" if lbl == layer else lbl for lbl, layer in zip(labels, result.layers, strict=True)]
+    site_w = 0 if shown is None else max(len("label"), *(len(x) for x in shown))
+
+    def row(site: str, layer: str, cells: Sequence[str]) -> str:
+        lead = f"{site:<{site_w}}  " if shown is not None else ""
+        return f"{lead}{layer:<{layer_w}}  " + "  ".join(cells)
+
+    head = row("label", "layer", [f"{n:>{col_w}}" for n in names])
     title = (f"mean {result.measure} per layer (* = in MVL, eta={eta:g}); "
              f"{int(result.count.max()) if result.count.size else 0} samples")
     if acc is not None:
@@ -136,14 +158,15 @@ def format_analysis(result: AnalysisTables, eta: float) -> str:
         for p, n in enumerate(names):
             mark = "*" if layer in mvl[n] else " "
             cells.append(f"{_fmt(result.mean[p, i]):>{col_w - 1}}{mark}")
-        lines.append(f"{i:>3}  {layer:<{layer_w}}  " + "  ".join(cells))
+        lines.append(row("" if shown is None else shown[i], layer, cells))
     if acc is not None:
         lines.append("-" * len(head))
-        lines.append(f"{'':>3}  {'accuracy %':<{layer_w}}  " + "  ".join(
-            f"{100 * acc[n]:>{col_w - 1}.2f} " for n in names))
+        lines.append(row("", "accuracy %", [f"{100 * acc[n]:>{col_w - 1}.2f} " for n in names]))
     lines.append("")
     lines.append(f"Most vulnerable layers (mean CM - mu > eta*sigma, eta={eta:g}):")
-    listed = {n: ", ".join(mvl[n]) if mvl[n] else "(none)" for n in names}
+    label_of = dict(zip(result.layers, labels or [None] * len(result.layers), strict=True))
+    listed = {n: ", ".join(labelled_site(x, label_of[x]) for x in mvl[n]) if mvl[n]
+              else "(none)" for n in names}
     list_w = max(len(v) for v in listed.values()) if listed else 0
     for n in names:
         d = result.mvl_detail(n, eta)
@@ -209,11 +232,12 @@ def analysis_figure(
     """Line plot of mean CM per layer, one line per perturbation (paper Fig. 2): a
     ``matplotlib.figure.Figure`` on its own Agg canvas.
 
-    MVL points (for ``eta``) are ringed; legend entries carry each perturbation's parameters
-    (ε, std, amount, steps: :func:`perturbation_params` of its description in
-    ``result.config["perturbations"]``) and the accuracy under it when known; a log y axis is
-    used when ``log_scale`` is True, or when it is None and the positive values span more than
-    two decades.
+    Ticks name the layers with their labels when known (``A0 (act1)``,
+    :func:`lsa_ext.probes.labelled_site`). MVL points (for ``eta``) are ringed; legend entries
+    carry each perturbation's parameters (ε, std, amount, steps: :func:`perturbation_params`
+    of its description in ``result.config["perturbations"]``) and the accuracy under it when
+    known; a log y axis is used when ``log_scale`` is True, or when it is None and the positive
+    values span more than two decades.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -247,8 +271,10 @@ def analysis_figure(
     if log_scale:
         ax.set_yscale("log")
     ax.set_xticks(xs)
-    rot = 0 if L <= 6 and max(len(s) for s in result.layers) <= 12 else 45
-    ax.set_xticklabels(result.layers, rotation=rot, ha="right" if rot else "center",
+    ticks = [labelled_site(s, None if result.labels is None else result.labels[i])
+             for i, s in enumerate(result.layers)]
+    rot = 0 if L <= 6 and max(len(s) for s in ticks) <= 12 else 45
+    ax.set_xticklabels(ticks, rotation=rot, ha="right" if rot else "center",
                        fontsize=8 if L > 12 else 9)
     ax.set_xlabel("layer (execution order)")
     ax.set_ylabel(f"mean {result.measure.replace('_', ' ')} (CM)")

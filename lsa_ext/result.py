@@ -33,6 +33,11 @@ class AnalysisResult:
         stats: :class:`CMStats` ``[P, L]`` (CPU, float64).
         measure: measure name.
         config: JSON-serialisable settings (model, data, perturbation descriptions, seed, ...).
+        labels: the short label of each site, aligned with ``layers``
+            (:func:`lsa_ext.probes.site_labels`): ``A<k>`` for the k-th activation site of a
+            forward, ``L<k>`` (``L<k>#j``) for the k-th learnable layer (its j-th call), the
+            site itself otherwise — what ``--layers`` / ``--lr-layers`` take. None when not
+            known (a result built without them, a report of schema 1 or 1.1).
     """
 
     layers: list[str]
@@ -40,6 +45,7 @@ class AnalysisResult:
     stats: CMStats
     measure: str = "relative_error"
     config: dict[str, Any] = field(default_factory=dict)
+    labels: list[str] | None = None
 
     @classmethod
     def from_stats(
@@ -49,15 +55,24 @@ class AnalysisResult:
         stats: CMStats,
         measure: str = "relative_error",
         config: Mapping[str, Any] | None = None,
+        labels: Sequence[str] | None = None,
     ) -> AnalysisResult:
-        """Builds a result from (possibly all-reduced) statistics."""
+        """Builds a result from (possibly all-reduced) statistics; ``labels``: one per layer
+        (:attr:`labels`), or None.
+
+        Raises:
+            LsaUserError: the statistics' shape or the number of labels does not match.
+        """
         stats = stats.to("cpu")
         if tuple(stats.count.shape) != (len(perturbations), len(layers)):
             raise LsaUserError(
                 f"statistics of shape {tuple(stats.count.shape)} do not match "
                 f"{len(perturbations)} perturbations x {len(layers)} layers"
             )
-        return cls(list(layers), list(perturbations), stats, measure, dict(config or {}))
+        if labels is not None and len(labels) != len(layers):
+            raise LsaUserError(f"{len(labels)} site labels for {len(layers)} layers")
+        return cls(list(layers), list(perturbations), stats, measure, dict(config or {}),
+                   None if labels is None else [str(x) for x in labels])
 
     # ---- tables
     @property
@@ -172,6 +187,8 @@ def load_result(path: str | os.PathLike) -> AnalysisResult:
 
     The statistics are rebuilt from the stored mean, std and count (``sum = mean·count``,
     ``sumsq = (std² + mean²)·count``), so ``.mvl()`` and ``.ranking()`` give the report's answers.
+    ``labels`` are the report's ``"labels"`` (schema 1.2); None for schemas 1 and 1.1, which
+    did not record them (they are not recounted: the model is not at hand).
 
     Raises:
         LsaUserError: missing file, invalid JSON or not an analysis report.
@@ -195,6 +212,10 @@ def load_result(path: str | os.PathLike) -> AnalysisResult:
         cols = {k: torch.tensor([[float("nan") if v is None else v
                                   for v in rep["perturbations"][n][k]] for n in names],
                                 dtype=torch.float64) for k in ("mean", "std", "count")}
+        labels = rep.get("labels")  # 1.2; absent in 1 and 1.1, null when not known
+        if labels is not None and not (isinstance(labels, list) and len(labels) == len(layers)
+                                       and all(isinstance(x, str) for x in labels)):
+            raise ValueError(f"'labels' must be null or {len(layers)} strings, got {labels!r}")
     except (KeyError, TypeError, ValueError) as exc:
         raise LsaUserError(f"report {str(path)!r} is malformed: {exc!r}") from None
     m, sd, c = cols["mean"], cols["std"], cols["count"]
@@ -207,4 +228,4 @@ def load_result(path: str | os.PathLike) -> AnalysisResult:
         stats.correct = torch.tensor([acc[k] for k in ["clean", *names]],
                                      dtype=torch.float64) * torch.cat([n[:1], n])
     return AnalysisResult.from_stats(layers, names, stats, rep.get("measure", "relative_error"),
-                                     rep.get("config", {}))
+                                     rep.get("config", {}), labels)

@@ -129,8 +129,8 @@ def test_every_checkpoint_command_reads_the_runs_config(moons_run, tmp_path, cap
 
 
 def test_report_accuracy_is_written_in_percent_and_both_schemas_read(tmp_path):
-    """Point 5: report.json (schema 1.1) adds accuracy_percent; schema-1 reports (accuracy as
-    a fraction only) still load, to the same accuracies."""
+    """Point 5: report.json (schema 1.1 and later) adds accuracy_percent; schema-1 reports
+    (accuracy as a fraction only) still load, to the same accuracies."""
     from lsa_ext import analysis
     from lsa_ext.data import load_dataset
     from lsa_ext.models import build_model
@@ -143,7 +143,7 @@ def test_report_accuracy_is_written_in_percent_and_both_schemas_read(tmp_path):
                            layers="activations", progress=False)
     res.to_json(tmp_path / "r.json")
     rep = json.loads((tmp_path / "r.json").read_text())
-    assert rep["schema"] == "lsa_ext.analysis/1.1"
+    assert rep["schema"] == "lsa_ext.analysis/1.2"  # 1.2: "labels" (test_site_labels_report)
     correct = sum(int(c) for c in (model(data.test.tensors[0]).squeeze(1) > 0).long()
                   == data.test.tensors[1])
     assert rep["accuracy_percent"]["clean"] == pytest.approx(100.0 * correct / 64, abs=1e-9)
