@@ -75,8 +75,9 @@ MODES = PASS_MODES  # former name of PASS_MODES, kept for existing imports
 
 def _unpack(
     batch: Any, model: nn.Module, device: torch.device, output: OutputSelector = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x, y)`` on ``device`` from a batch; unlabelled batches get the model's predictions."""
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """``(x, y, labelled)`` on ``device`` from a batch; unlabelled batches get the model's
+    predictions as ``y`` (``labelled`` False)."""
     if isinstance(batch, torch.Tensor):
         x, y = batch, None
     elif isinstance(batch, (tuple, list)) and len(batch) in (1, 2):
@@ -89,7 +90,8 @@ def _unpack(
     if y is None:
         with torch.no_grad():
             y = predict(logits_of(model(x), output, batch=x.shape[0]))
-    return x, y.to(device)
+        return x, y.to(device), False
+    return x, y.to(device), True
 
 
 def _batch_len(batch: Any) -> int:
@@ -175,7 +177,7 @@ def accumulate(
     stats: CMStats | None = None
     sites: list[str] | None = None
     seen = 0
-    warned = False
+    warned = unlabelled = False
     rank, world = distributed.rank(), distributed.world_size()
     for bi, batch in enumerate(progress(batches, desc="LSA", total=total,
                                         enabled=progress_enabled)):
@@ -184,7 +186,7 @@ def accumulate(
         if bi % world != rank:  # another rank's batch
             seen += _batch_len(batch)
             continue
-        x, y = _unpack(batch, model, dev, output)
+        x, y, labelled = _unpack(batch, model, dev, output)
         if max_samples is not None:
             x, y = x[: max_samples - seen], y[: max_samples - seen]
         seen += x.shape[0]
@@ -212,7 +214,12 @@ def accumulate(
         if preds is None and bi == rank:  # the first batch this rank analyses
             log.warning("the model's output holds no logits [B, K] (lsa_ext.outputs): no "
                         "accuracy is reported; pass output= to select them")
-        stats.update_correct(preds, y)
+        if not labelled and not unlabelled:
+            log.info("unlabelled data: the attacks use the model's own predictions as labels; "
+                     "no accuracy is reported")
+            unlabelled = True
+        # agreement with the model's own predictions is not an accuracy: none for such data
+        stats.update_correct(preds if labelled else None, y)
     if world > 1:  # exact sums over ranks (a rank without batches contributes None)
         sites, stats = distributed.all_reduce_stats((sites, stats))
     if stats is None or sites is None:
@@ -273,8 +280,10 @@ def analyze(
             reads: a dict with ``"logits"``, an object with ``.logits``; else see ``output``);
             run in eval mode (restored afterwards) and moved to ``device`` when one is given.
         data: a ``DataLoader`` (used as is: pass one with a ``DistributedSampler`` to shard), a
-            ``Dataset`` of ``(x, y)``, a pair ``(x, y)`` of tensors, a tensor ``x`` (labels are then
-            the model's predictions), or any iterable of ``(x, y)`` batches.
+            ``Dataset`` of ``(x, y)``, a pair ``(x, y)`` of tensors, a tensor ``x`` (the
+            attacks then take the model's predictions as labels, and ``accuracy`` is None:
+            agreement with the model's own predictions is not an accuracy), or any iterable
+            of ``(x, y)`` batches.
         perturbations: callables ``(x, y) -> x̂`` (noise, attacks, another library's attack
             object), as a dict ``{name: callable}``, a list, or spec strings such as
             ``"gaussian:std=0.1,salt,fgsm:eps=0.1,pgd:eps=0.1,steps=10"`` (see

@@ -1,4 +1,5 @@
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -390,3 +391,21 @@ def test_mode_restored_after_a_perturbation_that_changes_it():
     got = lsa_ext.analyze(m, (x, y), {"s": rude}, batch_size=4, progress=False)
     np.testing.assert_allclose(got.mean, ref.mean, rtol=1e-6)  # BN stayed in eval mode
     assert not m.training
+
+
+def test_unlabelled_data_reports_no_accuracy(caplog):
+    """A bare tensor x: the attacks take the model's predictions as labels, so the clean
+    'accuracy' would be 1.0 by construction — none is reported; the CM values are those of
+    the same data labelled with those predictions."""
+    from lsa_ext.losses import predict
+
+    m = _net()
+    x, _ = _data(20)
+    y = predict(m(x)).detach()
+    with caplog.at_level(logging.INFO, logger="lsa_ext.analysis"):
+        bare = lsa_ext.analyze(m, x, {"shift": _shift}, batch_size=8, progress=False)
+    labelled = lsa_ext.analyze(m, (x, y), {"shift": _shift}, batch_size=8, progress=False)
+    assert bare.accuracy is None and bare.to_dict()["accuracy"] is None
+    assert labelled.accuracy is not None and labelled.accuracy["clean"] == 1.0
+    assert torch.equal(torch.as_tensor(bare.mean), torch.as_tensor(labelled.mean))
+    assert sum("no accuracy is reported" in r.getMessage() for r in caplog.records) == 1
