@@ -150,6 +150,10 @@ CASES = [
     (["reproduce", "moons", "--quick", "--out", "afile"], "'afile' is a file"),
     # the command itself
     (["bogus"], "invalid choice: 'bogus'"),
+    # an unknown option is reported by its subcommand ('lsa train: error', its --help)
+    (["analyze", "--foo"], "unrecognized arguments: --foo (see 'lsa analyze --help')"),
+    (["train", "--epochs", "2", "--bar", "3"],
+     "unrecognized arguments: --bar 3 (see 'lsa train --help')"),
 ]
 
 
