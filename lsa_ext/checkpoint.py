@@ -28,6 +28,7 @@ import pickle
 import random
 import re
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -148,7 +149,10 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any],
     """Writes ``state`` (a checkpoint dict, see the module docstring) to ``path`` atomically.
 
     With ``keep_previous`` an existing ``path`` is kept as ``prev.pt`` in the same folder
-    (hard link, or a copy where links are not supported) before being replaced.
+    (hard link, or a copy where links are not supported) before being replaced — unless it is
+    damaged (not a complete PyTorch archive, :func:`_complete_archive`: e.g. truncated), so a
+    run resumed from ``prev.pt`` after ``last.pt`` was found unreadable keeps its good
+    ``prev.pt`` instead of replacing it with the damaged file.
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
@@ -156,7 +160,10 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any],
     path = Path(path)
     ensure_dir(path.parent, "checkpoint folder")
     state = {"format": FORMAT, "version": VERSION, **state}
-    if keep_previous and path.exists():
+    if keep_previous and path.exists() and not _complete_archive(path):
+        log.warning("%s is damaged (not a complete PyTorch archive): it is replaced, and not "
+                    "kept as %s", path, PREVIOUS)
+    elif keep_previous and path.exists():
         prev = path.with_name(PREVIOUS)
         tmp = path.with_name(f".{PREVIOUS}.tmp")
         try:
@@ -171,6 +178,17 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any],
             log.warning("could not keep the previous checkpoint as %s: %s", prev, exc)
     atomic_write_with(path, lambda fh: torch.save(state, fh))
     return path
+
+
+def _complete_archive(path: Path) -> bool:
+    """Whether ``path`` is a complete ``torch.save`` zip archive (its central directory, at the
+    end of the file, reads and lists a ``data.pkl``). Reads only the directory, not the data:
+    a truncated file fails, a file damaged inside its tensors' bytes may pass."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("data.pkl") for n in z.namelist())
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False
 
 
 def torch_load(path: str | os.PathLike, map_location: Any = "cpu", what: str = "checkpoint"

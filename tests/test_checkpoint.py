@@ -79,6 +79,39 @@ def test_corrupt_checkpoint_is_a_clear_user_error_and_prev_survives(tmp_path, da
     assert ckpt.load_checkpoint(tmp_path / "prev.pt")["epoch"] == 1
 
 
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_resuming_from_prev_keeps_it_when_last_is_damaged(tmp_path, damage, caplog):
+    """last.pt damaged → resume from prev.pt (epoch 1) and train on: the damaged last.pt is
+    replaced without being rotated over the good prev.pt, which still holds epoch 1; the
+    next save rotates normally (prev.pt = the new epoch 2)."""
+    tr = _trainer(tmp_path, epochs=2)
+    tr.fit()
+    last, prev = tmp_path / "last.pt", tmp_path / "prev.pt"
+    raw = last.read_bytes()
+    last.write_bytes({"truncate": raw[: len(raw) // 2], "garbage": b"not a checkpoint" * 10,
+                      "empty": b""}[damage])
+    good_prev = prev.read_bytes()
+    tr2 = _trainer(tmp_path, epochs=3)
+    tr2.resume(prev)
+    assert tr2.epoch == 1
+    with caplog.at_level("WARNING", logger="lsa_ext.checkpoint"):
+        tr2.train_epoch()
+        tr2.save()
+    assert prev.read_bytes() == good_prev  # not replaced by the damaged file
+    assert ckpt.load_checkpoint(last)["epoch"] == 2
+    assert any("damaged" in r.getMessage() for r in caplog.records)
+    tr2.train_epoch()
+    tr2.save()
+    assert ckpt.load_checkpoint(prev)["epoch"] == 2 and ckpt.load_checkpoint(last)["epoch"] == 3
+
+
+def test_complete_archive_of_a_real_checkpoint(tmp_path):
+    tr = _trainer(tmp_path, epochs=1)
+    tr.fit()
+    assert ckpt._complete_archive(tmp_path / "last.pt")
+    assert not ckpt._complete_archive(tmp_path / "missing.pt")
+
+
 def test_failed_write_leaves_previous_checkpoint_intact(tmp_path):
     tr = _trainer(tmp_path, epochs=1)
     tr.fit()
