@@ -239,6 +239,30 @@ def _labels(model: nn.Module, sites: Sequence[str], data: Any) -> list[str]:
     return site_labels(model, sites, example)
 
 
+def check_sites_reached(model: nn.Module, layer_names: Sequence[str],
+                        input_shape: Sequence[int]) -> None:
+    """Raises when a selected call site ``name#k`` (k ≥ 2, named explicitly) is not reached by
+    one eval-mode, no-grad forward of zero inputs of ``input_shape``
+    (:func:`lsa_ext.probes.sites_not_run`): such a site would be left out of the report
+    silently. Whole modules that never run (e.g. an unused module matched by a kind or glob)
+    are left to the analysis, which reports the sites that ran.
+
+    Raises:
+        LsaUserError: naming the sites not reached.
+    """
+    from lsa_ext.probes import parse_site, sites_not_run
+
+    calls = [n for n in layer_names if (parse_site(n)[1] or 1) > 1]
+    missing = sites_not_run(model, calls, input_shape) if calls else []
+    if missing:
+        raise LsaUserError(
+            f"layer site{'s' if len(missing) > 1 else ''} {', '.join(missing)} never "
+            f"run{'' if len(missing) > 1 else 's'} in a forward of this model (name#k is the "
+            "k-th call of module name, and it is called fewer times): drop "
+            f"{'them' if len(missing) > 1 else 'it'}, or name a call that runs"
+        )
+
+
 def _config(model: nn.Module, layers: LayerSpec, meas: Measure, descriptions: dict[str, str],
             device: torch.device, **settings: Any) -> dict[str, Any]:
     """The settings recorded in the result's ``config`` (JSON-serialisable, in report.json);
@@ -340,6 +364,12 @@ def analyze(
         model.to(device)
     dev = model_device(model) if device is None else device
     layer_names = select_layers(model, layers, example=lambda: first_input(data))
+    try:
+        example = first_input(data)
+    except LsaUserError:  # a one-shot iterator: the sites are not checked ahead
+        example = None
+    if example is not None:
+        check_sites_reached(model, layer_names, tuple(example.shape[1:]))
     perts = build_perturbations(perturbations, model=model, clip=clip, eps=eps, seed=seed,
                                 output=output)
     loader, total = batches(data, batch_size, sampler=sampler, allow_unlabelled=True)

@@ -409,3 +409,29 @@ def test_unlabelled_data_reports_no_accuracy(caplog):
     assert labelled.accuracy is not None and labelled.accuracy["clean"] == 1.0
     assert torch.equal(torch.as_tensor(bare.mean), torch.as_tensor(labelled.mean))
     assert sum("no accuracy is reported" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_explicit_call_site_that_never_runs_is_an_error_before_any_batch():
+    """``name#k`` with fewer calls: refused before the analysis (it used to be left out of the
+    report silently); a second call that does run is analysed."""
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(4, 4), nn.Linear(4, 3)
+            self.act = nn.ReLU()
+
+        def forward(self, x):
+            return self.fc2(self.act(self.act(self.fc1(x)) - 0.1))
+
+    torch.manual_seed(0)
+    x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    calls = []
+    model = Twice().eval()
+    model.fc1.register_forward_hook(lambda *a: calls.append(1))
+    with pytest.raises(LsaUserError, match=r"fc1#2 never runs"):
+        lsa_ext.analyze(model, (x, y), {"s": lambda a, b: a + 0.1}, layers="fc1,fc1#2",
+                        progress=False)
+    assert len(calls) == 1  # only the check's forward ran
+    res = lsa_ext.analyze(model, (x, y), {"s": lambda a, b: a + 0.1}, layers="act#2",
+                          progress=False)
+    assert res.layers == ["act#2"]

@@ -60,6 +60,7 @@ CASES = [
                                              "valid: eps, alpha, steps,"),
     ([*A, "--perturbations", "fgsm:eps=0.1,eps=0.2"], "'eps' given twice for 'fgsm'"),
     ([*A, "--layers", "conv9"], "no layer named 'conv9'"),
+    ([*A, "--layers", "relu1,relu1#2"], "layer site relu1#2 never runs in a forward"),
     ([*A, "--measure", "l3"], "unknown measure 'l3'"),
     ([*A, "--mode", "fast"], "invalid choice: 'fast'"),
     # analyze: files and values
@@ -150,6 +151,7 @@ CASES = [
     (["reproduce", "moons", "--quick", "--out", "afile"], "'afile' is a file"),
     # the command itself
     (["bogus"], "invalid choice: 'bogus'"),
+    (["reproduce", "moons", "--quick", "--seeds", " , "], "--seeds needs at least one seed"),
     # an unknown option is reported by its subcommand ('lsa train: error', its --help)
     (["analyze", "--foo"], "unrecognized arguments: --foo (see 'lsa analyze --help')"),
     (["train", "--epochs", "2", "--bar", "3"],

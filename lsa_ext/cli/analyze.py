@@ -131,13 +131,15 @@ def _checked_model(args, info, model_name: str, eps: float):
     zero inputs: logits that fit the dataset's classes), the perturbation specs (names,
     parameters, and whether they fit the class count, e.g. APGD's DLR loss) and
     ``--checkpoint`` (loaded here)."""
+    from lsa_ext.analysis import check_sites_reached
     from lsa_ext.models import build_model, load_weights
     from lsa_ext.outputs import check_model_output
     from lsa_ext.perturbations import build_perturbations
     from lsa_ext.probes import select_layers
 
     model = build_model(model_name, info, seed=args.seed)
-    select_layers(model, args.layers, example=info.input_shape)
+    check_sites_reached(model, select_layers(model, args.layers, example=info.input_shape),
+                        info.input_shape)
     check_model_output(model, info.input_shape, info.num_classes)
     build_perturbations(args.perturbations, model=model, clip=info.data_range, eps=eps,
                         seed=args.seed, num_classes=info.num_classes)

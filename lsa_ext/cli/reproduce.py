@@ -67,7 +67,10 @@ def run(args: argparse.Namespace) -> int:
     if args.dataset is None:
         raise LsaUserError(f"name a dataset: lsa reproduce {{{','.join(PROTOCOLS)}}} [options], "
                            f"e.g. lsa reproduce {next(iter(PROTOCOLS))} --quick")
-    seeds = parse_list(args.seeds, int, "--seeds") or [0]
+    seeds = parse_list(args.seeds, int, "--seeds")
+    if not seeds:
+        raise LsaUserError(f"--seeds needs at least one seed, got {args.seeds!r} (e.g. --seeds "
+                           "0,1,2)")
     out = Path(args.out or f"runs/reproduce-{args.dataset}")
 
     def on_run(r, cached):
