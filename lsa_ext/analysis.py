@@ -136,6 +136,31 @@ def _check_finite(vals: torch.Tensor, sites: Sequence[str], names: Sequence[str]
         )
 
 
+# A relative error above this is the denominator floor at work: the clean representation of
+# the sample at that layer is zero or nearly (dead units), and such samples dominate the mean.
+DEGENERATE_RELATIVE_ERROR = 1e6
+
+
+def _warn_degenerate(vals: torch.Tensor, sites: Sequence[str], names: Sequence[str],
+                     warned: set[str], batch_index: int) -> None:
+    """Logs once per layer the samples of this batch whose relative error exceeds
+    :data:`DEGENERATE_RELATIVE_ERROR` (``vals [P, L, B]``)."""
+    hits = (vals > DEGENERATE_RELATIVE_ERROR).any(dim=0)  # [L, B]
+    for li in torch.nonzero(hits.any(dim=1)).flatten().tolist():
+        if sites[li] in warned:
+            continue
+        warned.add(sites[li])
+        under = [n for p, n in enumerate(names) if bool((vals[p, li] > DEGENERATE_RELATIVE_ERROR
+                                                         ).any())]
+        log.warning(
+            "layer %s: %d of %d samples in batch %d have a relative error above %.0e (up to "
+            "%.3g, under %s): their clean representation there is zero or nearly (dead "
+            "units), so the ratio divides by the eps floor, and they dominate the layer's "
+            "mean; the mse or cosine measure reads such a layer better", sites[li],
+            int(hits[li].sum()), vals.shape[-1], batch_index, DEGENERATE_RELATIVE_ERROR,
+            float(vals[:, li].max()), ", ".join(under))
+
+
 def accumulate(
     model: nn.Module,
     batches: Iterable,
@@ -178,6 +203,7 @@ def accumulate(
     sites: list[str] | None = None
     seen = 0
     warned = unlabelled = False
+    degenerate: set[str] = set()  # layers already warned about (_warn_degenerate)
     rank, world = distributed.rank(), distributed.world_size()
     for bi, batch in enumerate(progress(batches, desc="LSA", total=total,
                                         enabled=progress_enabled)):
@@ -208,6 +234,8 @@ def accumulate(
                 f"the probed layers ran differently in batch {bi} ({s} vs {sites})"
             )
         _check_finite(vals, sites, names, meas.name, bi)
+        if meas.name == "relative_error":
+            _warn_degenerate(vals, sites, names, degenerate, bi)
         assert stats is not None
         for p in range(len(names)):
             stats.update(p, vals[p])

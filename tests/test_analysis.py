@@ -435,3 +435,31 @@ def test_explicit_call_site_that_never_runs_is_an_error_before_any_batch():
     res = lsa_ext.analyze(model, (x, y), {"s": lambda a, b: a + 0.1}, layers="act#2",
                           progress=False)
     assert res.layers == ["act#2"]
+
+
+def test_dead_units_warn_once_per_layer(caplog):
+    """A 2-unit ReLU layer that is all zero for some clean samples: the relative error of
+    those samples is ||â|| / eps (the floor), which dominates the mean — one warning names
+    the layer, the count in the first batch and the perturbation; a healthy layer is not
+    named."""
+    torch.manual_seed(0)
+    fc = nn.Linear(2, 2)
+    with torch.no_grad():
+        fc.weight.copy_(torch.eye(2))
+        fc.bias.zero_()
+    model = nn.Sequential(nn.Linear(2, 2), nn.Tanh(), fc, nn.ReLU(), nn.Linear(2, 2)).eval()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.eye(2))
+        model[0].bias.zero_()
+    x = torch.tensor([[-1.0, -1.0], [1.0, 1.0], [-2.0, -0.5], [0.5, 2.0]])
+    y = torch.zeros(4, dtype=torch.long)
+    with caplog.at_level(logging.WARNING, logger="lsa_ext.analysis"):
+        res = lsa_ext.analyze(model, (x, y), {"up": lambda a, b: a + 2.0}, layers=["1", "3"],
+                              batch_size=4, progress=False)
+    # reference: samples 0 and 2 are dead at the ReLU (both inputs negative)
+    h = torch.relu(torch.tanh(x))
+    h_hat = torch.relu(torch.tanh(x + 2.0))
+    ratio = (h_hat - h).norm(dim=1) / h.norm(dim=1).clamp_min(1e-12)
+    assert res.mean[0, 1] == pytest.approx(float(ratio.double().mean()), rel=1e-4)
+    msgs = [r.getMessage() for r in caplog.records if "relative error above" in r.getMessage()]
+    assert len(msgs) == 1 and msgs[0].startswith("layer 3: 2 of 4 samples") and "up" in msgs[0]
