@@ -29,7 +29,7 @@ from lsa_ext.cli.monitoring import (
     print_monitor,
 )
 from lsa_ext.cli.options import Interrupted, add_moons_options, dataset_options, parse_list, plural
-from lsa_ext.cli.runs import CONFIG, clear_run, default_out, prepare_out
+from lsa_ext.cli.runs import CONFIG, clear_run, default_out, nothing_to_resume, prepare_out
 from lsa_ext.errors import LsaUserError
 from lsa_ext.presets import TRAIN_EPS
 
@@ -387,12 +387,7 @@ def _resume(args: argparse.Namespace) -> int:
         out = check_dir(args.out or _out_name(args.dataset, args))
         path = out / ckpt.LAST
         if not path.is_file():
-            what = "is empty" if not out.is_dir() or not any(out.iterdir()) else \
-                f"has no {ckpt.LAST}"
-            raise LsaUserError(f"nothing to resume: {str(out)!r} {what} (the run stopped before "
-                               "it started training); start it again without --resume"
-                               + (" (with --overwrite)" if out.is_dir() and any(out.iterdir())
-                                  else ""))
+            raise LsaUserError(nothing_to_resume(out, ckpt.LAST))
     else:
         path = Path(args.resume)
         out = Path(args.out) if args.out else path.parent
