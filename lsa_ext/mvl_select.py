@@ -139,14 +139,16 @@ def output_sites(model: nn.Module, sites: list[str], example: Example = None,
 
 
 def mvl_from_report(path: str | os.PathLike, eta: float, perturbation: str | None = None,
-                    *, model: nn.Module | None = None, example: Example = None,
-                    output: Any = None) -> MvlChoice:
+                    *, attack: str | None = None, model: nn.Module | None = None,
+                    example: Example = None, output: Any = None) -> MvlChoice:
     """The most vulnerable layers (Algorithm 1, cut-off ``eta``) from an ``lsa analyze``
     report.json, recomputed from its per-layer mean/std/count (read by
     :func:`lsa_ext.result.load_result`, which checks the schema).
 
-    ``perturbation``: which of the report's perturbations to use; default: the only one, or the
-    only adversarial one (name starting with an attack name of :data:`lsa_ext.attacks.ATTACKS`).
+    ``perturbation``: which of the report's perturbations to use, by its name in the report
+    (:func:`report_perturbation` gives the default: the report's only perturbation, else the
+    one named as the training ``attack`` — ``"pgd"`` or ``"pgd:eps=0.3"`` for ``attack="pgd"``
+    — when exactly one is; without ``attack``, the only adversarial one).
     ``model``: the model to be trained; with it the output layer is left out (as on the fly,
     module docstring; ``example``, an input batch or shape, also finds a final activation)
     and the sites are labelled ``A<k>`` / ``L<k>``. Without it the report's sites are taken
@@ -157,21 +159,44 @@ def mvl_from_report(path: str | os.PathLike, eta: float, perturbation: str | Non
             ambiguous or unknown.
     """
     result = load_result(path)
-    perts = result.perturbations
-    if perturbation is None:
-        adversarial = [p for p in perts if p.split(":")[0].lower() in ATTACKS]
-        choice = adversarial if len(adversarial) == 1 else list(perts)
-        if len(choice) != 1:
-            raise LsaUserError(f"{path} has several perturbations ({', '.join(perts)}); "
-                               "name the one to take the MVL from")
-        perturbation = choice[0]
-    if perturbation not in perts:
-        raise LsaUserError(f"{path} has no perturbation {perturbation!r} "
-                           f"(have {', '.join(perts)})")
+    perturbation = report_perturbation(result.perturbations, perturbation, attack, path)
     spec = result.config.get("layers_spec")
     kind = spec if isinstance(spec, str) or spec is None else ",".join(map(str, spec))
     return _pick(result, perturbation, eta, kind=kind, source=str(path), model=model,
                  example=example, output=output)
+
+
+def report_perturbation(perturbations: list[str], name: str | None, attack: str | None,
+                        path: str | os.PathLike) -> str:
+    """The perturbation of a report (``perturbations``: its names, ``path``: for messages)
+    to take the MVL from: ``name`` when given; else the only one; else, with the training
+    ``attack`` (an ``at`` method, e.g. ``"pgd"``), the one whose name is the attack's
+    (``"pgd"``, or ``"pgd:..."``), when exactly one is; else, without ``attack``, the only
+    adversarial one (named after an attack of :data:`lsa_ext.attacks.ATTACKS`).
+
+    Raises:
+        LsaUserError: ``name`` is not in the report, or no single perturbation fits (the
+            message lists the names and how to give one).
+    """
+    perts = list(perturbations)
+    if name is not None:
+        if name not in perts:
+            raise LsaUserError(f"{path} has no perturbation {name!r} (have {', '.join(perts)})")
+        return name
+    if len(perts) == 1:
+        return perts[0]
+    if attack is not None:
+        fits = [p for p in perts if p.split(":")[0].strip().lower() == attack.lower()]
+        why = f"{'none' if not fits else 'more than one'} is named after the training attack " \
+              f"{attack!r}"
+    else:
+        fits = [p for p in perts if p.split(":")[0].strip().lower() in ATTACKS]
+        why = f"{'none' if not fits else 'more than one'} is adversarial"
+    if len(fits) == 1:
+        return fits[0]
+    raise LsaUserError(f"{path} has several perturbations ({', '.join(perts)}) and {why}: name "
+                       "the one to take the MVL from (lsa train --mvl-perturbation NAME; "
+                       "mvl_perturbation= in lsa_ext.train, perturbation= in mvl_from_report)")
 
 
 def mvl_on_the_fly(
@@ -260,6 +285,7 @@ def choose_mvl(
     clip: tuple[float, float] | None,
     eta: float,
     report: str | os.PathLike | None = None,
+    perturbation: str | None = None,
     kind: str = "activations",
     example: Example = None,
     epochs: int,
@@ -272,7 +298,8 @@ def choose_mvl(
     output: Any = None,
 ) -> MvlChoice:
     """The regularised sites for ``lr_layers="mvl"``: :func:`mvl_from_report` on ``report``
-    when given (for ``model``: output layer left out, labels), else :func:`mvl_on_the_fly`
+    when given (for ``model``: output layer left out, labels; its ``perturbation``, default
+    the one named after ``at``: :func:`report_perturbation`), else :func:`mvl_on_the_fly`
     probing ``kind`` (the other arguments, ``output`` the logits selector included, are its
     settings; ``kind`` is checked in both cases, a report's kind is its own). ``example``: an
     input batch or shape for the report path (default: the first sample of ``train_data``,
@@ -280,13 +307,17 @@ def choose_mvl(
     :meth:`MvlChoice.describe` (``lsa_ext.train`` logs it at INFO, ``lsa train`` prints it).
 
     Raises:
-        LsaUserError: see the two functions.
+        LsaUserError: see the two functions; ``perturbation`` without ``report``.
     """
     check_kind(kind)
+    if perturbation is not None and report is None:
+        raise LsaUserError("the MVL perturbation picks one of a report's perturbations (MVL on "
+                           "the fly uses the training attack): give the report too")
     if report is not None:
         if example is None and train_data is not None:
             example = functools.partial(first_input, train_data)  # read only when needed
-        choice = mvl_from_report(report, eta, model=model, example=example, output=output)
+        choice = mvl_from_report(report, eta, perturbation, attack=at, model=model,
+                                 example=example, output=output)
     else:
         choice = mvl_on_the_fly(model, train_data, at=at, eps=eps, clip=clip, eta=eta,
                                 epochs=epochs, kind=kind, batch_size=batch_size, lr=lr,

@@ -26,7 +26,11 @@ Two points the paper leaves open are options (``TrainConfig.lr_reduction`` /
 Sites (:mod:`lsa_ext.probes`): a regularised layer is one call of a module — ``name`` its first
 call, ``name#k`` its k-th — exactly as ``lsa analyze`` reports it, so any reported site can be
 regularised. Each site is counted once (duplicates are merged by :func:`resolve_layers` and
-rejected by :class:`LRTerm`).
+rejected by :class:`LRTerm`). :func:`lr_term` and :class:`LRTerm` take every selector
+:func:`resolve_layers` takes (``L<k>``, ``A<k>`` counted on the call's clean batch, globs,
+kinds) and resolve them against the model themselves. A module that runs several times per
+forward and is named bare (its first call) gets a warning naming the calls left out; named
+calls (``name#k``, ``A<k>``) are taken as meant.
 
 In-place safety: the site outputs are held past their hooks through a
 :class:`lsa_ext.probes.InplaceGuard`, so a later ``ReLU(inplace=True)`` or ``out += identity``
@@ -123,12 +127,25 @@ def resolve_layers(model: nn.Module, spec: str | Sequence[str], *,
             ``A<k>`` without ``example``, or ``"mvl"`` (chosen by :func:`lsa_ext.training.train`
             and ``lsa train``, not here).
     """
-    module = unwrap(model)
+    out: list[str] = []
+    for _, chosen in _resolve_items(unwrap(model), spec, example):
+        for site in map(canonical_site, chosen):
+            if site not in out:
+                out.append(site)
+    return out
+
+
+def _resolve_items(module: nn.Module, spec: str | Sequence[str],
+                   example: Example) -> list[tuple[str, list[str]]]:
+    """Each item of ``spec`` (a leading ``module.`` stripped) with the sites it selects, as
+    :func:`lsa_ext.probes.select_layers` writes them: a bare module name where the item names
+    no call (a name, glob, kind or ``L<k>``: the module's first call), ``name#k`` where it
+    does (``name#k``, and ``A<k>``, which is one call). Raises as :func:`resolve_layers`."""
     items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
     if not items or any(not isinstance(s, str) or not s for s in items):
         raise LsaUserError(f"layer list must hold non-empty names, got {spec!r}")
     names = {n for n, _ in module.named_modules()}
-    out: list[str] = []
+    out: list[tuple[str, list[str]]] = []
     for item in items:
         if item.lower() == "mvl" and item not in names:
             raise LsaUserError(
@@ -137,10 +154,8 @@ def resolve_layers(model: nn.Module, spec: str | Sequence[str], *,
                 "Trainer or lr_term, get the list from lsa_ext.mvl_select (mvl_from_report, "
                 "mvl_on_the_fly)"
             )
-        for n in select_layers(module, strip_prefix(item), example=example):
-            site = canonical_site(n)
-            if site not in out:
-                out.append(site)
+        item = strip_prefix(item)
+        out.append((item, select_layers(module, item, example=example)))
     return out
 
 
@@ -169,9 +184,14 @@ class LRTerm:
     """The LR term for a fixed list of sites, reusable batch after batch.
 
     Args:
-        layers: regularised sites (``name`` = first call, ``name#k`` = k-th call; a leading
-            ``module.`` is stripped), at least one, each once — :func:`resolve_layers` makes
-            them from selectors.
+        layers: the regularised layers, at least one: sites (``name`` = a module's first
+            call, ``name#k`` = its k-th call; a leading ``module.`` is stripped) or any other
+            selector :func:`resolve_layers` takes (``L<k>``, ``A<k>``, globs, kinds). They are
+            resolved against the model once, at the first call (:meth:`resolve`; ``A<k>``
+            counted on one sample of that call's clean batch) and kept; plain sites need no
+            forward for it. γ is given per resolved site, in the order the items select them.
+            Each site once: an item given twice, or two items that select the same site
+            (``L0`` and the layer's name), is an error.
         lr_pass: ``"auto"`` (default), ``"concat"`` or ``"two_pass"`` (module docstring).
         copy: mode of the :class:`lsa_ext.probes.InplaceGuard` holding the site outputs:
             ``"auto"`` (default: clone only sites changed in place later in the forward),
@@ -181,15 +201,17 @@ class LRTerm:
             (:data:`lsa_ext.train_config.LR_REDUCTIONS`; module docstring).
         detach_clean: no gradient through the clean pass (default False; module docstring).
 
-    State kept between calls: which sites need copies (decided on the first call, which
+    State kept between calls: the resolved :attr:`sites` (None before the first call), which
+    sites need copies (decided on the first call, which
     clones every site) and, for ``"auto"``, the depth of the last site. If a later batch
     changes in place a site held by reference (a model whose in-place ops vary between
     forwards), that batch's passes are run again with the site copied (a warning is logged;
     BatchNorm running statistics then see that batch twice).
 
     Raises:
-        LsaUserError: no layers, a site given twice, an unknown ``lr_pass``, ``copy`` or
-            ``reduction``.
+        LsaUserError: no layers, an item given twice, an unknown ``lr_pass``, ``copy`` or
+            ``reduction``; at the first call, what :func:`resolve_layers` raises (an unknown
+            name, an index out of range) and two items selecting one site.
     """
 
     def __init__(self, layers: Sequence[str], *, lr_pass: str = "auto", copy: str = "auto",
@@ -197,10 +219,13 @@ class LRTerm:
                  detach_clean: bool = False) -> None:
         if isinstance(layers, str):
             layers = [layers]
-        sites = [canonical_site(strip_prefix(n)) for n in layers]
-        if not sites:
+        if any(not isinstance(n, str) or not n for n in layers):
+            raise LsaUserError(f"layers must be non-empty names, got {list(layers)!r}")
+        items = [strip_prefix(n) for n in layers]
+        if not items:
             raise LsaUserError("the LR term needs at least one layer")
-        twice = sorted({s for s in sites if sites.count(s) > 1})
+        given = [canonical_site(n) for n in items]
+        twice = sorted({s for s in given if given.count(s) > 1})
         if twice:
             raise LsaUserError(f"layers {', '.join(twice)} given more than once (a site is "
                                "regularised once; 'name' and 'name#1' are the same site)")
@@ -211,17 +236,53 @@ class LRTerm:
                                f"{', '.join(LR_REDUCTIONS)}")
         self.reduction = reduction
         self.detach_clean = bool(detach_clean)
-        self.sites = sites
+        self.layers = items
+        self.sites: list[str] | None = None  # resolved at the first call
         self.lr_pass = lr_pass
         self.guard = InplaceGuard(copy)
         self.eps = eps
         self.fraction: float | None = None  # "auto": share of the MACs before the last site
-        self._probe = [f"{n}#{k or 1}" for n, k in map(parse_site, sites)]
+        self._probe: list[str] = []
+        self._bare: set[str] = set()  # first-call sites chosen without a call number
         self._warned = False
+
+    # ----------------------------------------------------------------- sites
+    def resolve(self, model: nn.Module, example: Example = None) -> list[str]:
+        """The regularised sites (``name`` / ``name#k``), resolved from :attr:`layers` against
+        ``model`` on the first call and remembered (later calls return them as they are).
+
+        ``example``: an input batch or shape (:data:`lsa_ext.probes.Example`) on which
+        ``A<k>`` items are counted (one sample, eval mode, no gradients); read only for them.
+
+        Raises:
+            LsaUserError: what :func:`resolve_layers` raises, or two items that select one
+                site (naming both).
+        """
+        if self.sites is not None:
+            return self.sites
+        origin: dict[str, str] = {}
+        bare: set[str] = set()
+        for item, chosen in _resolve_items(unwrap(model), self.layers, example):
+            for raw in chosen:
+                site = canonical_site(raw)
+                if site in origin:
+                    raise LsaUserError(
+                        f"layers {origin[site]} and {item} select the same site {site} (a "
+                        "site is regularised once): give it once"
+                    )
+                origin[site] = item
+                if parse_site(raw)[1] is None:
+                    bare.add(site)
+        self.sites = list(origin)
+        self._bare = bare
+        self._probe = [f"{n}#{k or 1}" for n, k in map(parse_site, self.sites)]
+        return self.sites
 
     # ----------------------------------------------------------------- plan
     def plan(self, model: nn.Module, x: torch.Tensor, clean_logits: bool) -> str:
-        """The pass mode this call uses (``"concat"`` or ``"two_pass"``)."""
+        """The pass mode this call uses (``"concat"`` or ``"two_pass"``); resolves the sites
+        on ``x`` first (:meth:`resolve`)."""
+        self.resolve(model, x)
         if self.lr_pass != "auto":
             return self.lr_pass
         if clean_logits:
@@ -245,7 +306,8 @@ class LRTerm:
             raise LsaUserError(
                 f"x and x_adv must have one shape, got {tuple(x.shape)} and {tuple(x_adv.shape)}"
             )
-        g = gamma_tensor(gamma, len(self.sites), x.device)
+        sites = self.resolve(model, x)
+        g = gamma_tensor(gamma, len(sites), x.device)
         module = unwrap(model)
         mode = self.plan(model, x, clean_logits)
         for _ in range(2):
@@ -328,14 +390,17 @@ class LRTerm:
         if self._warned:
             return
         self._warned = True
+        # only a module named without a call number (its first call, as a bare name, glob,
+        # kind or L<k>) may have been meant as all of its calls; named calls are exact
         for name, count in calls.items():
-            extra = [site_name(name, k) for k in range(1, count + 1)
+            if name not in self._bare:
+                continue
+            extra = [site_name(name, k) for k in range(2, count + 1)
                      if site_name(name, k) not in self.sites]
             if extra:
-                log.warning("module %s runs %d times per forward; AT-LR regularises %s, not %s "
-                            "(name the calls to regularise, e.g. %s)", name, count,
-                            ", ".join(s for s in self.sites if parse_site(s)[0] == name),
-                            ", ".join(extra), extra[0])
+                log.warning("module %s runs %d times per forward; AT-LR regularises %s, its "
+                            "first call, not %s (name the calls to regularise, e.g. %s)",
+                            name, count, name, ", ".join(extra), extra[0])
 
 
 def lr_term(
@@ -368,8 +433,10 @@ def lr_term(
         model: the model (a ``DistributedDataParallel`` wrapper is fine: hooks go on
             ``model.module``; a separate clean pass calls ``model.module``).
         x: clean batch ``[B, ...]`` float; ``x_adv``: its perturbed twin (same shape).
-        layers: regularised sites (``name`` = a module's first call, ``name#k`` its k-th;
-            see :func:`resolve_layers`), at least one, each once.
+        layers: the regularised layers, at least one: sites (``name`` = a module's first
+            call, ``name#k`` its k-th) or any selector of :func:`resolve_layers` — ``L<k>``,
+            ``A<k>`` (counted on one sample of ``x``), globs, kinds — each site once;
+            resolved against ``model`` (plain sites without a forward).
         gamma: weight per layer, a scalar for all (default 1.0) or one value per layer.
         clean_logits: return the clean logits (default True). With False, ``None`` is
             returned and the clean forward may stop after the last probed layer.
@@ -389,10 +456,11 @@ def lr_term(
         and ``[B, K]``.
 
     Raises:
-        LsaUserError: no layers or one given twice, ``x``/``x_adv`` of different shapes, a
-            layer without a tensor output, a bad ``gamma`` (see :func:`gamma_tensor`),
-            ``lr_pass``, ``copy`` or ``reduction``, or a model output that holds no logits
-            (naming its type).
+        LsaUserError: no layers or one given twice (also as two selectors of one site), a
+            name matching no layer or an index out of range (:func:`resolve_layers`),
+            ``x``/``x_adv`` of different shapes, a layer without a tensor output, a bad
+            ``gamma`` (see :func:`gamma_tensor`), ``lr_pass``, ``copy`` or ``reduction``, or a
+            model output that holds no logits (naming its type).
     """
     output = check_selector(output)
     term = LRTerm(layers, lr_pass=lr_pass, copy=copy, eps=eps, reduction=reduction,

@@ -72,6 +72,7 @@ def train(
     lr_detach_clean: bool = False,
     eta: float = 1.0,
     mvl_report: str | os.PathLike | None = None,
+    mvl_perturbation: str | None = None,
     mvl_kind: str = "activations",
     attack: Perturbation | None = None,
     out: str | os.PathLike | None = None,
@@ -93,10 +94,14 @@ def train(
             reports it; a bare name is the first call), ``"L<k>"`` items, globs or kinds, as a
             list or a comma-separated string (:func:`resolve_layers`); or ``"mvl"``: the most
             vulnerable layers for cut-off ``eta`` (default 1.0), read from the ``lsa analyze``
-            report ``mvl_report`` when given, else found by Algorithm 2 on a normally trained
-            copy of ``model`` (``epochs`` epochs; :func:`lsa_ext.mvl_select.choose_mvl`),
-            probing ``mvl_kind``: ``"activations"`` (default, as ``lsa analyze``) or
-            ``"learnable"``; the output layer is left out.
+            report ``mvl_report`` when given (its perturbation ``mvl_perturbation``; default:
+            the report's only one, else the one named after ``at`` — ``"pgd"`` for
+            ``at="pgd"`` —, else an error listing them:
+            :func:`lsa_ext.mvl_select.report_perturbation`), else found by Algorithm 2 on a
+            normally trained copy of ``model`` (``epochs`` epochs;
+            :func:`lsa_ext.mvl_select.choose_mvl`), probing ``mvl_kind``: ``"activations"``
+            (default, as ``lsa analyze``) or ``"learnable"``; the output layer is left out.
+            ``mvl_report`` and ``mvl_perturbation`` without ``"mvl"`` are an error.
         lr_pass: how the clean and adversarial batches run for the LR term:
             ``"auto"`` (default), ``"concat"`` or ``"two_pass"`` (:mod:`lsa_ext.regularizer`).
         lr_reduction: the CM over the batch, ``"mean"`` (default: the paper's per-sample
@@ -151,6 +156,8 @@ def train(
         monitor_layers=monitor_layers if isinstance(monitor_layers, str) else list(monitor_layers),
         monitor_samples=monitor_samples,
     )
+    if not mvl and (mvl_report is not None or mvl_perturbation is not None):
+        raise LsaUserError("mvl_report and mvl_perturbation are read only with lr_layers='mvl'")
     if cfg.monitor:  # a monitor selector naming no layer fails before the MVL search
         monitor_sites(unwrap(model), cfg.monitor_layers, None)
     if mvl:
@@ -160,8 +167,9 @@ def train(
         cfg.validate()  # every other setting is checked before the MVL search
         choice = choose_mvl(
             model, train_data, at=at, eps=float(eps), clip=clip, eta=eta, report=mvl_report,
-            kind=mvl_kind, epochs=epochs, batch_size=batch_size, lr=float(lr),
-            optimizer=optimizer, seed=seed, device=device, progress=progress, output=output,
+            perturbation=mvl_perturbation, kind=mvl_kind, epochs=epochs, batch_size=batch_size,
+            lr=float(lr), optimizer=optimizer, seed=seed, device=device, progress=progress,
+            output=output,
         )
         log.info("lr_layers='mvl': %s", choice.describe())
         cfg.lr_layers = choice.sites

@@ -159,6 +159,54 @@ def test_lr_term_on_activation_sites_of_a_reused_inplace_relu_matches_float64(lr
         torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("lr_pass", ["concat", "two_pass"])
+def test_lr_term_takes_indexed_selectors_as_the_sites_they_name(lr_pass):
+    """lr_term(..., ["L0", "A1"]) resolves against the model (A1 counted on x): its value and
+    gradients are those of the resolved sites, and those match the float64 reference."""
+    torch.manual_seed(0)
+    m = Reused().double()
+    x = torch.randn(12, 3, dtype=torch.float64)
+    xa = x + 0.3 * torch.randn_like(x)
+    params = list(m.parameters())
+    gamma = [0.5, 2.0]
+    by_index, _, _ = lr_term(m, x, xa, ["L0", "A1"], gamma, lr_pass=lr_pass)
+    g_index = torch.autograd.grad(by_index, params, allow_unused=True)
+    by_site, _, _ = lr_term(m, x, xa, ["fc1", "relu#2"], gamma, lr_pass=lr_pass)
+    g_site = torch.autograd.grad(by_site, params, allow_unused=True)
+    clean, adv = _reference_sites(m, x), _reference_sites(m, xa)
+    ref = sum(g * ((clean[s] - adv[s]).norm(dim=1) / clean[s].norm(dim=1)).mean()
+              for g, s in zip(gamma, ["fc1", "relu#2"], strict=True))
+    assert by_index.item() == by_site.item()
+    assert by_index.item() == pytest.approx(ref.item(), rel=1e-6)
+    assert sum(g is not None for g in g_index) == 4  # fc1, fc2 weights and biases
+    for a, b in zip(g_index, g_site, strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
+    with pytest.raises(LsaUserError, match=r"L3: Reused has 3 learnable layers"):
+        lr_term(m, x, xa, ["L3"])
+    with pytest.raises(LsaUserError, match=r"A3: Reused has 3 activation sites"):
+        lr_term(m, x, xa, ["A3"])
+
+
+def test_lr_term_object_resolves_selectors_once_and_rejects_one_site_twice():
+    from lsa_ext.regularizer import LRTerm
+
+    torch.manual_seed(0)
+    m = Reused()
+    x = torch.randn(8, 3)
+    term = LRTerm(["A1", "module.L1"], lr_pass="two_pass")
+    assert term.sites is None and term.layers == ["A1", "L1"]
+    term(m, x, x + 0.1)
+    assert term.sites == ["relu#2", "fc2"]
+    calls = []
+    m.fc1.register_forward_hook(lambda *a: calls.append(1))
+    term(m, x, x + 0.1)  # resolved already: no counting forward, just the two passes
+    assert len(calls) == 2
+    with pytest.raises(LsaUserError, match="layers L0 and fc1 select the same site fc1"):
+        lr_term(m, x, x + 0.1, ["L0", "fc1"])
+    with pytest.raises(LsaUserError, match="layers A0 and relu select the same site relu"):
+        lr_term(m, x, x + 0.1, ["A0", "relu"])
+
+
 def test_train_with_a_k_regularises_the_activation_site(tmp_path):
     from lsa_ext import checkpoint
 

@@ -94,8 +94,9 @@ CASES = [
     # train
     ([*T, "--dataset", "nope"], "unknown dataset 'nope'"),
     ([*T, "--at", "pgd", "--lr-layers", "mvl", "--eta", "-1"], "--eta must be a number >= 0"),
-    ([*T[:-1], "full"], "--out 'full' already holds files (notes.txt); continue it with "
-                        "--resume, replace it with --overwrite, or choose another --out"),
+    ([*T[:-1], "full"], "--out 'full' already holds files that are not an lsa train run "
+                        "(notes.txt); choose another --out, or write the run next to them "
+                        "with --overwrite"),
     (["train", "--resume", "--overwrite", "--out", "full"], "give one of them"),
     ([*T, "--at", "cw"], "invalid choice: 'cw'"),
     ([*T, "--at", "pgd", "--lr-layers", "nomatch"], "no layer named 'nomatch'"),
@@ -119,13 +120,20 @@ CASES = [
     ([*T, "--at", "pgd", "--steps", "0"], "steps must be >= 1"),
     ([*T, "--at", "apgd", "--restarts", "0"], "n_restarts must be >= 1"),
     ([*T, "--mvl-report", "none.json"], "--mvl-report is read only with --lr-layers mvl"),
+    ([*T, "--at", "pgd", "--lr-layers", "mvl", "--mvl-perturbation", "pgd"],
+     "--mvl-perturbation picks a perturbation of the --mvl-report report"),
     ([*T, "--lr-layers", "mvl"], "--lr-layers needs adversarial examples: add --at"),
     ([*T, "--at", "pgd", "--lr-layers", "mvl", "--eta", "nan"],
      "--eta must be a number >= 0, got nan"),
     ([*T, "--limit-test", "0"], "limit_test must be >= 1"),
     ([*T, "--dataset", "mnist"], "name the folder"),
-    (["train", "--resume", "--out", "empty"], "nothing to resume: 'empty' is empty"),
-    (["train", "--resume", "--out", "full"], "nothing to resume: 'full' has no last.pt"),
+    (["train", "--resume", "--out", "empty"], "nothing to resume: 'empty' is empty (no run in "
+                                              "it); start the run without --resume"),
+    (["train", "--resume", "--out", "nosuch"], "nothing to resume: 'nosuch' does not exist (no "
+                                               "run there); start the run without --resume"),
+    (["train", "--resume", "--out", "full"], "nothing to resume: 'full' holds no lsa train run "
+                                             "(notes.txt); start the run without --resume, "
+                                             "with another --out or --overwrite"),
     (["train", "--resume", "trunc.pt", "--out", "run"], "truncated or corrupt"),
     # evaluate
     (["evaluate", "--checkpoint", "missing.pt"], "does not exist"),

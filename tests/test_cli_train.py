@@ -210,3 +210,70 @@ def test_mnist5k_trains_and_evaluates_with_model_b_at_28x28(tmp_path, capsys):
                  "--no-masking-checks"]) == 0
     text = capsys.readouterr().out
     assert "on mnist5k test (32 samples)" in text and "masking flags" not in text
+
+
+def test_mvl_report_of_a_default_analysis_takes_the_training_attack(tmp_path, capsys):
+    """`lsa analyze --out r` (its default perturbations: gaussian, ..., fgsm, pgd), then `lsa
+    train --at pgd --lr-layers mvl --mvl-report r/report.json`: the MVL of "pgd" (the one named
+    after --at), the same as --mvl-perturbation pgd names; an unknown name fails before any
+    training; the perturbation is the run's and --resume checks it."""
+    from lsa_ext.data import dataset_info
+    from lsa_ext.models import build_model
+    from lsa_ext.mvl_select import mvl_from_report
+
+    assert main(["analyze", "--dataset", "digits", "--epochs", "1", "--max-samples", "48",
+                 "--no-cache", "--no-plot", "--out", str(tmp_path / "r")]) == 0
+    report = tmp_path / "r" / "report.json"
+    perts = list(json.loads(report.read_text())["perturbations"])
+    assert len(perts) > 2 and "pgd" in perts and "fgsm" in perts
+    capsys.readouterr()
+    small = ["train", "--dataset", "digits", "--limit-train", "64", "--limit-test", "32",
+             "--batch-size", "32", "--at", "pgd", "--steps", "2", "--lr-layers", "mvl",
+             "--mvl-report", str(report), "--epochs", "1"]
+    assert main([*small, "--out", str(tmp_path / "a")]) == 0
+    assert "; pgd, η=1)" in capsys.readouterr().err
+    model = build_model("model_b", dataset_info("digits"), seed=0)
+    want = mvl_from_report(report, 1.0, "pgd", model=model, example=(1, 8, 8))
+    doc = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert doc["config"]["lr_layers"] == want.sites
+    assert doc["meta"]["mvl_perturbation"] == "pgd"
+    assert main([*small, "--mvl-perturbation", "fgsm", "--out", str(tmp_path / "f")]) == 0
+    doc = json.loads((tmp_path / "f" / "config.json").read_text())
+    assert doc["meta"]["mvl_perturbation"] == "fgsm"
+    assert doc["config"]["lr_layers"] == mvl_from_report(report, 1.0, "fgsm", model=model,
+                                                         example=(1, 8, 8)).sites
+    capsys.readouterr()
+    assert main([*small, "--mvl-perturbation", "cw", "--out", str(tmp_path / "cw")]) == 2
+    err = capsys.readouterr().err
+    assert f"has no perturbation 'cw' (have {', '.join(perts)})" in err
+    assert not (tmp_path / "cw").exists()  # nothing written, nothing trained
+    # --resume holds the run's perturbation
+    assert main(["train", "--out", str(tmp_path / "a"), "--resume", "--epochs", "2",
+                 "--mvl-perturbation", "fgsm"]) == 2
+    assert "--mvl-perturbation fgsm (the run: pgd)" in capsys.readouterr().err
+
+
+def test_mvl_report_perturbation_default_and_errors(tmp_path):
+    """The default perturbation of a report: its only one, else the one named after the
+    training attack, else (no attack given) the only adversarial one, else an error naming
+    them and --mvl-perturbation."""
+    from lsa_ext.errors import LsaUserError
+    from lsa_ext.mvl_select import report_perturbation
+
+    perts = ["gaussian", "fgsm", "pgd:eps=0.1"]
+    assert report_perturbation(["gaussian"], None, "pgd", "r") == "gaussian"
+    assert report_perturbation(perts, None, "pgd", "r") == "pgd:eps=0.1"
+    assert report_perturbation(perts, None, "FGSM", "r") == "fgsm"
+    assert report_perturbation(perts, "gaussian", "pgd", "r") == "gaussian"
+    assert report_perturbation(["gaussian", "fgsm"], None, None, "r") == "fgsm"
+    with pytest.raises(LsaUserError, match=r"r has several perturbations \(gaussian, fgsm, "
+                                           r"pgd:eps=0.1\) and none is named after the training "
+                                           r"attack 'apgd': name the one to take the MVL from "
+                                           r"\(lsa train --mvl-perturbation NAME"):
+        report_perturbation(perts, None, "apgd", "r")
+    with pytest.raises(LsaUserError, match="more than one is named after the training attack"):
+        report_perturbation(["pgd:eps=0.1", "pgd:eps=0.2"], None, "pgd", "r")
+    with pytest.raises(LsaUserError, match="more than one is adversarial"):
+        report_perturbation(perts, None, None, "r")
+    with pytest.raises(LsaUserError, match="r has no perturbation 'pdg'"):
+        report_perturbation(perts, "pdg", "pgd", "r")

@@ -114,6 +114,33 @@ def test_lr_term_rejects_a_site_twice_and_a_call_that_never_runs(caplog):
     assert "not block.act#2" in caplog.text
 
 
+def test_warning_for_a_bare_first_call_only_not_for_named_calls(caplog, tmp_path):
+    """A module named bare (its first call) warns that its other calls are left out; named
+    calls (name#k, A<k>, also name#1) are exact and do not warn."""
+    m = Shared()
+    x = torch.randn(4, 2)
+    with caplog.at_level(logging.WARNING, logger="lsa_ext.regularizer"):
+        for named in (["block.act#2"], ["A1"], ["block.act#1"], ["fc1", "A0", "A1"]):
+            lr_term(m, x, x + 0.1, named)
+    assert "times per forward" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="lsa_ext.regularizer"):
+        lr_term(m, x, x + 0.1, ["activations"])  # a kind selects modules: their first calls
+    assert ("module block.act runs 2 times per forward; AT-LR regularises block.act, its first "
+            "call, not block.act#2") in caplog.text
+    caplog.clear()
+    # lsa train --lr-layers A1 (= block.act#2; the CLI passes the resolved site on): no warning
+    from lsa_ext.cli import main
+
+    args = ["train", "--dataset", "moons", "--model", "test_sites:Shared", "--limit-train",
+            "64", "--limit-test", "32", "--batch-size", "32", "--at", "fgsm", "--epochs", "1"]
+    with caplog.at_level(logging.WARNING, logger="lsa_ext.regularizer"):
+        assert main([*args, "--lr-layers", "A1", "--out", str(tmp_path / "a1")]) == 0
+    assert "times per forward" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="lsa_ext.regularizer"):
+        assert main([*args, "--lr-layers", "block.act", "--out", str(tmp_path / "bare")]) == 0
+    assert "AT-LR regularises block.act, its first call, not block.act#2" in caplog.text
+
+
 def test_analysis_sites_round_trip_into_training(tmp_path):
     """Every site lsa_ext.analyze reports can be regularised, as written."""
     from lsa_ext.attacks import FGSM

@@ -50,10 +50,38 @@ def prepare_out(out: str | os.PathLike, *, overwrite: bool) -> Path:
     entries = sorted(p.name for p in out.iterdir())
     if not entries:
         return out
-    shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
-    holds = "a run" if (out / CONFIG).is_file() or (out / "last.pt").is_file() else "files"
-    raise LsaUserError(f"--out {str(out)!r} already holds {holds} ({shown}); continue it with "
+    shown = _shown(entries)
+    if not run_files(out):
+        raise LsaUserError(f"--out {str(out)!r} already holds files that are not an lsa train "
+                           f"run ({shown}); choose another --out, or write the run next to "
+                           "them with --overwrite")
+    raise LsaUserError(f"--out {str(out)!r} already holds a run ({shown}); continue it with "
                        "--resume, replace it with --overwrite, or choose another --out")
+
+
+def run_files(out: Path) -> list[str]:
+    """The names of the run files (:data:`RUN_FILES`) in folder ``out`` ([] when it does not
+    exist): what makes a folder an ``lsa train`` run."""
+    return [name for name in RUN_FILES if (out / name).is_file()]
+
+
+def nothing_to_resume(out: Path, last: str) -> str:
+    """Why ``--resume`` finds no checkpoint ``last`` in run folder ``out``, and what to do."""
+    fresh = "start the run without --resume"
+    if not out.exists():
+        return f"nothing to resume: {str(out)!r} does not exist (no run there); {fresh}"
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return f"nothing to resume: {str(out)!r} is empty (no run in it); {fresh}"
+    if not run_files(out):
+        return (f"nothing to resume: {str(out)!r} holds no lsa train run ({_shown(entries)}); "
+                f"{fresh}, with another --out or --overwrite (which keeps those files)")
+    return (f"nothing to resume: {str(out)!r} has no {last} (the run stopped before it "
+            "started training); start it again without --resume, with --overwrite")
+
+
+def _shown(entries: list[str]) -> str:
+    return ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
 
 
 def clear_run(out: Path) -> list[str]:

@@ -29,7 +29,7 @@ from lsa_ext.cli.monitoring import (
     print_monitor,
 )
 from lsa_ext.cli.options import Interrupted, add_moons_options, dataset_options, parse_list, plural
-from lsa_ext.cli.runs import CONFIG, clear_run, default_out, prepare_out
+from lsa_ext.cli.runs import CONFIG, clear_run, default_out, nothing_to_resume, prepare_out
 from lsa_ext.errors import LsaUserError
 from lsa_ext.presets import TRAIN_EPS
 
@@ -160,6 +160,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="with --lr-layers mvl: an 'lsa analyze' report.json to take the MVL "
                         "from (default: analyze a normally trained copy on the fly, output "
                         "layer left out)")
+    g.add_argument("--mvl-perturbation", default=None, metavar="NAME",
+                   help="with --mvl-report: the report's perturbation to take the MVL from "
+                        "(default: its only one, else the one named after --at, e.g. pgd; "
+                        "an error lists the names when neither fits)")
     g.add_argument("--mvl-kind", default=MVL_KINDS[0], choices=MVL_KINDS,
                    help="with --lr-layers mvl on the fly: the layers probed — activations "
                         "(default, as lsa analyze: activation outputs) or learnable (Conv/"
@@ -224,6 +228,10 @@ def _check_args(args: argparse.Namespace) -> None:
     mvl = args.lr_layers is not None and args.lr_layers.strip().lower() == "mvl"
     if args.mvl_report and not mvl:
         raise LsaUserError("--mvl-report is read only with --lr-layers mvl")
+    if args.mvl_perturbation is not None and not args.mvl_report:
+        raise LsaUserError("--mvl-perturbation picks a perturbation of the --mvl-report report "
+                           "(MVL on the fly uses the --at attack): give --lr-layers mvl "
+                           "--mvl-report too")
     if "mvl_kind" in args.given and not mvl:
         raise LsaUserError("--mvl-kind is read only with --lr-layers mvl")
     if "mvl_kind" in args.given and args.mvl_report:
@@ -332,6 +340,7 @@ def _new_run(args: argparse.Namespace) -> int:
                                "the model (name#k needs k calls of name)")
     # MVL from a report: read before any data (the on-the-fly search needs the data)
     chosen = _mvl_layers(args, model, None, eps, info) if mvl and args.mvl_report else None
+    perturbation = chosen[1] if chosen else None
     out = prepare_out(args.out or _out_name(args.dataset, args), overwrite=args.overwrite)
     data = load_data(args.dataset, args.data_dir, args.data_seed, args.limit_train,
                      args.limit_test, options)
@@ -339,11 +348,12 @@ def _new_run(args: argparse.Namespace) -> int:
     distributed.init_from_env(args.dist_backend, args.device, args.dist_timeout)
     main = distributed.is_main()
     if mvl:
-        cfg.lr_layers = chosen or _mvl_layers(args, model, data.train, eps, info)
+        cfg.lr_layers = (chosen or _mvl_layers(args, model, data.train, eps, info))[0]
     meta = {"dataset": name, "model": model_name, "data_dir": args.data_dir,
             "data_seed": args.data_seed, "limit_train": args.limit_train,
             "limit_test": args.limit_test, "data_options": data.options,
             "lr_layers_spec": args.lr_layers, "eta": args.eta, "mvl_report": args.mvl_report,
+            "mvl_perturbation": perturbation,
             "mvl_kind": args.mvl_kind if mvl and not args.mvl_report else None}
     trainer = Trainer(model, data.train, cfg, out=out, meta=meta, on_epoch=_on_epoch(out))
     if main:
@@ -377,12 +387,7 @@ def _resume(args: argparse.Namespace) -> int:
         out = check_dir(args.out or _out_name(args.dataset, args))
         path = out / ckpt.LAST
         if not path.is_file():
-            what = "is empty" if not out.is_dir() or not any(out.iterdir()) else \
-                f"has no {ckpt.LAST}"
-            raise LsaUserError(f"nothing to resume: {str(out)!r} {what} (the run stopped before "
-                               "it started training); start it again without --resume"
-                               + (" (with --overwrite)" if out.is_dir() and any(out.iterdir())
-                                  else ""))
+            raise LsaUserError(nothing_to_resume(out, ckpt.LAST))
     else:
         path = Path(args.resume)
         out = Path(args.out) if args.out else path.parent
@@ -448,6 +453,7 @@ _FIXED = {
     "dataset": ("meta", "dataset"), "model": ("meta", "model"),
     "data_seed": ("meta", "data_seed"), "limit_train": ("meta", "limit_train"),
     "limit_test": ("meta", "limit_test"), "mvl_report": ("meta", "mvl_report"),
+    "mvl_perturbation": ("meta", "mvl_perturbation"),
     "mvl_kind": ("meta", "mvl_kind"),
     "eta": ("meta", "eta"), "at": ("config", "at"), "eps": ("config", "eps"),
     "attack_mode": ("config", "attack_mode"), "trades_beta": ("config", "trades_beta"),
@@ -608,19 +614,22 @@ def _lr_layers(args: argparse.Namespace, model, input_shape: tuple[int, ...]) ->
     return resolve_layers(model, spec, example=input_shape)
 
 
-def _mvl_layers(args: argparse.Namespace, model, train_data, eps: float, info) -> list[str]:
-    """The LR sites of --lr-layers mvl (:func:`lsa_ext.mvl_select.choose_mvl`): from
-    --mvl-report (``train_data`` None: nothing read, nothing trained), else on the fly on
-    ``train_data``, probing --mvl-kind. Prints which kind and sites were chosen."""
+def _mvl_layers(args: argparse.Namespace, model, train_data, eps: float,
+                info) -> tuple[list[str], str]:
+    """The LR sites of --lr-layers mvl (:func:`lsa_ext.mvl_select.choose_mvl`) and the
+    perturbation they were chosen on: from --mvl-report, its --mvl-perturbation
+    (``train_data`` None: nothing read, nothing trained), else on the fly on ``train_data``,
+    probing --mvl-kind. Prints which kind and sites were chosen."""
     from lsa_ext.mvl_select import choose_mvl
     from lsa_ext.training import resolve_layers
 
     choice = choose_mvl(
         model, train_data, at=args.at, eps=eps,
         clip=None if info.data_range is None else tuple(info.data_range), eta=args.eta,
-        report=args.mvl_report, kind=args.mvl_kind, example=info.input_shape,
+        report=args.mvl_report, perturbation=args.mvl_perturbation, kind=args.mvl_kind,
+        example=info.input_shape,
         epochs=_epochs(args), batch_size=args.batch_size, lr=args.lr,
         optimizer=args.optimizer, seed=args.seed, device=args.device,
     )
     print(f"LR layers (--lr-layers mvl): {choice.describe()}", file=sys.stderr)
-    return resolve_layers(model, choice.sites)
+    return resolve_layers(model, choice.sites), choice.perturbation
