@@ -7,6 +7,9 @@ compute the per-sample squared sums ``D_i = sum (a_i - b_i)^2`` and ``N_i = sum 
 read of each input, and ``lsa_ext::relative_error`` / ``relative_error_multi`` the ratio from
 them in the same call (its backward: the ratio's chain rule on ``[B]`` tensors here, then the
 sums' backward kernel). ``reduction="batch"`` (a ratio of sums over samples) uses the sums.
+Higher-order gradients: a backward with ``create_graph=True`` computes the sums' gradient with
+the same formula in differentiable PyTorch ops instead of the kernel, so autograd records it
+(the ratio's chain rule, guard included, already is PyTorch ops); other backwards are unchanged.
 
 Zero-norm guard: the result is ``sqrt(D) / max(sqrt(N), eps, tiny)`` with ``tiny`` the input
 dtype's smallest normal number (:func:`lsa_ext.reference.eps_floor`), so a clean sample of zero
@@ -184,13 +187,16 @@ if _extension.LOADED:
         _check_pair(clean, perturbed)
         return _grads_ref(grad_diff, grad_norm, clean, perturbed)
 
-    def _sq_sums_multi_backward_ref(grad_diff, grad_norm, cleans, perturbeds):
-        cleans, perturbeds = _check_lists(cleans, perturbeds)
+    def _multi_grads_ref(grad_diff, grad_norm, cleans, perturbeds):
         pairs = [
             _grads_ref(grad_diff[i], grad_norm[i], a, b)
             for i, (a, b) in enumerate(zip(cleans, perturbeds, strict=True))
         ]
         return [p[0] for p in pairs], [p[1] for p in pairs]
+
+    def _sq_sums_multi_backward_ref(grad_diff, grad_norm, cleans, perturbeds):
+        cleans, perturbeds = _check_lists(cleans, perturbeds)
+        return _multi_grads_ref(grad_diff, grad_norm, cleans, perturbeds)
 
     def _relative_error_ref(clean, perturbed, eps):
         _check_pair(clean, perturbed)
@@ -211,12 +217,32 @@ if _extension.LOADED:
     _LIB.impl("sq_sums_backward", _sq_sums_backward_ref, "CompositeExplicitAutograd")
     _LIB.impl("sq_sums_multi_backward", _sq_sums_multi_backward_ref, "CompositeExplicitAutograd")
 
+    # Higher-order gradients: a backward run with create_graph=True (grad mode on) whose inputs
+    # require grad takes the sums' gradient from _grads_ref (differentiable PyTorch ops, which
+    # autograd records); every other backward calls the fused kernel (the sq_sums_backward ops
+    # have no autograd of their own).
+    def _records_graph(*tensors) -> bool:
+        return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+    def _sums_backward(grad_diff, grad_norm, clean, perturbed):
+        if _records_graph(grad_diff, grad_norm, clean, perturbed):
+            return _grads_ref(grad_diff, grad_norm, clean, perturbed)
+        return torch.ops.lsa_ext.sq_sums_backward(grad_diff, grad_norm, clean, perturbed)
+
+    def _sums_multi_backward(grad_diff, grad_norm, cleans, perturbeds):
+        if _records_graph(grad_diff, grad_norm, *cleans, *perturbeds):
+            return _multi_grads_ref(grad_diff, grad_norm, cleans, perturbeds)
+        grads_a, grads_b = torch.ops.lsa_ext.sq_sums_multi_backward(
+            grad_diff, grad_norm, cleans, perturbeds
+        )
+        return list(grads_a), list(grads_b)
+
     def _sq_sums_setup(ctx, inputs, output):
         ctx.save_for_backward(*inputs)
 
     def _sq_sums_backward(ctx, grad_diff, grad_norm):
         clean, perturbed = ctx.saved_tensors
-        return torch.ops.lsa_ext.sq_sums_backward(grad_diff, grad_norm, clean, perturbed)
+        return _sums_backward(grad_diff, grad_norm, clean, perturbed)
 
     def _sq_sums_multi_setup(ctx, inputs, output):
         cleans, perturbeds = inputs
@@ -226,10 +252,7 @@ if _extension.LOADED:
     def _sq_sums_multi_backward(ctx, grad_diff, grad_norm):
         saved = ctx.saved_tensors
         n = ctx.num_layers
-        grads_a, grads_b = torch.ops.lsa_ext.sq_sums_multi_backward(
-            grad_diff, grad_norm, list(saved[:n]), list(saved[n:])
-        )
-        return list(grads_a), list(grads_b)
+        return _sums_multi_backward(grad_diff, grad_norm, list(saved[:n]), list(saved[n:]))
 
     def _ratio_grads(ctx, grad_ratio, grad_diff, grad_norm):
         """Upstream gradients of (ratio, diff, norm) as gradients of (diff, norm)."""
@@ -249,7 +272,7 @@ if _extension.LOADED:
     def _relative_error_backward(ctx, grad_ratio, grad_diff, grad_norm):
         clean, perturbed = ctx.saved_tensors[:2]
         gd, gn = _ratio_grads(ctx, grad_ratio, grad_diff, grad_norm)
-        grad_a, grad_b = torch.ops.lsa_ext.sq_sums_backward(gd, gn, clean, perturbed)
+        grad_a, grad_b = _sums_backward(gd, gn, clean, perturbed)
         return grad_a, grad_b, None
 
     def _relative_error_multi_setup(ctx, inputs, output):
@@ -262,10 +285,8 @@ if _extension.LOADED:
         saved = ctx.saved_tensors
         n = ctx.num_layers
         gd, gn = _ratio_grads(ctx, grad_ratio, grad_diff, grad_norm)
-        grads_a, grads_b = torch.ops.lsa_ext.sq_sums_multi_backward(
-            gd, gn, list(saved[:n]), list(saved[n : 2 * n])
-        )
-        return list(grads_a), list(grads_b), None
+        grads_a, grads_b = _sums_multi_backward(gd, gn, list(saved[:n]), list(saved[n : 2 * n]))
+        return grads_a, grads_b, None
 
     torch.library.register_autograd(
         "lsa_ext::relative_error", _relative_error_backward, setup_context=_relative_error_setup
