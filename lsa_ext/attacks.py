@@ -48,7 +48,7 @@ from typing import Any
 import torch
 
 from lsa_ext.budget import Budget, work_dtype
-from lsa_ext.checks import check_clip, check_in_clip_range, check_int, check_number
+from lsa_ext.checks import check_bool, check_clip, check_in_clip_range, check_int, check_number
 from lsa_ext.errors import LsaTypeError, LsaUserError
 from lsa_ext.losses import cross_entropy, kl_div
 from lsa_ext.modules import MODES, model_mode
@@ -95,6 +95,11 @@ def dlr_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     top_is_y = logits.argmax(dim=1) == y
     other = torch.where(top_is_y, srt[:, -2], srt[:, -1])
     return -(z_y - other) / (srt[:, -1] - srt[:, -3] + 1e-12)
+
+
+def _callable_name(fn: Callable[..., Any]) -> str:
+    """A callable's name for descriptions (no memory address, so reports stay reproducible)."""
+    return getattr(fn, "__name__", type(fn).__name__)
 
 
 def _bview(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -196,8 +201,17 @@ class Attack:
         self.generator.manual_seed(self.seed)
 
     def __repr__(self) -> str:
-        params = ", ".join(f"{k}={v!r}" for k, v in self._params().items())
-        return f"{type(self).__name__}({params})"
+        """Every setting: the subclass's (:meth:`_params`), then ``loss`` and ``output`` when
+        set (a callable by its name) and ``seed`` — what report.json records as the
+        perturbation's description."""
+        params = self._params()
+        if self.loss is not None and "loss" not in params:
+            params["loss"] = _callable_name(self.loss)
+        if self.output is not None:
+            params["output"] = (_callable_name(self.output) if callable(self.output)
+                                else self.output)
+        params["seed"] = self.seed
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in params.items())})"
 
     # -- helpers for subclasses -------------------------------------------------------------------
     def _params(self) -> dict[str, Any]:
@@ -346,12 +360,13 @@ class PGD(Attack):
         super().__init__(model, eps, **kw)
         self.steps, self.alpha = _steps_and_alpha(self.eps, steps, alpha)
         self.norm = _check_norm(norm)
-        self.random_start = bool(random_start)
-        self.return_best = bool(return_best)
+        self.random_start = check_bool("random_start", random_start)
+        self.return_best = check_bool("return_best", return_best)
 
     def _params(self):
         return {**super()._params(), "alpha": self.alpha, "steps": self.steps,
-                "random_start": self.random_start, "norm": self.norm}
+                "random_start": self.random_start, "norm": self.norm,
+                "return_best": self.return_best}
 
     def _start(self, x: torch.Tensor) -> torch.Tensor:
         if not self.random_start:
@@ -537,12 +552,13 @@ class APGD(Attack):
         if self.momentum > 1:
             raise LsaUserError(f"momentum must be in (0, 1], got {momentum}")
         self.norm = _check_norm(norm)
-        self.random_start = bool(random_start)
+        self.random_start = check_bool("random_start", random_start)
         self.checkpoints = apgd_checkpoints(self.steps)
 
     def _params(self):
         return {**super()._params(), "steps": self.steps, "n_restarts": self.n_restarts,
-                "rho": self.rho, "norm": self.norm, "loss": self.loss_name}
+                "rho": self.rho, "norm": self.norm, "loss": self.loss_name,
+                "random_start": self.random_start, "momentum": self.momentum}
 
     def check_num_classes(self, num_classes: int) -> None:
         """The DLR loss needs at least 3 classes (:func:`dlr_loss`)."""
