@@ -66,6 +66,9 @@ def check_clip(clip: Any) -> Clip:
     """``None`` or a pair ``(lo, hi)`` of finite numbers with ``lo < hi``, as floats."""
     if clip is None:
         return None
+    if isinstance(clip, str):  # would unpack character by character
+        raise LsaUserError(f"clip must be None or a pair (lo, hi), got {clip!r} (in a "
+                           "perturbation spec: clip=lo:hi or clip=none)")
     try:
         lo, hi = clip
     except (TypeError, ValueError):
