@@ -97,11 +97,6 @@ def dlr_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return -(z_y - other) / (srt[:, -1] - srt[:, -3] + 1e-12)
 
 
-def _callable_name(fn: Callable[..., Any]) -> str:
-    """A callable's name for descriptions (no memory address, so reports stay reproducible)."""
-    return getattr(fn, "__name__", type(fn).__name__)
-
-
 def _bview(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Per-sample ``[B]`` values reshaped to broadcast against ``x`` ``[B, ...]``."""
     return v.view(-1, *([1] * (x.dim() - 1)))
@@ -201,15 +196,12 @@ class Attack:
         self.generator.manual_seed(self.seed)
 
     def __repr__(self) -> str:
-        """Every setting: the subclass's (:meth:`_params`), then ``loss`` and ``output`` when
-        set (a callable by its name) and ``seed`` — what report.json records as the
-        perturbation's description."""
+        """Every setting (report.json's description); loss/output when set, callables by name."""
         params = self._params()
-        if self.loss is not None and "loss" not in params:
-            params["loss"] = _callable_name(self.loss)
-        if self.output is not None:
-            params["output"] = (_callable_name(self.output) if callable(self.output)
-                                else self.output)
+        for key, value in (("loss", self.loss), ("output", self.output)):
+            if value is not None and key not in params:
+                name = getattr(value, "__name__", type(value).__name__)
+                params[key] = name if callable(value) else value
         params["seed"] = self.seed
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in params.items())})"
 
