@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from lsa_ext import distributed
-from lsa_ext.batches import batches, first_input
-from lsa_ext.checks import check_batch_size, check_int, check_number
+from lsa_ext.batches import auto_clip, batches, first_input
+from lsa_ext.checks import check_batch_size, check_clip, check_int, check_number
 from lsa_ext.cm_stats import CMStats
 from lsa_ext.devices import resolve_device
 from lsa_ext.errors import LsaUserError
@@ -304,6 +304,15 @@ def _config(model: nn.Module, layers: LayerSpec, meas: Measure, descriptions: di
             **settings, "device": str(device), "model_class": type(model).__name__}
 
 
+def _resolve_clip(clip: Any, data: Any) -> tuple[float, float] | None:
+    """``clip`` checked; ``"auto"`` the data's range (:func:`lsa_ext.batches.auto_clip`)."""
+    if isinstance(clip, str):
+        if clip != "auto":
+            raise LsaUserError(f"clip must be 'auto', None or a pair (lo, hi), got {clip!r}")
+        return auto_clip(data)
+    return check_clip(clip)
+
+
 # long only for its docstring: the full reference of the public entry point's arguments
 def analyze(
     model: nn.Module,
@@ -315,7 +324,7 @@ def analyze(
     batch_size: int = 128,
     device: torch.device | str | None = None,
     seed: int = 0,
-    clip: tuple[float, float] | None = None,
+    clip: tuple[float, float] | None | str = "auto",
     eps: float = DEFAULT_EPS,
     mode: str = "concat",
     forward_batch: int | None = None,
@@ -351,8 +360,15 @@ def analyze(
             reseeded per batch ``k`` from ``(seed, k)`` and each perturbation's own seed
             (:func:`lsa_ext.seeding.batch_seeding`), so a run split over several processes
             (torchrun) gives the same result as one process.
-        clip: data range for spec-built perturbations, e.g. ``(0.0, 1.0)`` for images; default
-            ``None`` (no clipping).
+        clip: the range spec-built perturbations keep their outputs in (and their inputs must
+            lie in): ``"auto"`` (default) the data's range, the rule of :func:`lsa_ext.train`
+            (:func:`lsa_ext.batches.auto_clip`: ``data.info.data_range`` when ``data`` has one,
+            else ``(0.0, 1.0)`` when ``data`` is tensors whose values all lie in [0, 1], else
+            none: a ``DataLoader`` or ``Dataset`` gets no clipping — pass the range there);
+            a pair ``(lo, hi)``; ``None``: no clipping. A spec's own ``clip=lo:hi`` or
+            ``clip=none`` wins. Perturbation objects passed in keep their own ``clip`` (the
+            classes default to ``(0, 1)``). The result's ``config["clip"]`` records the range
+            used.
         eps: ε of spec-built attacks that do not set their own (default 0.1).
         mode: the pass mode, ``"concat"`` (default) or ``"two_pass"``
             (:data:`lsa_ext.paired_capture.PASS_MODES`; see :mod:`lsa_ext.paired_capture`).
@@ -377,8 +393,9 @@ def analyze(
 
     Raises:
         LsaUserError: unknown layer/measure/perturbation names, no probed layer, NaN from the
-            model (naming layer and perturbation), empty data, a bad batch size, ε or
-            max_samples, a model output that holds no logits (naming its type).
+            model (naming layer and perturbation), empty data, a bad batch size, ε, clip or
+            max_samples, a model output that holds no logits (naming its type), inputs outside
+            a spec-built attack's clip range.
     """
     output = check_selector(output)
     check_batch_size(batch_size)
@@ -386,6 +403,7 @@ def analyze(
     if max_samples is not None:
         check_int("max_samples", max_samples, minimum=1)
     check_pass_mode(mode)
+    clip = _resolve_clip(clip, data)
     meas = get_measure(measure)
     if device is not None:
         device = resolve_device(device)

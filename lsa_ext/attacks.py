@@ -48,7 +48,7 @@ from typing import Any
 import torch
 
 from lsa_ext.budget import Budget, work_dtype
-from lsa_ext.checks import check_clip, check_in_clip_range, check_int, check_number
+from lsa_ext.checks import check_bool, check_clip, check_in_clip_range, check_int, check_number
 from lsa_ext.errors import LsaTypeError, LsaUserError
 from lsa_ext.losses import cross_entropy, kl_div
 from lsa_ext.modules import MODES, model_mode
@@ -196,8 +196,14 @@ class Attack:
         self.generator.manual_seed(self.seed)
 
     def __repr__(self) -> str:
-        params = ", ".join(f"{k}={v!r}" for k, v in self._params().items())
-        return f"{type(self).__name__}({params})"
+        """Every setting (report.json's description); loss/output when set, callables by name."""
+        params = self._params()
+        for key, value in (("loss", self.loss), ("output", self.output)):
+            if value is not None and key not in params:
+                name = getattr(value, "__name__", type(value).__name__)
+                params[key] = name if callable(value) else value
+        params["seed"] = self.seed
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in params.items())})"
 
     # -- helpers for subclasses -------------------------------------------------------------------
     def _params(self) -> dict[str, Any]:
@@ -346,12 +352,13 @@ class PGD(Attack):
         super().__init__(model, eps, **kw)
         self.steps, self.alpha = _steps_and_alpha(self.eps, steps, alpha)
         self.norm = _check_norm(norm)
-        self.random_start = bool(random_start)
-        self.return_best = bool(return_best)
+        self.random_start = check_bool("random_start", random_start)
+        self.return_best = check_bool("return_best", return_best)
 
     def _params(self):
         return {**super()._params(), "alpha": self.alpha, "steps": self.steps,
-                "random_start": self.random_start, "norm": self.norm}
+                "random_start": self.random_start, "norm": self.norm,
+                "return_best": self.return_best}
 
     def _start(self, x: torch.Tensor) -> torch.Tensor:
         if not self.random_start:
@@ -537,12 +544,13 @@ class APGD(Attack):
         if self.momentum > 1:
             raise LsaUserError(f"momentum must be in (0, 1], got {momentum}")
         self.norm = _check_norm(norm)
-        self.random_start = bool(random_start)
+        self.random_start = check_bool("random_start", random_start)
         self.checkpoints = apgd_checkpoints(self.steps)
 
     def _params(self):
         return {**super()._params(), "steps": self.steps, "n_restarts": self.n_restarts,
-                "rho": self.rho, "norm": self.norm, "loss": self.loss_name}
+                "rho": self.rho, "norm": self.norm, "loss": self.loss_name,
+                "random_start": self.random_start, "momentum": self.momentum}
 
     def check_num_classes(self, num_classes: int) -> None:
         """The DLR loss needs at least 3 classes (:func:`dlr_loss`)."""

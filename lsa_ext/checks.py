@@ -46,6 +46,17 @@ def check_int(name: str, value: Any, minimum: int) -> int:
     return int(value)
 
 
+def check_bool(name: str, value: Any) -> bool:
+    """A real ``bool`` (``True`` / ``False``); anything else — ``"False"``, ``"no"``, ``1``,
+    ``None`` — is rejected, since Python would read most of them as true. Spec strings
+    (:func:`lsa_ext.perturbations.parse_perturbation_specs`) turn ``true`` / ``false`` into
+    bools before this check."""
+    if not isinstance(value, bool):
+        raise LsaUserError(f"{name} must be True or False (in a perturbation spec: true or "
+                           f"false), got {value!r}")
+    return value
+
+
 def check_batch_size(batch_size: Any) -> int:
     """A batch size: an integer ``>= 1``."""
     return check_int("batch_size", batch_size, minimum=1)
@@ -55,6 +66,9 @@ def check_clip(clip: Any) -> Clip:
     """``None`` or a pair ``(lo, hi)`` of finite numbers with ``lo < hi``, as floats."""
     if clip is None:
         return None
+    if isinstance(clip, str):  # would unpack character by character
+        raise LsaUserError(f"clip must be None or a pair (lo, hi), got {clip!r} (in a "
+                           "perturbation spec: clip=lo:hi or clip=none)")
     try:
         lo, hi = clip
     except (TypeError, ValueError):

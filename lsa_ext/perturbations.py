@@ -17,6 +17,7 @@ from typing import Any
 from torch import nn
 
 from lsa_ext.attacks import ATTACKS, build_attack
+from lsa_ext.checks import check_clip
 from lsa_ext.errors import LsaUserError
 from lsa_ext.noise import NOISES
 from lsa_ext.outputs import OutputSelector
@@ -26,6 +27,8 @@ DEFAULT_EPS = 0.1  # ε of spec-built attacks that set none (L∞, in input unit
 
 
 def _parse_value(text: str) -> Any:
+    """A spec value: ``true`` / ``false`` (any case) a bool, ``none`` / ``null`` None, else an
+    int, a float, or the text itself (each class checks its own parameters' kinds)."""
     low = text.strip().lower()
     if low in ("true", "false"):
         return low == "true"
@@ -39,25 +42,44 @@ def _parse_value(text: str) -> Any:
     return text.strip()
 
 
+def _parse_clip(text: str) -> tuple[float, float] | None:
+    """A spec's ``clip`` value: ``lo:hi`` (e.g. ``0:1``, ``-1:1``) or ``none`` (no clipping)."""
+    value = text.strip()
+    if value.lower() in ("none", "null"):
+        return None
+    lo, sep, hi = value.partition(":")
+    try:
+        if not sep:
+            raise ValueError(value)
+        return check_clip((float(lo), float(hi)))
+    except (ValueError, LsaUserError):
+        raise LsaUserError(
+            f"clip in a perturbation spec is lo:hi with lo < hi (e.g. clip=0:1) or none, got "
+            f"{value!r}"
+        ) from None
+
+
 def parse_perturbation_specs(text: str) -> list[tuple[str, dict[str, Any]]]:
     """Parses ``"gaussian:std=0.1,fgsm:eps=0.1,pgd:eps=0.1,steps=20,salt"``.
 
-    A token ``name`` or ``name:key=value`` starts a perturbation; a following ``key=value``
-    token without ``:`` adds a parameter to the previous one.
+    Tokens are separated by commas. A token ``name`` or ``name:key=value`` starts a
+    perturbation; a following ``key=value`` token (no ``:`` before its ``=``) adds a parameter
+    to the previous one. Values: ``true`` / ``false`` (bools), ``none``, numbers, else text;
+    ``clip`` takes ``lo:hi`` or ``none`` (``pgd:clip=-1:1``, ``gaussian:clip=none``).
 
     Returns:
         ``[(name, params), ...]`` in order.
 
     Raises:
-        LsaUserError: a parameter before any name, a malformed ``key=value``, or a key given
-            twice for one perturbation (``fgsm:eps=0.1,eps=0.2``).
+        LsaUserError: a parameter before any name, a malformed ``key=value``, a key given
+            twice for one perturbation (``fgsm:eps=0.1,eps=0.2``), or a malformed ``clip``.
     """
     out: list[tuple[str, dict[str, Any]]] = []
     for raw in text.split(","):
         tok = raw.strip()
         if not tok:
             continue
-        if ":" in tok or "=" not in tok:
+        if ":" in tok.partition("=")[0] or "=" not in tok:
             name, _, rest = tok.partition(":")
             out.append((name.strip().lower(), {}))
             tok = rest.strip()
@@ -72,7 +94,7 @@ def parse_perturbation_specs(text: str) -> list[tuple[str, dict[str, Any]]]:
         if key in out[-1][1]:
             raise LsaUserError(f"perturbation parameter {key!r} given twice for "
                                f"{out[-1][0]!r} ({key}={out[-1][1][key]!r} and {tok!r})")
-        out[-1][1][key] = _parse_value(value)
+        out[-1][1][key] = _parse_clip(value) if key == "clip" else _parse_value(value)
     if not out:
         raise LsaUserError("no perturbation given")
     return out
@@ -98,7 +120,10 @@ def build_perturbation(
 
     Noises (:data:`lsa_ext.noise.NOISES`) get ``clip`` and ``seed``; attacks
     (:data:`lsa_ext.attacks.ATTACKS`) get ``model``, ``eps`` (unless given in ``params``),
-    ``clip``, ``seed`` and ``output`` (the logits selector, :mod:`lsa_ext.outputs`).
+    ``clip``, ``seed`` and ``output`` (the logits selector, :mod:`lsa_ext.outputs`); a
+    ``clip`` or ``seed`` in ``params`` wins. ``clip`` is used as given: ``None`` (the default
+    here) means no clipping, unlike the classes' own default ``(0, 1)``;
+    :func:`lsa_ext.analyze` passes the data's range (its ``clip="auto"``).
     ``num_classes``: when known (e.g. from the dataset), an attack that cannot run with that
     many classes (APGD with the DLR loss and K < 3) is rejected here, before any work.
 

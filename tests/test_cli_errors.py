@@ -59,6 +59,12 @@ CASES = [
     ([*A, "--perturbations", "pgd:stepz=3"], "unknown parameter 'stepz' for attack 'pgd'; "
                                              "valid: eps, alpha, steps,"),
     ([*A, "--perturbations", "fgsm:eps=0.1,eps=0.2"], "'eps' given twice for 'fgsm'"),
+    ([*A, "--perturbations", "pgd:random_start=no,steps=2"],
+     "random_start must be True or False (in a perturbation spec: true or false), got 'no'"),
+    ([*A, "--perturbations", "pgd:return_best=yes"], "return_best must be True or False"),
+    ([*A, "--perturbations", "apgd:random_start=1"], "random_start must be True or False"),
+    ([*A, "--perturbations", "gaussian:clip=(0,1)"],
+     "clip in a perturbation spec is lo:hi with lo < hi (e.g. clip=0:1) or none, got '(0'"),
     ([*A, "--layers", "conv9"], "no layer named 'conv9'"),
     ([*A, "--layers", "relu1,relu1#2"], "layer site relu1#2 never runs in a forward"),
     ([*A, "--measure", "l3"], "unknown measure 'l3'"),
