@@ -463,3 +463,17 @@ def test_dead_units_warn_once_per_layer(caplog):
     assert res.mean[0, 1] == pytest.approx(float(ratio.double().mean()), rel=1e-4)
     msgs = [r.getMessage() for r in caplog.records if "relative error above" in r.getMessage()]
     assert len(msgs) == 1 and msgs[0].startswith("layer 3: 2 of 4 samples") and "up" in msgs[0]
+
+
+def test_a_pinned_spec_seed_makes_a_perturbation_independent_of_its_position():
+    """README, Perturbation specs → Randomness: ``seed=`` in a spec pins that perturbation's
+    draws, whatever comes before it in the list; unpinned, the i-th gets seed + i."""
+    m = _net()
+    x, y = _data(24)
+    kw = {"batch_size": 8, "progress": False, "seed": 3}
+    first = lsa_ext.analyze(m, (x, y), "gaussian:std=0.1,seed=9,salt:amount=0.1", **kw)
+    second = lsa_ext.analyze(m, (x, y), "salt:amount=0.1,gaussian:std=0.1,seed=9", **kw)
+    np.testing.assert_array_equal(first.mean[0], second.mean[1])
+    # unpinned: salt is seed + 1 in the first list and seed + 0 in the second
+    alone = lsa_ext.analyze(m, (x, y), "salt:amount=0.1,seed=4", **kw)
+    np.testing.assert_array_equal(first.mean[1], alone.mean[0])
