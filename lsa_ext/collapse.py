@@ -4,7 +4,8 @@ AT-LR (Khalooei et al., arXiv 2202.02626, Algorithm 3) adds ``γ · CM(φ_l(x), 
 loss; the relative error CM is smallest when the layer's output no longer depends on the input,
 so a large γ can make the model predict one class for every input (accuracy at chance) while
 the loss looks fine. A too-large learning rate instead makes the loss explode (``--lr 1e6``
-reached a loss of 4e25 on two-moons without becoming NaN). :class:`CollapseWatch` looks at each
+reached a loss of 4e25 on two-moons without becoming NaN), as do an attack budget as large as
+the data's range and float16 parameters under Adam. :class:`CollapseWatch` looks at each
 epoch's record and at the model's clean predictions on a fixed probe of training samples, and
 logs one warning per run naming the symptom and the likely cause. It changes nothing.
 
@@ -81,13 +82,12 @@ class CollapseWatch:
 
     def _diagnose(self, model: nn.Module, record: dict[str, Any]) -> str | None:
         loss, epoch = float(record.get("loss", float("nan"))), int(record.get("epoch", 0))
-        lr = self.config.lr
         if self.first_loss is None:
             self.first_loss = loss
         if math.isfinite(loss) and (loss > LOSS_LIMIT or (
                 epoch >= 2 and loss > 10 and loss > 10 * (self.first_loss or 0.0))):
             return (f"training is diverging: the loss is {loss:.3g} after epoch {epoch}; likely "
-                    f"cause: the learning rate {lr:g} is too large (the default is 1e-3)")
+                    f"cause: {self._divergence_cause(model)}")
         if self.probe is None:
             return None
         share, top, acc, chance = self._predictions(model)
@@ -105,6 +105,27 @@ class CollapseWatch:
                 if self.learned else f"after {epoch * self.steps_per_epoch} steps")
         return (f"training has collapsed at epoch {epoch}: {what} (clean accuracy {acc:.1f} %, "
                 f"chance {chance:.1f} %, {when}); likely cause: {self._cause()}")
+
+    def _divergence_cause(self, model: nn.Module) -> str:
+        """The likeliest cause of an exploding loss: a learning rate above 1e-2; else an attack
+        budget at least the data's range (or above 1 with no range); else float16 parameters
+        with Adam/AdamW (their moment estimates overflow); else the learning rate."""
+        cfg = self.config
+        if cfg.lr > 1e-2:
+            return f"the learning rate {cfg.lr:g} is too large (the default is 1e-3)"
+        if cfg.at != "none":
+            span = None if not cfg.clip else float(cfg.clip[1]) - float(cfg.clip[0])
+            if cfg.eps >= (span if span is not None else 1.0):
+                where = (f"the data range [{cfg.clip[0]:g}, {cfg.clip[1]:g}]" if cfg.clip
+                         else "unclipped data")
+                return (f"the attack budget eps {cfg.eps:g}, as large as {where}: inputs that "
+                        "far from the data make the loss explode; try a smaller eps")
+        dtype = next((p.dtype for p in model.parameters()), None)
+        if dtype == torch.float16 and cfg.optimizer in ("adam", "adamw"):
+            return (f"float16 parameters with {cfg.optimizer} (its moment estimates overflow "
+                    "in float16): train in float32 or bfloat16, or use sgd")
+        return (f"the learning rate {cfg.lr:g} is too large for this model (the default is "
+                "1e-3)")
 
     def _cause(self) -> str:
         cfg = self.config

@@ -77,3 +77,23 @@ def test_an_exploding_loss_names_the_learning_rate(capsys, caplog, tmp_path):
                      "--lr", "1e6", "--device", "cpu", "--out", str(tmp_path / "r")]) == 0
     (msg,) = [r.getMessage() for r in caplog.records]
     assert msg.startswith("training is diverging: the loss is ") and "1e+06 is too large" in msg
+
+
+def test_an_exploding_loss_names_a_huge_eps_or_float16_adam_before_a_default_lr():
+    """With the default learning rate, a diverging loss is blamed on what is out of range:
+    an attack budget as large as the data range, or float16 parameters under Adam."""
+    loss = {"epoch": 1, "loss": 5e3}
+    big = CollapseWatch(_data(), TrainConfig(at="pgd", eps=1e9, clip=[0.0, 1.0]), [], 2)
+    assert big.check(_Fixed(), loss).endswith(
+        "likely cause: the attack budget eps 1e+09, as large as the data range [0, 1]: inputs "
+        "that far from the data make the loss explode; try a smaller eps")
+    unclipped = CollapseWatch(_data(), TrainConfig(at="fgsm", eps=5.0, clip=None), [], 2)
+    assert "eps 5, as large as unclipped data" in unclipped.check(_Fixed(), loss)
+    half = CollapseWatch(_data(), TrainConfig(at="pgd", eps=0.3, clip=[0.0, 1.0]), [], 2)
+    assert half.check(_Fixed().half(), loss).endswith(
+        "likely cause: float16 parameters with adam (its moment estimates overflow in "
+        "float16): train in float32 or bfloat16, or use sgd")
+    plain = CollapseWatch(_data(), TrainConfig(at="pgd", eps=0.3, clip=[0.0, 1.0]), [], 2)
+    assert plain.check(_Fixed(), loss).endswith(
+        "likely cause: the learning rate 0.001 is too large for this model (the default is "
+        "1e-3)")
