@@ -150,7 +150,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any],
 
     With ``keep_previous`` an existing ``path`` is kept as ``prev.pt`` in the same folder
     (hard link, or a copy where links are not supported) before being replaced — unless it is
-    damaged (not a complete PyTorch archive, :func:`_complete_archive`: e.g. truncated), so a
+    damaged (:func:`archive_damage`: truncated, or a record whose bytes changed), so a
     run resumed from ``prev.pt`` after ``last.pt`` was found unreadable keeps its good
     ``prev.pt`` instead of replacing it with the damaged file.
 
@@ -160,9 +160,10 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any],
     path = Path(path)
     ensure_dir(path.parent, "checkpoint folder")
     state = {"format": FORMAT, "version": VERSION, **state}
-    if keep_previous and path.exists() and not _complete_archive(path):
-        log.warning("%s is damaged (not a complete PyTorch archive): it is replaced, and not "
-                    "kept as %s", path, PREVIOUS)
+    damage = archive_damage(path) if keep_previous and path.exists() else None
+    if damage is not None:
+        log.warning("%s is damaged (%s): it is replaced, and not kept as %s", path, damage,
+                    PREVIOUS)
     elif keep_previous and path.exists():
         prev = path.with_name(PREVIOUS)
         tmp = path.with_name(f".{PREVIOUS}.tmp")
@@ -180,15 +181,19 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any],
     return path
 
 
-def _complete_archive(path: Path) -> bool:
-    """Whether ``path`` is a complete ``torch.save`` zip archive (its central directory, at the
-    end of the file, reads and lists a ``data.pkl``). Reads only the directory, not the data:
-    a truncated file fails, a file damaged inside its tensors' bytes may pass."""
+def archive_damage(path: str | os.PathLike) -> str | None:
+    """Why ``path``, a ``torch.save`` zip archive, is damaged — ``"truncated or not a zip
+    archive"``, ``"no data.pkl"``, or ``"CRC mismatch in <record>"`` (zipfile's ``testzip``
+    reads every record and checks its CRC-32, which ``torch.load`` does not) — or None when
+    it is intact. Reads the whole file once."""
     try:
         with zipfile.ZipFile(path) as z:
-            return any(n.endswith("data.pkl") for n in z.namelist())
-    except (OSError, zipfile.BadZipFile, ValueError):
-        return False
+            if not any(n.endswith("data.pkl") for n in z.namelist()):
+                return "no data.pkl"
+            bad = z.testzip()
+    except (OSError, zipfile.BadZipFile, ValueError, EOFError):
+        return "truncated or not a zip archive"
+    return None if bad is None else f"CRC mismatch in {bad}"
 
 
 def torch_load(path: str | os.PathLike, map_location: Any = "cpu", what: str = "checkpoint"
@@ -200,12 +205,18 @@ def torch_load(path: str | os.PathLike, map_location: Any = "cpu", what: str = "
 
     Raises:
         LsaUserError: the file does not exist; it holds pickled Python objects that
-            ``weights_only=True`` refuses (named); or it is truncated, corrupt or not a PyTorch
-            file. The message names ``what`` and the path.
+            ``weights_only=True`` refuses (named); or it is truncated, corrupt (a zip archive
+            whose records fail their CRC-32, :func:`archive_damage`) or not a PyTorch file.
+            The message names ``what`` and the path.
     """
     path = Path(path).expanduser()
     if not path.is_file():
         raise LsaUserError(f"{what} {str(path)!r} does not exist")
+    if zipfile.is_zipfile(path):  # torch.save's format; torch.load checks no CRC
+        damage = archive_damage(path)
+        if damage is not None:
+            raise LsaUserError(f"{what} {str(path)!r} is unreadable: truncated or corrupt "
+                               f"({damage})")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:

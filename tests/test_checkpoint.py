@@ -105,11 +105,51 @@ def test_resuming_from_prev_keeps_it_when_last_is_damaged(tmp_path, damage, capl
     assert ckpt.load_checkpoint(prev)["epoch"] == 2 and ckpt.load_checkpoint(last)["epoch"] == 3
 
 
-def test_complete_archive_of_a_real_checkpoint(tmp_path):
+def _flip_tensor_bytes(path):
+    """Flips 64 bytes inside the data of the archive's largest tensor record: the file stays
+    a complete zip archive, torch.load reads it, the weights are wrong."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    raw = bytearray(path.read_bytes())
+    # local header: 30 bytes + name + extra, then the record's bytes
+    name_len = int.from_bytes(raw[info.header_offset + 26: info.header_offset + 28], "little")
+    extra_len = int.from_bytes(raw[info.header_offset + 28: info.header_offset + 30], "little")
+    start = info.header_offset + 30 + name_len + extra_len
+    raw[start: start + 64] = bytes(b ^ 255 for b in raw[start: start + 64])
+    path.write_bytes(bytes(raw))
+    return info.filename
+
+
+def test_flipped_tensor_bytes_are_a_clear_error_and_never_rotated(tmp_path, caplog):
+    """A checkpoint whose tensor bytes changed (a complete zip archive that torch.load reads
+    without complaint) is refused by its CRC, and is not kept as prev.pt."""
+    tr = _trainer(tmp_path, epochs=2)
+    tr.fit()
+    last, prev = tmp_path / "last.pt", tmp_path / "prev.pt"
+    torch.load(last, weights_only=True)
+    assert ckpt.archive_damage(last) is None
+    record = _flip_tensor_bytes(last)
+    torch.load(last, weights_only=True)  # no error from torch itself
+    assert ckpt.archive_damage(last) == f"CRC mismatch in {record}"
+    with pytest.raises(LsaUserError, match=r"truncated or corrupt \(CRC mismatch in .*prev\.pt"):
+        ckpt.load_checkpoint(last)
+    good_prev = prev.read_bytes()
+    tr2 = _trainer(tmp_path, epochs=3)
+    tr2.resume(prev)
+    tr2.train_epoch()
+    with caplog.at_level("WARNING", logger="lsa_ext.checkpoint"):
+        tr2.save()
+    assert prev.read_bytes() == good_prev
+    assert any("CRC mismatch" in r.getMessage() for r in caplog.records)
+
+
+def test_archive_damage_of_real_and_missing_files(tmp_path):
     tr = _trainer(tmp_path, epochs=1)
     tr.fit()
-    assert ckpt._complete_archive(tmp_path / "last.pt")
-    assert not ckpt._complete_archive(tmp_path / "missing.pt")
+    assert ckpt.archive_damage(tmp_path / "last.pt") is None
+    assert ckpt.archive_damage(tmp_path / "missing.pt") == "truncated or not a zip archive"
 
 
 def test_failed_write_leaves_previous_checkpoint_intact(tmp_path):
