@@ -91,6 +91,14 @@ def _unpack(
         with torch.no_grad():
             y = predict(logits_of(model(x), output, batch=x.shape[0]))
         return x, y.to(device), False
+    if not isinstance(y, torch.Tensor) or y.shape != (x.shape[0],) or y.is_floating_point() \
+            or y.is_complex():
+        shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        dtype = f" {y.dtype}" if isinstance(y, torch.Tensor) else ""
+        raise LsaUserError(
+            f"labels y must be integer class indices of shape [B] matching x {tuple(x.shape)}, "
+            f"got{dtype} {shape} (one-hot labels: pass y.argmax(1))"
+        )
     return x, y.to(device), True
 
 

@@ -477,3 +477,15 @@ def test_a_pinned_spec_seed_makes_a_perturbation_independent_of_its_position():
     # unpinned: salt is seed + 1 in the first list and seed + 0 in the second
     alone = lsa_ext.analyze(m, (x, y), "salt:amount=0.1,seed=4", **kw)
     np.testing.assert_array_equal(first.mean[1], alone.mean[0])
+
+
+@pytest.mark.parametrize("bad", ["one_hot", "column", "float"])
+def test_labels_not_shaped_b_are_a_user_error_with_noise_only(bad):
+    """Noise never reads y, so the accuracy bookkeeping was the first to meet it (a raw
+    RuntimeError); now one clear message, as the attacks give."""
+    m = _net()
+    x, y = _data(12)
+    wrong = {"one_hot": nn.functional.one_hot(y, 3).float(), "column": y.unsqueeze(1),
+             "float": y.float()}[bad]
+    with pytest.raises(LsaUserError, match=r"labels y must be integer class indices of shape"):
+        lsa_ext.analyze(m, (x, wrong), {"s": _shift}, progress=False)
