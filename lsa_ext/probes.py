@@ -274,8 +274,10 @@ def site_labels(model: nn.Module, sites: Sequence[str], example: Example = None)
     """Short labels of ``sites``: a learnable module's first call ``L<k>`` (its j-th call
     ``L<k>#j``), an activation site ``A<k>`` (counted as :func:`activation_sites` does, so
     only with ``example``; without one, or for a site that does not run, the site itself), any
-    other site unchanged. Used for run names (``AT-PGD-LR-A2``), MVL messages and the
-    ``site`` labels of analysis reports (:attr:`lsa_ext.result.AnalysisResult.labels`).
+    other site unchanged; a site whose label is also a module's name (a module called
+    ``A1``, which the selector ``A1`` picks) keeps its own name. Used for run names
+    (``AT-PGD-LR-A2``), MVL messages and the labels of analysis reports
+    (:attr:`lsa_ext.result.AnalysisResult.labels`).
 
     Raises:
         LsaUserError: a bad ``example`` (only read when an activation site is among ``sites``).
@@ -290,11 +292,14 @@ def site_labels(model: nn.Module, sites: Sequence[str], example: Example = None)
     for site, (name, k) in zip(sites, parsed, strict=True):
         canon = site_name(name, k or 1)
         if name in learnable:
-            labels.append(f"L{learnable.index(name)}" + (f"#{k}" if k and k > 1 else ""))
+            label = f"L{learnable.index(name)}" + (f"#{k}" if k and k > 1 else "")
         elif canon in acts:
-            labels.append(f"A{acts.index(canon)}")
+            label = f"A{acts.index(canon)}"
         else:
-            labels.append(site)
+            label = site
+        # a module literally named like the label ("A1", "L0") is what that selector picks:
+        # such a label would name another site, so the site keeps its own name
+        labels.append(site if parse_site(label)[0] in modules and label != site else label)
     return labels
 
 

@@ -245,3 +245,22 @@ def test_malformed_sites_are_refused(tmp_path, capsys):
         (tmp_path / "bad.json").write_text(json.dumps({**rep, "labels": bad}))
         with pytest.raises(LsaUserError, match="malformed.*labels"):
             load_result(tmp_path / "bad.json")
+
+
+def test_a_module_named_like_a_label_keeps_the_labels_true():
+    """Modules literally named ``A1`` and ``L0``: the selector ``A1`` picks the module A1, so
+    no other site may be labelled A1 (or L0); every label, typed back, selects its site."""
+    from collections import OrderedDict
+
+    from torch import nn
+
+    from lsa_ext.probes import canonical_site, select_layers, site_labels
+
+    m = nn.Sequential(OrderedDict(A1=nn.Linear(4, 8), r1=nn.ReLU(), L0=nn.Linear(8, 8),
+                                  r2=nn.ReLU(), out=nn.Linear(8, 3)))
+    sites = select_layers(m, "leaves")
+    labels = site_labels(m, sites, example=(4,))
+    assert dict(zip(sites, labels, strict=True)) == {
+        "A1": "A1", "r1": "A0", "L0": "L1", "r2": "r2", "out": "L2"}
+    for site, label in zip(sites, labels, strict=True):
+        assert [canonical_site(n) for n in select_layers(m, label, example=(4,))] == [site]
