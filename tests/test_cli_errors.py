@@ -166,6 +166,7 @@ CASES = [
     # the command itself
     (["bogus"], "invalid choice: 'bogus'"),
     (["reproduce", "moons", "--quick", "--seeds", " , "], "--seeds needs at least one seed"),
+    (["reproduce", "moons", "--quick", "--seeds", "0,1,0"], "--seeds lists 0 more than once"),
     # an unknown option is reported by its subcommand ('lsa train: error', its --help)
     (["analyze", "--foo"], "unrecognized arguments: --foo (see 'lsa analyze --help')"),
     (["train", "--epochs", "2", "--bar", "3"],

@@ -71,6 +71,10 @@ def run(args: argparse.Namespace) -> int:
     if not seeds:
         raise LsaUserError(f"--seeds needs at least one seed, got {args.seeds!r} (e.g. --seeds "
                            "0,1,2)")
+    if len(set(seeds)) != len(seeds):
+        twice = sorted({s for s in seeds if seeds.count(s) > 1})
+        raise LsaUserError(f"--seeds lists {', '.join(map(str, twice))} more than once "
+                           "(each seed is one run per table row; the spread over copies is 0)")
     out = Path(args.out or f"runs/reproduce-{args.dataset}")
 
     def on_run(r, cached):
