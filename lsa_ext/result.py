@@ -9,6 +9,7 @@ Algorithm 1 (:mod:`lsa_ext.mvl`) turns them into the most vulnerable layers (MVL
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +39,10 @@ class AnalysisResult:
             forward, ``L<k>`` (``L<k>#j``) for the k-th learnable layer (its j-th call), the
             site itself otherwise — what ``--layers`` / ``--lr-layers`` take. None when not
             known (a result built without them, a report of schema 1 or 1.1).
+        eta: the MVL cut-off η that :meth:`mvl`, :meth:`mvl_detail`, :meth:`format_table`,
+            :meth:`to_dict`, :meth:`to_json` and :meth:`to_csv` use when given none: the
+            report's own η for a result read by :func:`load_result`, else
+            :data:`lsa_ext.mvl.DEFAULT_ETA` (1.0).
     """
 
     layers: list[str]
@@ -46,6 +51,10 @@ class AnalysisResult:
     measure: str = "relative_error"
     config: dict[str, Any] = field(default_factory=dict)
     labels: list[str] | None = None
+    eta: float = _mvl.DEFAULT_ETA
+
+    def _eta(self, eta: float | None) -> float:
+        return self.eta if eta is None else eta
 
     @classmethod
     def from_stats(
@@ -124,12 +133,13 @@ class AnalysisResult:
         ]
 
     # ---- Algorithm 1
-    def mvl_detail(self, perturbation: str, eta: float = _mvl.DEFAULT_ETA) -> _mvl.MvlDetail:
-        """Algorithm 1 with μ, σ and the threshold, for one perturbation."""
-        return _mvl.mvl_detail(self.stats.row(self._p(perturbation)), eta)
+    def mvl_detail(self, perturbation: str, eta: float | None = None) -> _mvl.MvlDetail:
+        """Algorithm 1 with μ, σ and the threshold, for one perturbation (``eta`` None:
+        :attr:`eta`)."""
+        return _mvl.mvl_detail(self.stats.row(self._p(perturbation)), self._eta(eta))
 
     def mvl(
-        self, eta: float = _mvl.DEFAULT_ETA, perturbation: str | None = None
+        self, eta: float | None = None, perturbation: str | None = None
     ) -> dict[str, list[str]] | list[str]:
         """MVL (Algorithm 1): layers whose mean CM − μ > η·σ, in layer order.
 
@@ -154,17 +164,17 @@ class AnalysisResult:
         }
 
     # ---- output
-    def to_dict(self, eta: float = _mvl.DEFAULT_ETA) -> dict[str, Any]:
+    def to_dict(self, eta: float | None = None) -> dict[str, Any]:
         """The report (schema in README, section "report.json")."""
-        return report.analysis_report(self, eta)
+        return report.analysis_report(self, self._eta(eta))
 
-    def to_json(self, path: str | os.PathLike, eta: float = _mvl.DEFAULT_ETA) -> None:
+    def to_json(self, path: str | os.PathLike, eta: float | None = None) -> None:
         """Writes :meth:`to_dict` as JSON, atomically."""
-        report.write_analysis_json(self, path, eta)
+        report.write_analysis_json(self, path, self._eta(eta))
 
-    def to_csv(self, path: str | os.PathLike, eta: float = _mvl.DEFAULT_ETA) -> None:
+    def to_csv(self, path: str | os.PathLike, eta: float | None = None) -> None:
         """Writes one row per (perturbation, layer), atomically."""
-        report.write_analysis_csv(self, path, eta)
+        report.write_analysis_csv(self, path, self._eta(eta))
 
     def plot(
         self, path: str | os.PathLike, eta: float | None = _mvl.DEFAULT_ETA,
@@ -177,16 +187,17 @@ class AnalysisResult:
         """
         report.plot_analysis(self, path, eta=eta, title=title, log_scale=log_scale)
 
-    def format_table(self, eta: float = _mvl.DEFAULT_ETA) -> str:
+    def format_table(self, eta: float | None = None) -> str:
         """A plain-text table (layers × perturbations, mean CM) followed by the MVL lists."""
-        return report.format_analysis(self, eta)
+        return report.format_analysis(self, self._eta(eta))
 
 
 def load_result(path: str | os.PathLike) -> AnalysisResult:
     """Reads a ``report.json`` written by :meth:`AnalysisResult.to_json` / ``lsa analyze``.
 
     The statistics are rebuilt from the stored mean, std and count (``sum = mean·count``,
-    ``sumsq = (std² + mean²)·count``), so ``.mvl()`` and ``.ranking()`` give the report's answers.
+    ``sumsq = (std² + mean²)·count``), so ``.mvl()`` and ``.ranking()`` give the report's answers;
+    the report's η is the result's :attr:`AnalysisResult.eta`, the default cut-off of ``.mvl()``.
     ``labels`` are the report's ``"labels"`` (schema 1.2); None for schemas 1 and 1.1, which
     did not record them (they are not recounted: the model is not at hand).
 
@@ -227,5 +238,9 @@ def load_result(path: str | os.PathLike) -> AnalysisResult:
         n = c[:, 0]
         stats.correct = torch.tensor([acc[k] for k in ["clean", *names]],
                                      dtype=torch.float64) * torch.cat([n[:1], n])
-    return AnalysisResult.from_stats(layers, names, stats, rep.get("measure", "relative_error"),
-                                     rep.get("config", {}), labels)
+    result = AnalysisResult.from_stats(layers, names, stats, rep.get("measure", "relative_error"),
+                                       rep.get("config", {}), labels)
+    eta = rep.get("mvl", {}).get("eta") if isinstance(rep.get("mvl"), dict) else None
+    if isinstance(eta, (int, float)) and not isinstance(eta, bool) and math.isfinite(eta):
+        result.eta = float(eta)  # the report's own cut-off is the default of .mvl() etc.
+    return result

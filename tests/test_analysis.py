@@ -489,3 +489,20 @@ def test_labels_not_shaped_b_are_a_user_error_with_noise_only(bad):
              "float": y.float()}[bad]
     with pytest.raises(LsaUserError, match=r"labels y must be integer class indices of shape"):
         lsa_ext.analyze(m, (x, wrong), {"s": _shift}, progress=False)
+
+
+def test_a_loaded_report_uses_its_own_eta_by_default(tmp_path):
+    """report.json written with η = 0: reading it back, .mvl() / .format_table() / .to_json()
+    use η = 0 (they used the library default 1), and an explicit η still wins."""
+    m = _net()
+    x, y = _data(24)
+    res = lsa_ext.analyze(m, (x, y), {"s": _shift}, batch_size=8, progress=False)
+    assert res.eta == 1.0
+    res.to_json(tmp_path / "r.json", eta=0.0)
+    back = lsa_ext.analysis.load_result(tmp_path / "r.json")
+    assert back.eta == 0.0
+    assert back.mvl() == res.mvl(eta=0.0) and back.mvl(eta=1.0) == res.mvl(eta=1.0)
+    assert back.mvl() != back.mvl(eta=1.0)  # the two cut-offs differ on this model
+    assert back.format_table() == res.format_table(eta=0.0)
+    back.to_json(tmp_path / "again.json")
+    assert json.loads((tmp_path / "again.json").read_text())["mvl"]["eta"] == 0.0
