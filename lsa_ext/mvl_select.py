@@ -266,8 +266,10 @@ def _pick(result: AnalysisResult, perturbation: str, eta: float, *, kind: str | 
     if top:
         chosen = [sites[keep[_mvl.rank_layers(table)[0]]]]
         where = "" if source == ON_THE_FLY else f" in {source}"
+        hint = ("a lower eta selects by the cut-off" if eta > 0 else
+                "at eta=0 this means every layer has the same mean CM")
         log.warning("no layer passes the MVL cut-off eta=%g%s: taking the top-ranked layer %s "
-                    "(a lower eta selects by the cut-off)", eta, where, chosen[0])
+                    "(%s)", eta, where, chosen[0], hint)
     out: list[str] = []
     for s in map(canonical_site, chosen):
         if s not in out:

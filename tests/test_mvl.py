@@ -103,6 +103,15 @@ def test_mvl_from_report_checks_the_schema_and_names(tmp_path, caplog):
     assert [r.getMessage() for r in caplog.records] == [
         f"no layer passes the MVL cut-off eta=5 in {tmp_path / 'r.json'}: taking the top-ranked "
         "layer b#2 (a lower eta selects by the cut-off)"]
+    # at η = 0 nothing passes only when every layer's mean CM is the same
+    same = {"mean": [0.4, 0.4], "std": [0.1, 0.1], "count": [4, 4]}
+    rep["perturbations"] = {"fgsm:eps=0.1": same}
+    (tmp_path / "same.json").write_text(json.dumps(rep))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lsa_ext.mvl_select"):
+        assert mvl_from_report(tmp_path / "same.json", 0.0).top_ranked
+    assert caplog.records[-1].getMessage().endswith(
+        "(at eta=0 this means every layer has the same mean CM)")
 
 
 def test_subset_draws_the_same_samples_from_tensors_and_datasets():

@@ -503,9 +503,10 @@ def _check_resume_options(args: argparse.Namespace, cfg, meta: dict[str, Any], m
             clashes.append(f"--moons-{flag} {value} (the run: "
                            f"{'the default' if have is None else have})")
     if clashes:
+        one = len(clashes) == 1
         raise LsaUserError(f"--resume continues the run in {path} with its own settings, and "
-                           f"{'; '.join(clashes)} differ from them: drop "
-                           f"{'it' if len(clashes) == 1 else 'them'}, or start a new run (another "
+                           f"{'; '.join(clashes)} {'differs' if one else 'differ'} from them: "
+                           f"drop {'it' if one else 'them'}, or start a new run (another "
                            "--out, or --overwrite)")
 
 
