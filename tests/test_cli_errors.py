@@ -171,6 +171,10 @@ CASES = [
     (["analyze", "--foo"], "unrecognized arguments: --foo (see 'lsa analyze --help')"),
     (["train", "--epochs", "2", "--bar", "3"],
      "unrecognized arguments: --bar 3 (see 'lsa train --help')"),
+    # a typo in a required option is reported as the typo, not as the missing option
+    (["evaluate", "--dataset", "moons", "--chekpoint", "x.pt"],
+     "unrecognized arguments: --chekpoint x.pt (see 'lsa evaluate --help')"),
+    (["evaluate", "--dataset", "moons"], "the following arguments are required: --checkpoint"),
 ]
 
 

@@ -22,14 +22,33 @@ from lsa_ext.errors import LsaTypeError, LsaUserError
 SUBCOMMANDS = ("analyze", "train", "evaluate", "reproduce", "demo")
 
 
+class _UsageError(Exception):
+    """A usage error of ``parser``, raised instead of exiting while :func:`main` parses."""
+
+    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
+        super().__init__(message)
+        self.parser, self.message = parser, message
+
+    def line(self) -> str:
+        prog = self.parser.prog
+        return f"{prog}: error: {self.message} (see '{prog} --help')"
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with usage errors on one line: ``lsa train: error: ... (see 'lsa train -h')``.
 
-    Subcommand parsers inherit it (``add_subparsers`` uses the parent's class).
+    Subcommand parsers inherit it (``add_subparsers`` uses the parent's class). While
+    :func:`main` parses (``raising``), errors raise :class:`_UsageError` so that it can report
+    an unknown option before a missing required one.
     """
 
+    raising = False
+
     def error(self, message: str):  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+        err = _UsageError(self, message)
+        if _Parser.raising:
+            raise err
+        self.exit(2, err.line() + "\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,11 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        args, extra = parser.parse_known_args(argv)
-        if extra:  # reported by the subcommand's parser: 'lsa train: error: ...'
-            _command_parser(parser, getattr(args, "command", None)).error(
-                f"unrecognized arguments: {' '.join(extra)}")
-    except SystemExit as exc:  # --help (0), or a usage error already printed (2)
+        args = _parse(parser, argv)
+    except _UsageError as exc:
+        print(exc.line(), file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # --help, --version (0)
         return exc.code if isinstance(exc.code, int) else 2
     args.given = given_options(argv)
     logging.basicConfig(
@@ -101,6 +120,45 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         distributed.cleanup()  # destroys the process group a subcommand joined (torchrun)
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``argv`` parsed; raises :class:`_UsageError` from the parser it concerns — unknown
+    options from the subcommand's parser, and before a missing required option (a typo in
+    ``--checkpoint`` is reported as the typo)."""
+    _Parser.raising = True
+    try:
+        try:
+            args, extra = parser.parse_known_args(argv)
+        except _UsageError as exc:
+            unknown = _unknown_options(parser, argv) if "are required" in exc.message else []
+            if unknown:
+                raise _UsageError(exc.parser, f"unrecognized arguments: {' '.join(unknown)}"
+                                  ) from None
+            raise
+        if extra:
+            raise _UsageError(_command_parser(parser, getattr(args, "command", None)),
+                              f"unrecognized arguments: {' '.join(extra)}")
+        return args
+    finally:
+        _Parser.raising = False
+
+
+def _unknown_options(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """The arguments of ``argv`` that no parser knows, found with no option required."""
+    parsers = [parser] + [p for a in parser._actions
+                          if isinstance(a, argparse._SubParsersAction)
+                          for p in a.choices.values()]
+    required = [(a, a.required) for p in parsers for a in p._actions if a.option_strings]
+    try:
+        for a, _ in required:
+            a.required = False
+        return parser.parse_known_args(argv)[1]
+    except _UsageError:
+        return []
+    finally:
+        for a, was in required:
+            a.required = was
 
 
 def _command_parser(parser: argparse.ArgumentParser,
