@@ -272,8 +272,9 @@ class EvaluationResult:
         clean: clean accuracy. pgd / apgd: ``{eps: accuracy}`` (empty when not run; with the
             masking checks ``pgd`` holds every ε > 0 of the grid).
         noise: ``{eps: accuracy}`` under random sign noise ±ε over the grid (masking checks).
-        rg_pgd: R&G under PGD: clean accuracy plus the PGD accuracy at each ε > 0 of the grid
-            (None without the masking checks).
+        rg_pgd: R&G under PGD: the sum over the grid, as :attr:`rg` — the clean accuracy at
+            ε = 0 (when the grid holds 0), the PGD accuracy at each ε > 0 (None without the
+            masking checks).
         masking: the raised :class:`~lsa_ext.masking.MaskingFlag` s (empty: none, or not run).
         config: the settings used (clip, steps, batch size, device, seed, versions).
     """
@@ -380,7 +381,8 @@ class EvaluationResult:
         ]
         if self.rg_pgd is not None:  # masking checks: PGD over the grid, with its R&G
             rows.append((f"PGD-{self.config.get('pgd_steps', '?')}",
-                         {0.0: self.clean, **self.pgd}, f"{self.rg_pgd:.2f}"))
+                         {**({0.0: self.clean} if 0.0 in self.fgsm else {}), **self.pgd},
+                         f"{self.rg_pgd:.2f}"))
         elif self.pgd:
             rows.append((f"PGD-{self.config.get('pgd_steps', '?')}", self.pgd, ""))
         if self.apgd:
@@ -582,7 +584,9 @@ def evaluate(  # long: the public docstring is most of it; the body delegates to
     if masking_checks:
         noise = sign_noise_accuracy_grid(model, test, grid, clip=clip_range, seed=seed,
                                          batch_size=batch_size, device=device, output=output)
-        rg_pgd = rg_score([clean] + [pgd[e] for e in grid if e > 0])
+        # the same sum over the grid as the FGSM R&G: ε = 0 (when in the grid) is the clean
+        # accuracy, as for FGSM; a grid without 0 has no clean term in either
+        rg_pgd = rg_score([clean if e == 0 else pgd[e] for e in grid])
         flags = masking_flags(fgsm, {e: pgd[e] for e in grid if e > 0}, noise, masking_tol)
     config = {
         "eps_grid": list(grid),

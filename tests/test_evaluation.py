@@ -329,3 +329,20 @@ def test_masking_flags_from_accuracies():
     assert masking_flags(fgsm) == [masking_flags(fgsm)[0]]  # only the FGSM check without others
     with pytest.raises(LsaUserError, match="tol"):
         masking_flags(fgsm, tol=-1)
+
+
+def test_rg_pgd_follows_the_grid_as_rg_does():
+    """A grid without 0: neither R&G has a clean term (rg_pgd used to add the clean accuracy,
+    making it twice the FGSM R&G on a 2-point grid); with 0 both start with it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 2)).eval()
+    x = torch.rand(64, 2)
+    y = (x[:, 0] > x[:, 1]).long()
+    no_zero = evaluate(model, (x, y), eps_grid=[0.1, 0.2], clip=(0.0, 1.0), seed=0)
+    assert no_zero.rg == pytest.approx(math.fsum(no_zero.fgsm.values()), abs=1e-9)
+    assert no_zero.rg_pgd == pytest.approx(math.fsum(no_zero.pgd[e] for e in (0.1, 0.2)),
+                                           abs=1e-9)
+    with_zero = evaluate(model, (x, y), eps_grid=[0.0, 0.1, 0.2], clip=(0.0, 1.0), seed=0)
+    assert with_zero.rg_pgd == pytest.approx(
+        with_zero.clean + math.fsum(with_zero.pgd[e] for e in (0.1, 0.2)), abs=1e-9)
+    assert with_zero.rg_pgd - no_zero.rg_pgd == pytest.approx(with_zero.clean, abs=1e-9)
