@@ -172,6 +172,7 @@ CASES = [
     (["train", "--epochs", "2", "--bar", "3"],
      "unrecognized arguments: --bar 3 (see 'lsa train --help')"),
     # a typo in a required option is reported as the typo, not as the missing option
+    (["evaluate", "--checkpoint", "."], "--checkpoint . is a folder: name a file in it"),
     (["evaluate", "--dataset", "moons", "--chekpoint", "x.pt"],
      "unrecognized arguments: --chekpoint x.pt (see 'lsa evaluate --help')"),
     (["evaluate", "--dataset", "moons"], "the following arguments are required: --checkpoint"),

@@ -82,6 +82,7 @@ def test_evaluate_checkpoint_prints_table_and_writes_json_csv(tmp_path, capsys):
     accs = [r["accuracy"] for r in rep["fgsm"]]
     assert [r["eps"] for r in rep["fgsm"]] == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
     assert abs(rep["rg_score"] - sum(accs)) < 1e-9
+    assert rep["config"]["checkpoint"] == str(out / "last.pt")  # which weights were scored
     data = load_dataset("moons", limit_test=100)
     model = build_model("model_a", data.info)
     model.load_state_dict(torch.load(out / "model.pt", weights_only=True))

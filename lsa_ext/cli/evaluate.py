@@ -75,6 +75,10 @@ def run(args: argparse.Namespace) -> int:
 
     # every argument is checked before any data is read
     path = Path(args.checkpoint)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.pt"))
+        raise LsaUserError(f"--checkpoint {path} is a folder: name a file in it"
+                           + (f" ({', '.join(inside)})" if inside else " (it holds no .pt file)"))
     if not path.is_file():
         raise LsaUserError(f"checkpoint {path} does not exist")
     out = check_dir(args.out) if args.out else path.parent
@@ -111,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
     check_settings(model, dataset=info.name, **settings)
     data = load_data(args.dataset, data_dir, args.data_seed, None, args.limit_test, options)
     result = evaluate(model, data, **settings)
+    result.config["checkpoint"] = str(path)  # which weights these numbers are of
     result.to_json(str(out / "evaluation.json"))
     result.to_csv(str(out / "evaluation.csv"))
     print(f"{model_name} from {path} on {data.info.name} test ({len(data.test)} samples)")
