@@ -173,6 +173,7 @@ CASES = [
      "unrecognized arguments: --bar 3 (see 'lsa train --help')"),
     # a typo in a required option is reported as the typo, not as the missing option
     (["evaluate", "--checkpoint", "."], "--checkpoint . is a folder: name a file in it"),
+    (["reproduce", "moons", "--quick", "--seeds", "0,,1"], "--seeds has an empty item: '0,,1'"),
     (["evaluate", "--dataset", "moons", "--chekpoint", "x.pt"],
      "unrecognized arguments: --chekpoint x.pt (see 'lsa evaluate --help')"),
     (["evaluate", "--dataset", "moons"], "the following arguments are required: --checkpoint"),

@@ -24,15 +24,20 @@ _KINDS = {float: ("a number", "numbers"), int: ("an integer", "integers")}
 def parse_list(text: str | None, convert: Callable[[str], T], option: str) -> list[T] | None:
     """``"0.1, 0.2"`` → ``[0.1, 0.2]`` with ``convert`` (``float``, ``int``, ``str``).
 
-    Returns ``None`` for ``None`` (option not given) and ``[]`` for an empty string.
+    Returns ``None`` for ``None`` (option not given) and ``[]`` for an empty string (or only
+    commas and spaces).
 
     Raises:
-        LsaUserError: an item ``convert`` rejects, e.g. ``--seeds must be an integer or
-            comma-separated integers, got 'a'``.
+        LsaUserError: an empty item between values (``"0.1,,0.2"``), or an item ``convert``
+            rejects, e.g. ``--seeds must be an integer or comma-separated integers, got 'a'``.
     """
     if text is None:
         return None
-    items = [t.strip() for t in text.split(",") if t.strip()]
+    items = [t.strip() for t in text.split(",")]
+    if not any(items):
+        return []
+    if not all(items):  # "0.1,,0.2" or a trailing comma: a value was probably lost
+        raise LsaUserError(f"{option} has an empty item: {text!r}")
     try:
         return [convert(t) for t in items]
     except ValueError:
