@@ -76,6 +76,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lsa_ext import distributed
 from lsa_ext.errors import LsaUserError
 from lsa_ext.modules import model_mode, strip_prefix, unwrap
 from lsa_ext.ops import relative_error_multi
@@ -245,6 +246,7 @@ class LRTerm:
         self._probe: list[str] = []
         self._bare: set[str] = set()  # first-call sites chosen without a call number
         self._warned = False
+        self._warned_batch = False
 
     # ----------------------------------------------------------------- sites
     def resolve(self, model: nn.Module, example: Example = None) -> list[str]:
@@ -328,6 +330,11 @@ class LRTerm:
                         "unlike before: running the batch again with them copied",
                         ", ".join(bad))
         self._check_sites(clean, adv, calls)
+        if self.reduction == "batch" and not self._warned_batch and distributed.world_size() > 1:
+            self._warned_batch = True
+            log.warning("lr_reduction='batch' under torchrun: each rank takes the ratio "
+                        "||A - Â|| / ||A|| over its own slice of the batch, not the global "
+                        "batch, so the weights differ from a 1-process run ('mean' does not)")
         cleans = [clean[s].detach() if self.detach_clean else clean[s] for s in self.sites]
         cm = relative_error_multi(cleans, [adv[s] for s in self.sites],
                                   reduction=self.reduction, eps=self.eps)
@@ -469,6 +476,7 @@ def lr_term(
 
 
 # --------------------------------------------------------------------------- helpers
+
 def _couples_batch(m: nn.Module) -> bool:
     if isinstance(m, nn.modules.batchnorm._BatchNorm):
         return m.training or m.running_mean is None  # normalised by the batch's statistics

@@ -216,3 +216,23 @@ def test_lr_site_that_never_runs_is_refused_before_training(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "act1#2 never run in a forward" in err and "Traceback" not in err
     assert not out.exists()  # nothing written: the corrected command is not blocked
+
+
+def test_batch_reduction_under_several_processes_warns_once(monkeypatch, caplog):
+    """Under torchrun 'batch' takes each rank's slice (README, Determinism): one warning per
+    term; 'mean' (per-sample, exact over ranks) and one process say nothing."""
+    from lsa_ext import distributed
+    from lsa_ext.regularizer import LRTerm
+
+    model = _mlp(2)
+    x = torch.randn(4, 2)
+    x_adv = x + 0.1
+    with caplog.at_level("WARNING", logger="lsa_ext.regularizer"):
+        LRTerm(["2"], reduction="batch")(model, x, x_adv)  # one process
+        monkeypatch.setattr(distributed, "world_size", lambda: 2)
+        LRTerm(["2"])(model, x, x_adv)  # mean
+        term = LRTerm(["2"], reduction="batch")
+        for _ in range(3):
+            term(model, x, x_adv)
+    msgs = [r.getMessage() for r in caplog.records]
+    assert len(msgs) == 1 and msgs[0].startswith("lr_reduction='batch' under torchrun")
