@@ -216,11 +216,51 @@ def build_optimizer(params: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def _scheduler_plan(scheduler: str, epochs: int) -> dict[str, Any]:
+    """The settings of the scheduler named ``scheduler`` planned for ``epochs`` epochs."""
+    if scheduler == "cosine":
+        return {"T_max": epochs}
+    if scheduler == "step":
+        return {"step_size": max(1, epochs // 3), "gamma": 0.1}
+    return {}
+
+
 def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig
                     ) -> torch.optim.lr_scheduler.LRScheduler | None:
-    """The per-epoch LR scheduler named by ``cfg.scheduler`` (None for ``"none"``)."""
+    """The per-epoch LR scheduler named by ``cfg.scheduler`` (None for ``"none"``), planned
+    for ``cfg.epochs`` epochs."""
+    plan = _scheduler_plan(cfg.scheduler, cfg.epochs)
     if cfg.scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, **plan)
     if cfg.scheduler == "step":
-        return torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, cfg.epochs // 3), gamma=0.1)
+        return torch.optim.lr_scheduler.StepLR(opt, **plan)
     return None
+
+
+def check_resume_epochs(scheduler: str, run_epochs: int, epochs: int, done: int) -> None:
+    """Checks that a run planned for ``run_epochs`` epochs, ``done`` of them done, may be
+    continued to ``epochs`` epochs in all.
+
+    A scheduler whose plan depends on the total (``cosine``: ``T_max``; ``step``: its step
+    size ``max(1, epochs // 3)``) keeps the plan of ``run_epochs`` in the checkpoint; it cannot
+    be re-planned exactly, because the epochs already done ran at the old plan's learning
+    rates, which a fresh run for ``epochs`` epochs would not have used. Raises rather than
+    continue with a wrong schedule (a cosine run planned for 2 epochs would run epochs 3–5 at
+    lr 0, lr/2, lr). ``none`` (constant lr), and ``step`` when the step size stays, may be
+    extended.
+
+    Raises:
+        LsaUserError: ``epochs`` is fewer than ``done``, or the scheduler's plan would change.
+    """
+    if epochs < done:
+        raise LsaUserError(f"epochs={epochs} is fewer than the {done} epoch"
+                           f"{'' if done == 1 else 's'} the run has done")
+    if epochs != run_epochs and (_scheduler_plan(scheduler, epochs)
+                                 != _scheduler_plan(scheduler, run_epochs)):
+        raise LsaUserError(
+            f"the run's {scheduler!r} learning-rate schedule is planned for its {run_epochs} "
+            f"epochs and cannot be stretched to {epochs}: the {done} epoch"
+            f"{'' if done == 1 else 's'} done followed the "
+            f"{run_epochs}-epoch plan, so no schedule for {epochs} epochs continues them "
+            f"exactly; resume it without changing its number of epochs, or start a new run "
+            f"with {epochs} epochs")

@@ -85,6 +85,7 @@ from lsa_ext.train_config import (
     TrainConfig,
     build_optimizer,
     build_scheduler,
+    check_resume_epochs,
     lr_variant_suffix,
     run_name,
 )
@@ -93,6 +94,31 @@ from lsa_ext.types import Perturbation
 log = logging.getLogger("lsa_ext.trainer")
 
 _EPOCH_SEED_STRIDE = 1_000_003
+
+# The files of a training run in its folder: the Trainer's checkpoints (last.pt, prev.pt) and
+# monitor.csv/.png, ``lsa train``'s config.json, history.json and model.pt, ``lsa evaluate``'s
+# evaluation.json/.csv. What makes a folder a run, for lsa_ext.training.train and lsa train
+# (lsa_ext.cli.runs) alike.
+RUN_FILES = ("config.json", "history.json", ckpt.LAST, ckpt.PREVIOUS, "model.pt",
+             "evaluation.json", "evaluation.csv", "monitor.csv", "monitor.png")
+
+
+def run_files(out: str | os.PathLike) -> list[str]:
+    """The names of the run files (:data:`RUN_FILES`) in folder ``out`` ([] when it does not
+    exist): what makes a folder a training run."""
+    return [name for name in RUN_FILES if (Path(out) / name).is_file()]
+
+
+def clear_run(out: str | os.PathLike) -> list[str]:
+    """Removes the run files (:data:`RUN_FILES`) of an old run from ``out`` (``overwrite``);
+    other files are left alone. Returns the names removed."""
+    removed = []
+    for name in RUN_FILES:
+        p = Path(out) / name
+        if p.is_file():
+            p.unlink()
+            removed.append(name)
+    return removed
 
 
 class TrainingDivergedError(LsaUserError):
@@ -205,8 +231,15 @@ class Trainer:
         """Restores a state from :meth:`state_dict` (weights, optimizer, RNGs, epoch).
 
         Raises:
-            LsaUserError: the state does not fit this model/optimizer.
+            LsaUserError: the state does not fit this model/optimizer, or ``config.epochs``
+                differs from the run's where its scheduler's plan depends on the number of
+                epochs, or is fewer than the epochs done
+                (:func:`lsa_ext.train_config.check_resume_epochs`).
         """
+        run = state.get("config") or {}
+        if "epochs" in run and "epoch" in state:
+            check_resume_epochs(str(run.get("scheduler", self.config.scheduler)),
+                                int(run["epochs"]), self.config.epochs, int(state["epoch"]))
         self.epoch, self.history = ckpt.restore_training_state(
             state, model=self.module, optimizer=self.optimizer, scheduler=self.scheduler,
             loader_generator=self.loader_generator,

@@ -37,9 +37,10 @@ from lsa_ext.train_config import (
     TrainConfig,
     build_optimizer,
     build_scheduler,
+    check_resume_epochs,
     run_name,
 )
-from lsa_ext.trainer import Trainer, TrainingDivergedError, fit
+from lsa_ext.trainer import Trainer, TrainingDivergedError, clear_run, fit, run_files
 from lsa_ext.types import Perturbation
 
 log = logging.getLogger("lsa_ext.training")
@@ -77,6 +78,7 @@ def train(
     attack: Perturbation | None = None,
     out: str | os.PathLike | None = None,
     resume: str | os.PathLike | None = None,
+    overwrite: bool = False,
     progress: bool | None = None,
     output: OutputSelector = None,
     monitor: bool = False,
@@ -107,7 +109,19 @@ def train(
         lr_reduction: the CM over the batch, ``"mean"`` (default: the paper's per-sample
             formula) or ``"batch"`` (the authors' published code); ``lr_detach_clean``: no
             gradient through the clean pass (default False). See :class:`TrainConfig`.
-        out: checkpoint folder; ``resume``: a checkpoint to continue from.
+        out: checkpoint folder (``last.pt`` after every epoch, ``prev.pt`` the one before;
+            None: no checkpoints). A folder that already holds a run's files (those of
+            :data:`lsa_ext.trainer.RUN_FILES`: ``last.pt``, ``config.json``, ``model.pt``,
+            ...; e.g. an ``lsa train --out`` folder) is refused — it is never silently
+            mixed with another run's checkpoint — unless ``resume`` is given or
+            ``overwrite`` is True.
+        resume: a checkpoint to continue from. Its scheduler plan must fit ``epochs``:
+            ``scheduler="cosine"`` (or ``"step"`` when its step size would change) cannot
+            continue to another number of epochs than the run's
+            (:func:`lsa_ext.train_config.check_resume_epochs`).
+        overwrite: replace the run in ``out`` (default False): its run files are removed
+            (:func:`lsa_ext.trainer.clear_run`, as ``lsa train --overwrite``; other files are
+            kept) just before training starts, after every setting has been checked.
         output: logits selector for models returning tuples, dicts or objects
             (:func:`lsa_ext.outputs.logits_of`; default: a tensor, a dict's ``"logits"`` or an
             object's ``.logits``), used by every pass, the attack and the MVL search.
@@ -130,8 +144,11 @@ def train(
         LsaUserError: an invalid setting (see :meth:`TrainConfig.validate`), unknown layers,
             ``"mvl"`` without an attack (no layer past the MVL cut-off: the top-ranked one is
             taken, with a warning; :mod:`lsa_ext.mvl_select`), or an unreadable
-            ``resume`` checkpoint; :class:`TrainingDivergedError` on NaN/Inf.
+            ``resume`` checkpoint, an ``out`` that holds a run without ``resume`` or
+            ``overwrite``, ``resume`` with ``overwrite``, an ``epochs`` the resumed run's
+            scheduler cannot be stretched to; :class:`TrainingDivergedError` on NaN/Inf.
     """
+    _check_out(out, resume=resume, overwrite=overwrite)
     if hasattr(train_data, "info") and hasattr(train_data, "train"):  # a DataSplits
         clip = auto_clip(train_data) if isinstance(clip, str) and clip == "auto" else clip
         train_data = train_data.train
@@ -177,7 +194,29 @@ def train(
                       output=output)
     if resume is not None:
         trainer.resume(resume)
+    elif overwrite and out is not None:
+        removed = clear_run(out)
+        if removed:
+            log.info("overwrite=True: removed the old run's %s from %s", ", ".join(removed), out)
     return trainer.fit()
+
+
+def _check_out(out: str | os.PathLike | None, *, resume: str | os.PathLike | None,
+               overwrite: bool) -> None:
+    """Refuses an ``out`` holding a run (:func:`lsa_ext.trainer.run_files`) unless ``resume``
+    or ``overwrite``; ``resume`` together with ``overwrite`` is refused too."""
+    if not isinstance(overwrite, bool):
+        raise LsaUserError(f"overwrite must be True or False, got {overwrite!r}")
+    if resume is not None and overwrite:
+        raise LsaUserError("resume= continues a run and overwrite=True replaces the one in out: "
+                           "give one of them")
+    if out is None or resume is not None or overwrite:
+        return
+    found = run_files(out)
+    if found:
+        raise LsaUserError(f"out={str(out)!r} already holds a run ({', '.join(found)}); "
+                           "continue it with resume=, replace it with overwrite=True, or "
+                           "choose another out")
 
 
 __all__ = [
@@ -193,6 +232,7 @@ __all__ = [
     "TrainingDivergedError",
     "build_optimizer",
     "build_scheduler",
+    "check_resume_epochs",
     "fit",
     "gamma_tensor",
     "lr_term",

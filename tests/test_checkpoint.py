@@ -84,8 +84,10 @@ def test_resuming_from_prev_keeps_it_when_last_is_damaged(tmp_path, damage, capl
     """last.pt damaged → resume from prev.pt (epoch 1) and train on: the damaged last.pt is
     replaced without being rotated over the good prev.pt, which still holds epoch 1; the
     next save rotates normally (prev.pt = the new epoch 2)."""
-    tr = _trainer(tmp_path, epochs=2)
-    tr.fit()
+    tr = _trainer(tmp_path, epochs=3)  # the cosine plan of 3 epochs, stopped after 2
+    for _ in range(2):
+        tr.train_epoch()
+        tr.save()
     last, prev = tmp_path / "last.pt", tmp_path / "prev.pt"
     raw = last.read_bytes()
     last.write_bytes({"truncate": raw[: len(raw) // 2], "garbage": b"not a checkpoint" * 10,
@@ -136,7 +138,7 @@ def test_flipped_tensor_bytes_are_a_clear_error_and_never_rotated(tmp_path, capl
     with pytest.raises(LsaUserError, match=r"truncated or corrupt \(CRC mismatch in .*prev\.pt"):
         ckpt.load_checkpoint(last)
     good_prev = prev.read_bytes()
-    tr2 = _trainer(tmp_path, epochs=3)
+    tr2 = _trainer(tmp_path, epochs=2)  # the run's own cosine plan
     tr2.resume(prev)
     tr2.train_epoch()
     with caplog.at_level("WARNING", logger="lsa_ext.checkpoint"):
@@ -174,3 +176,49 @@ def test_not_a_checkpoint_and_missing_file(tmp_path):
     assert set(ckpt.model_state_from_file(tmp_path / "plain.pt")) == {"weight"}
     with pytest.raises(LsaUserError, match="does not exist"):
         ckpt.load_checkpoint(tmp_path / "nope.pt")
+
+
+def _sched_trainer(out, scheduler, epochs):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 8), nn.ELU(), nn.Linear(8, 1))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(48, 2, generator=g)
+    y = (x[:, 0] > 0).long()
+    cfg = training.TrainConfig(epochs=epochs, batch_size=16, scheduler=scheduler, lr=0.1)
+    return training.Trainer(model, (x, y), cfg, out=out, progress=False)
+
+
+@pytest.mark.parametrize(("scheduler", "run_epochs", "epochs"),
+                         [("cosine", 2, 5), ("cosine", 4, 3), ("step", 3, 6)])
+def test_resume_refuses_epochs_a_scheduler_plan_cannot_take(tmp_path, scheduler, run_epochs,
+                                                            epochs):
+    _sched_trainer(tmp_path, scheduler, run_epochs).fit()
+    if epochs < run_epochs:  # a run stopped early, resumed with fewer (but enough) epochs
+        state = ckpt.load_checkpoint(tmp_path / "prev.pt")
+        done = int(state["epoch"])
+    else:
+        state, done = ckpt.load_checkpoint(tmp_path / "last.pt"), run_epochs
+    tr = _sched_trainer(tmp_path / "other", scheduler, epochs)
+    with pytest.raises(LsaUserError) as err:
+        tr.load_state_dict(state)
+    assert str(err.value) == (
+        f"the run's {scheduler!r} learning-rate schedule is planned for its {run_epochs} epochs "
+        f"and cannot be stretched to {epochs}: the {done} epochs done followed the "
+        f"{run_epochs}-epoch plan, so no schedule for {epochs} epochs continues them exactly; "
+        f"resume it without changing its number of epochs, or start a new run with {epochs} "
+        "epochs")
+    assert tr.epoch == 0
+
+
+@pytest.mark.parametrize(("scheduler", "factors"),
+                         [("none", [1, 1, 1, 1, 1]),
+                          # step size max(1, epochs // 3) is 1 for 3 and for 5 epochs
+                          ("step", [1, 0.1, 0.01, 0.001, 0.0001])])
+def test_resume_extends_a_schedule_whose_plan_stays(tmp_path, scheduler, factors):
+    _sched_trainer(tmp_path, scheduler, 3).fit()
+    tr = _sched_trainer(tmp_path / "other", scheduler, 5)
+    tr.resume(tmp_path / "last.pt")
+    tr.fit()
+    got = [r["learning_rate"] for r in tr.history]
+    assert tr.epoch == 5
+    assert got == pytest.approx([0.1 * f for f in factors], rel=1e-12)

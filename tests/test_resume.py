@@ -141,3 +141,30 @@ def test_resume_from_corrupt_checkpoint_is_a_clear_error(tmp_path):
     res = _run(out, "--resume")
     assert res.returncode == 2
     assert "truncated or corrupt" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("scheduler", ["cosine", "none"])
+def test_resume_with_more_epochs_only_where_the_schedule_allows(tmp_path, capsys, scheduler):
+    from lsa_ext.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "moons", "--limit-train", "64", "--epochs", "2",
+                 "--scheduler", scheduler, "--lr", "0.1", "--device", "cpu",
+                 "--out", str(out)]) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    rc = main(["train", "--out", str(out), "--resume", "--epochs", "5"])
+    err = capsys.readouterr().err
+    if scheduler == "cosine":
+        assert rc == 2
+        assert err.startswith(
+            "lsa train: error: the run's 'cosine' learning-rate schedule is planned for its 2 "
+            "epochs and cannot be stretched to 5: the 2 epochs done followed the 2-epoch plan, "
+            "so no schedule for 5 epochs continues them exactly; resume it without changing "
+            "its number of epochs, or start a new run with 5 epochs"), err
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+        return
+    assert rc == 0, err
+    state = ckpt.load_checkpoint(out / "last.pt")
+    assert state["epoch"] == 5
+    assert [r["learning_rate"] for r in state["history"]] == [0.1] * 5

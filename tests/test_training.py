@@ -278,3 +278,51 @@ def test_nan_parameters_after_last_step_are_not_checkpointed(tmp_path):
     kept = torch.load(tmp_path / "last.pt", weights_only=True)
     assert kept["epoch"] == 1
     assert all(bool(torch.isfinite(v).all()) for v in kept["model"].values())
+
+
+def test_train_refuses_an_out_holding_a_run_unless_overwrite(tmp_path, capsys):
+    from lsa_ext import checkpoint as ckpt
+    from lsa_ext.cli import main
+    from lsa_ext.data import load_dataset
+    from lsa_ext.models import build_model
+
+    r1 = tmp_path / "r1"
+    assert main(["train", "--dataset", "moons", "--limit-train", "64", "--limit-test", "32",
+                 "--at", "pgd", "--steps", "2", "--lr-layers", "L2", "--epochs", "2",
+                 "--device", "cpu", "--out", str(r1)]) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in r1.iterdir()}
+    assert set(before) == {"config.json", "history.json", "last.pt", "prev.pt", "model.pt"}
+    data = load_dataset("moons", None, seed=0, limit_train=64, limit_test=32)
+    model = build_model("model_a", data.info, seed=0)
+    with pytest.raises(LsaUserError) as err:
+        lsa_ext.train(model, data, at="fgsm", epochs=1, out=r1, progress=False)
+    assert str(err.value) == (
+        f"out={str(r1)!r} already holds a run (config.json, history.json, last.pt, prev.pt, "
+        "model.pt); continue it with resume=, replace it with overwrite=True, or choose "
+        "another out")
+    assert {p.name: p.read_bytes() for p in r1.iterdir()} == before  # untouched
+    with pytest.raises(LsaUserError, match="give one of them"):
+        lsa_ext.train(model, data, at="fgsm", epochs=1, out=r1, resume=r1 / "last.pt",
+                      overwrite=True, progress=False)
+    assert {p.name: p.read_bytes() for p in r1.iterdir()} == before
+    # an invalid setting fails before the old run is removed
+    with pytest.raises(LsaUserError, match="epochs"):
+        lsa_ext.train(model, data, at="fgsm", epochs=0, out=r1, overwrite=True, progress=False)
+    assert {p.name: p.read_bytes() for p in r1.iterdir()} == before
+
+    (r1 / "notes.txt").write_text("mine")
+    lsa_ext.train(model, data, at="fgsm", epochs=1, out=r1, overwrite=True, progress=False)
+    # only the fgsm run's checkpoint is left (and the user's own file): no stale pgd files
+    assert sorted(p.name for p in r1.iterdir()) == ["last.pt", "notes.txt"]
+    state = ckpt.load_checkpoint(r1 / "last.pt")
+    assert state["config"]["at"] == "fgsm" and state["config"]["lr_layers"] == []
+    assert state["epoch"] == 1
+    for k, v in model.state_dict().items():
+        assert torch.equal(state["model"][k], v)
+    # the folder now holds a run: a second plain call is refused, resume= continues it
+    with pytest.raises(LsaUserError, match="already holds a run"):
+        lsa_ext.train(model, data, at="fgsm", epochs=2, out=r1, progress=False)
+    lsa_ext.train(model, data, at="fgsm", epochs=2, out=r1, resume=r1 / "last.pt",
+                  progress=False)
+    assert ckpt.load_checkpoint(r1 / "last.pt")["epoch"] == 2

@@ -24,9 +24,6 @@ from typing import Any
 from lsa_ext.errors import LsaUserError
 
 CONFIG = "config.json"
-# Files an `lsa train` run (and `lsa evaluate` on it) writes into its folder.
-RUN_FILES = (CONFIG, "history.json", "last.pt", "prev.pt", "model.pt", "evaluation.json",
-             "evaluation.csv", "monitor.csv", "monitor.png")
 
 
 def default_out(dataset: str, run_name: str) -> Path:
@@ -60,9 +57,11 @@ def prepare_out(out: str | os.PathLike, *, overwrite: bool) -> Path:
 
 
 def run_files(out: Path) -> list[str]:
-    """The names of the run files (:data:`RUN_FILES`) in folder ``out`` ([] when it does not
-    exist): what makes a folder an ``lsa train`` run."""
-    return [name for name in RUN_FILES if (out / name).is_file()]
+    """The run files in folder ``out`` (:func:`lsa_ext.trainer.run_files`, whose
+    :data:`~lsa_ext.trainer.RUN_FILES` is the one list of them)."""
+    from lsa_ext.trainer import run_files as files
+
+    return files(out)
 
 
 def nothing_to_resume(out: Path, last: str) -> str:
@@ -85,15 +84,11 @@ def _shown(entries: list[str]) -> str:
 
 
 def clear_run(out: Path) -> list[str]:
-    """Removes the run files (:data:`RUN_FILES`) of an old run from ``out`` (``--overwrite``);
-    other files are left alone. Returns the names removed."""
-    removed = []
-    for name in RUN_FILES:
-        p = out / name
-        if p.is_file():
-            p.unlink()
-            removed.append(name)
-    return removed
+    """``--overwrite``: removes the old run's files from ``out``
+    (:func:`lsa_ext.trainer.clear_run`); returns the names removed."""
+    from lsa_ext.trainer import clear_run as clear
+
+    return clear(out)
 
 
 def read_config(folder: Path) -> dict[str, Any] | None:

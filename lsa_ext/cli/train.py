@@ -10,7 +10,9 @@ per epoch: :mod:`lsa_ext.monitor`). A folder that is not empty is
 refused unless ``--overwrite`` (the old run's files are removed) or ``--resume``, which
 continues ``--out/last.pt`` (or a given checkpoint) with the settings stored in it: options
 that contradict them are an error naming them; ``--epochs``, ``--device`` and ``--data-dir``
-may be changed. Ctrl-C prints the command that resumes the run.
+may be changed — ``--epochs`` not with a ``cosine`` schedule, nor a ``step`` one whose step
+size would change (their plan is fixed by the run's epochs:
+:func:`lsa_ext.train_config.check_resume_epochs`). Ctrl-C prints the command that resumes the run.
 """
 
 from __future__ import annotations
@@ -379,7 +381,7 @@ def _resume(args: argparse.Namespace) -> int:
     from lsa_ext import checkpoint as ckpt
     from lsa_ext import distributed
     from lsa_ext.models import build_model
-    from lsa_ext.training import TrainConfig, Trainer
+    from lsa_ext.training import TrainConfig, Trainer, check_resume_epochs
 
     if args.resume == "auto":
         from lsa_ext.io import check_dir
@@ -399,15 +401,17 @@ def _resume(args: argparse.Namespace) -> int:
                            "lsa_ext.train(..., resume=...)")
     cfg = TrainConfig.from_dict(state["config"])
     done = int(state["epoch"])
+    if "epochs" in args.given:  # checked before any data is read
+        if args.epochs < done:
+            raise LsaUserError(f"--epochs {args.epochs} is fewer than the "
+                               f"{plural(done, 'epoch')} the run in {path} has done")
+        check_resume_epochs(cfg.scheduler, cfg.epochs, args.epochs, done)
     data = load_data(meta["dataset"], args.data_dir or meta.get("data_dir"),
                      meta.get("data_seed", 0), meta.get("limit_train"), meta.get("limit_test"),
                      stored_data_options(meta))
     model = build_model(meta["model"], data.info, seed=cfg.seed)
     _check_resume_options(args, cfg, meta, model, path, data.info.input_shape)
     if "epochs" in args.given:
-        if args.epochs < done:
-            raise LsaUserError(f"--epochs {args.epochs} is fewer than the "
-                               f"{plural(done, 'epoch')} the run in {path} has done")
         cfg.epochs = args.epochs
     if "device" in args.given:
         cfg.device = args.device
