@@ -67,6 +67,9 @@ CASES = [
      "clip in a perturbation spec is lo:hi with lo < hi (e.g. clip=0:1) or none, got '(0'"),
     ([*A, "--layers", "conv9"], "no layer named 'conv9'"),
     ([*A, "--layers", "relu1,relu1#2"], "layer site relu1#2 never runs in a forward"),
+    ([*T, "--at", "pgd", "--restarts", "3"],
+     "--restarts does not apply to --at pgd (it takes --steps, --alpha)"),
+    ([*T, "--at", "fgsm", "--steps", "5"], "--steps does not apply to --at fgsm"),
     ([*A, "--measure", "l3"], "unknown measure 'l3'"),
     ([*A, "--mode", "fast"], "invalid choice: 'fast'"),
     # analyze: files and values
@@ -121,7 +124,6 @@ CASES = [
     ([*T, "--out", "afile"], "'afile' is a file"),
     ([*T, "--dataset", "mnist", "--data-dir", "empty"], "MNIST files not found"),
     ([*T, "--at", "pgd", "--lr-layers", "mvl", "--mvl-report", "none.json"], "does not exist"),
-    ([*T, "--at", "pgd", "--restarts", "2"], "bad parameters for attack 'pgd'"),
     ([*T, "--at", "fgsm", "--alpha", "0.1"], "bad parameters for attack 'fgsm'"),
     ([*T, "--at", "pgd", "--steps", "0"], "steps must be >= 1"),
     ([*T, "--at", "apgd", "--restarts", "0"], "n_restarts must be >= 1"),
