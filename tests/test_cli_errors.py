@@ -124,7 +124,7 @@ CASES = [
     ([*T, "--out", "afile"], "'afile' is a file"),
     ([*T, "--dataset", "mnist", "--data-dir", "empty"], "MNIST files not found"),
     ([*T, "--at", "pgd", "--lr-layers", "mvl", "--mvl-report", "none.json"], "does not exist"),
-    ([*T, "--at", "fgsm", "--alpha", "0.1"], "bad parameters for attack 'fgsm'"),
+    ([*T, "--at", "fgsm", "--alpha", "0.1"], "--alpha does not apply to --at fgsm"),
     ([*T, "--at", "pgd", "--steps", "0"], "steps must be >= 1"),
     ([*T, "--at", "apgd", "--restarts", "0"], "n_restarts must be >= 1"),
     ([*T, "--mvl-report", "none.json"], "--mvl-report is read only with --lr-layers mvl"),
