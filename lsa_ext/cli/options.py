@@ -1,18 +1,18 @@
 """Options shared by the subcommands: comma-separated lists, ``--device``, ``--threads``,
 the two-moons data options (``--moons-scale``, ``--moons-noise``, ``--moons-samples``),
-Ctrl-C hints, plurals.
+Ctrl-C hints, plurals, the training attack's ``--steps`` / ``--alpha`` / ``--restarts``.
 
 ``--gamma 0.1,0.2``, ``--eps-grid 0,0.1,0.3``, ``--seeds 0,1,2``, ``--methods fgsm,pgd``: one
-parser, so every list option accepts the same spelling (blanks and empty items ignored) and
-fails with the same one-line message naming the option. ``--device`` is declared once, with
-the spellings :func:`lsa_ext.devices.resolve_device` accepts.
+parser, so every list option accepts the same spelling (blanks ignored; an empty item between
+values is an error) and fails with the same one-line message naming the option. ``--device``
+is declared once, with the spellings :func:`lsa_ext.devices.resolve_device` accepts.
 """
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from lsa_ext.errors import LsaUserError
 
@@ -123,3 +123,32 @@ def dataset_options(args: argparse.Namespace, dataset: str, *,
             raise LsaUserError(f"{flags} only apply to the moons dataset, not {dataset!r}")
         return {}
     return {"scale": "standard", **given} if name_scale else given
+
+
+_ATTACK_OPTIONS = {"steps": "steps", "alpha": "alpha", "restarts": "n_restarts"}  # dest → kw
+
+
+def attack_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Attack parameters given on the command line (only those set).
+
+    Raises:
+        LsaUserError: an option the ``--at`` attack does not take (``--restarts`` with PGD,
+            ``--steps`` with FGSM, any of them with ``--at none``), named as the option.
+    """
+    import inspect
+
+    from lsa_ext.attacks import ATTACKS
+
+    kw = {key: getattr(args, dest) for dest, key in _ATTACK_OPTIONS.items()
+          if getattr(args, dest, None) is not None}
+    at = getattr(args, "at", None)
+    if kw and at is not None:
+        cls = ATTACKS.get(str(at).lower())
+        takes = set() if cls is None else set(inspect.signature(cls).parameters)
+        wrong = [d for d, k in _ATTACK_OPTIONS.items() if k in kw and k not in takes]
+        if wrong:
+            fits = [f"--{d}" for d, k in _ATTACK_OPTIONS.items() if k in takes]
+            raise LsaUserError(
+                f"{', '.join('--' + d for d in wrong)} do{'es' if len(wrong) == 1 else ''} not "
+                f"apply to --at {at}" + (f" (it takes {', '.join(fits)})" if fits else ""))
+    return kw

@@ -30,7 +30,14 @@ from lsa_ext.cli.monitoring import (
     monitor_settings,
     print_monitor,
 )
-from lsa_ext.cli.options import Interrupted, add_moons_options, dataset_options, parse_list, plural
+from lsa_ext.cli.options import (
+    Interrupted,
+    add_moons_options,
+    attack_kwargs,
+    dataset_options,
+    parse_list,
+    plural,
+)
 from lsa_ext.cli.runs import CONFIG, clear_run, default_out, nothing_to_resume, prepare_out
 from lsa_ext.errors import LsaUserError
 from lsa_ext.presets import TRAIN_EPS
@@ -107,35 +114,6 @@ def parse_gamma(text: str) -> float | list[float]:
     if not values:
         raise LsaUserError("--gamma is empty")
     return values[0] if len(values) == 1 else values
-
-
-_ATTACK_OPTIONS = {"steps": "steps", "alpha": "alpha", "restarts": "n_restarts"}  # dest → kw
-
-
-def attack_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """Attack parameters given on the command line (only those set).
-
-    Raises:
-        LsaUserError: an option the ``--at`` attack does not take (``--restarts`` with PGD,
-            ``--steps`` with FGSM, any of them with ``--at none``), named as the option.
-    """
-    import inspect
-
-    from lsa_ext.attacks import ATTACKS
-
-    kw = {key: getattr(args, dest) for dest, key in _ATTACK_OPTIONS.items()
-          if getattr(args, dest, None) is not None}
-    at = getattr(args, "at", None)
-    if kw and at is not None:
-        cls = ATTACKS.get(str(at).lower())
-        takes = set() if cls is None else set(inspect.signature(cls).parameters)
-        wrong = [d for d, k in _ATTACK_OPTIONS.items() if k in kw and k not in takes]
-        if wrong:
-            fits = [f"--{d}" for d, k in _ATTACK_OPTIONS.items() if k in takes]
-            raise LsaUserError(
-                f"{', '.join('--' + d for d in wrong)} do{'es' if len(wrong) == 1 else ''} not "
-                f"apply to --at {at}" + (f" (it takes {', '.join(fits)})" if fits else ""))
-    return kw
 
 
 def register(sub: argparse._SubParsersAction) -> None:
