@@ -126,7 +126,7 @@ CASES = [
     ([*T, "--at", "pgd", "--lr-layers", "mvl", "--mvl-report", "none.json"], "does not exist"),
     ([*T, "--at", "fgsm", "--alpha", "0.1"], "--alpha does not apply to --at fgsm"),
     ([*T, "--at", "pgd", "--steps", "0"], "steps must be >= 1"),
-    ([*T, "--at", "apgd", "--restarts", "0"], "n_restarts must be >= 1"),
+    ([*T, "--at", "apgd", "--restarts", "0"], "--restarts must be >= 1, got 0"),
     ([*T, "--mvl-report", "none.json"], "--mvl-report is read only with --lr-layers mvl"),
     ([*T, "--at", "pgd", "--lr-layers", "mvl", "--mvl-perturbation", "pgd"],
      "--mvl-perturbation picks a perturbation of the --mvl-report report"),

@@ -141,6 +141,8 @@ def attack_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
     kw = {key: getattr(args, dest) for dest, key in _ATTACK_OPTIONS.items()
           if getattr(args, dest, None) is not None}
+    if kw.get("n_restarts", 1) < 1:
+        raise LsaUserError(f"--restarts must be >= 1, got {kw['n_restarts']}")
     at = getattr(args, "at", None)
     if kw and at is not None:
         cls = ATTACKS.get(str(at).lower())
