@@ -132,34 +132,33 @@ def _perturb(
     return x_hats, changed
 
 
-def _check_finite(vals: torch.Tensor, sites: Sequence[str], names: Sequence[str],
-                  measure: str, batch_index: int) -> None:
-    """Raises, naming layer and perturbation, when a CM value ``vals[p, l, b]`` is NaN/inf."""
-    bad = ~torch.isfinite(vals)
-    if bool(bad.any()):
-        p, li, _ = (int(i) for i in bad.nonzero()[0])
-        raise LsaUserError(
-            f"non-finite {measure} (NaN or inf) at layer {sites[li]!r} under perturbation "
-            f"{names[p]!r} in batch {batch_index}: the model produced NaN/inf activations"
-        )
-
-
 # A relative error above this is the denominator floor at work: the clean representation of
 # the sample at that layer is zero or nearly (dead units), and such samples dominate the mean.
 DEGENERATE_RELATIVE_ERROR = 1e6
 
 
-def _warn_degenerate(vals: torch.Tensor, sites: Sequence[str], names: Sequence[str],
-                     warned: set[str], batch_index: int) -> None:
-    """Logs once per layer the samples of this batch whose relative error exceeds
-    :data:`DEGENERATE_RELATIVE_ERROR` (``vals [P, L, B]``)."""
-    hits = (vals > DEGENERATE_RELATIVE_ERROR).any(dim=0)  # [L, B]
+def _scan_values(vals: torch.Tensor, sites: Sequence[str], names: Sequence[str],
+                 measure: str, batch_index: int, warned: set[str]) -> None:
+    """One look at a batch's CM values ``vals [P, L, B]`` (one device sync): raises, naming
+    layer and perturbation, on NaN/inf; for the relative error, logs once per layer the samples
+    above :data:`DEGENERATE_RELATIVE_ERROR` (``warned``: layers already named)."""
+    bad = ~torch.isfinite(vals)
+    big = vals > DEGENERATE_RELATIVE_ERROR if measure == "relative_error" else None
+    any_bad, any_big = torch.stack([bad.any(), bad.any() if big is None else big.any()]).tolist()
+    if any_bad:
+        p, li, _ = (int(i) for i in bad.nonzero()[0])
+        raise LsaUserError(
+            f"non-finite {measure} (NaN or inf) at layer {sites[li]!r} under perturbation "
+            f"{names[p]!r} in batch {batch_index}: the model produced NaN/inf activations"
+        )
+    if not any_big or big is None:
+        return
+    hits = big.any(dim=0)  # [L, B]
     for li in torch.nonzero(hits.any(dim=1)).flatten().tolist():
         if sites[li] in warned:
             continue
         warned.add(sites[li])
-        under = [n for p, n in enumerate(names) if bool((vals[p, li] > DEGENERATE_RELATIVE_ERROR
-                                                         ).any())]
+        under = [n for p, n in enumerate(names) if bool(big[p, li].any())]
         log.warning(
             "layer %s: %d of %d samples in batch %d have a relative error above %.0e (up to "
             "%.3g, under %s): their clean representation there is zero or nearly (dead "
@@ -211,7 +210,7 @@ def accumulate(
     sites: list[str] | None = None
     seen = 0
     warned = unlabelled = False
-    degenerate: set[str] = set()  # layers already warned about (_warn_degenerate)
+    degenerate: set[str] = set()  # layers already warned about (_scan_values)
     rank, world = distributed.rank(), distributed.world_size()
     for bi, batch in enumerate(progress(batches, desc="LSA", total=total,
                                         enabled=progress_enabled)):
@@ -241,9 +240,7 @@ def accumulate(
             raise LsaUserError(
                 f"the probed layers ran differently in batch {bi} ({s} vs {sites})"
             )
-        _check_finite(vals, sites, names, meas.name, bi)
-        if meas.name == "relative_error":
-            _warn_degenerate(vals, sites, names, degenerate, bi)
+        _scan_values(vals, sites, names, meas.name, bi, degenerate)
         assert stats is not None
         for p in range(len(names)):
             stats.update(p, vals[p])
@@ -261,18 +258,6 @@ def accumulate(
     if stats is None or sites is None:
         raise LsaUserError("the data is empty: no batch to analyze")
     return sites, stats
-
-
-def _labels(model: nn.Module, sites: Sequence[str], data: Any) -> list[str]:
-    """The sites' labels (:func:`lsa_ext.probes.site_labels`; ``A<k>`` counted on the first
-    sample of ``data``, as ``layers`` selects them). Data that cannot give a sample without
-    losing it (a one-shot iterator) leaves activation sites named by themselves (logged)."""
-    try:
-        example = first_input(data)  # reads one sample, draws no random numbers
-    except LsaUserError as exc:
-        log.info("activation sites are labelled by name, not A<k>: %s", exc)
-        example = None
-    return site_labels(model, sites, example)
 
 
 def check_sites_reached(model: nn.Module, layer_names: Sequence[str],
@@ -417,11 +402,12 @@ def analyze(
         device = resolve_device(device)
         model.to(device)
     dev = model_device(model) if device is None else device
-    layer_names = select_layers(model, layers, example=lambda: first_input(data))
-    try:
+    try:  # one sample: A<k> selectors, the sites' check and their labels (no random draw)
         example = first_input(data)
-    except LsaUserError:  # a one-shot iterator: the sites are not checked ahead
-        example = None
+    except LsaUserError:  # a one-shot iterator: A<k> refused (the same error, from the
+        example = None      # selector), sites not checked ahead and labelled by name
+    layer_names = select_layers(model, layers, example=example if example is not None
+                                else lambda: first_input(data))
     if example is not None:
         check_sites_reached(model, layer_names, tuple(example.shape[1:]))
     perts = build_perturbations(perturbations, model=model, clip=clip, eps=eps, seed=seed,
@@ -440,7 +426,7 @@ def analyze(
                 progress_enabled=progress, reseed=reseed_batch, output=output,
             )
             # inside the seeded scope, after the batches: cannot change their randomness
-            labels = _labels(model, sites, data)
+            labels = site_labels(model, sites, example)
     finally:
         model.train(was_training)
     cfg = _config(model, layers, meas, descriptions, dev, batch_size=batch_size,

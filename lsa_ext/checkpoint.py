@@ -145,14 +145,15 @@ def restore_training_state(
 
 # --------------------------------------------------------------------------- save / load
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any],
-                    keep_previous: bool = True) -> Path:
+                    keep_previous: bool = True, check_previous: bool = True) -> Path:
     """Writes ``state`` (a checkpoint dict, see the module docstring) to ``path`` atomically.
 
     With ``keep_previous`` an existing ``path`` is kept as ``prev.pt`` in the same folder
     (hard link, or a copy where links are not supported) before being replaced — unless it is
     damaged (:func:`archive_damage`: truncated, or a record whose bytes changed), so a
     run resumed from ``prev.pt`` after ``last.pt`` was found unreadable keeps its good
-    ``prev.pt`` instead of replacing it with the damaged file.
+    ``prev.pt`` instead of replacing it with the damaged file. ``check_previous=False`` skips
+    that check (a read of the whole file) for a ``path`` the caller wrote itself.
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
@@ -160,7 +161,8 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any],
     path = Path(path)
     ensure_dir(path.parent, "checkpoint folder")
     state = {"format": FORMAT, "version": VERSION, **state}
-    damage = archive_damage(path) if keep_previous and path.exists() else None
+    damage = (archive_damage(path) if keep_previous and check_previous and path.exists()
+              else None)
     if damage is not None:
         log.warning("%s is damaged (%s): it is replaced, and not kept as %s", path, damage,
                     PREVIOUS)

@@ -205,6 +205,7 @@ class Trainer:
         self.epoch = 0
         self.history: list[dict[str, Any]] = []
         self._fresh = True
+        self._wrote_last = False  # save(): out/last.pt is this trainer's own
         self.run_name = run_name("custom" if attack is not None and config.at == "none"
                                  else config.at, self.layers, self.module, example)
         if self.layers:
@@ -257,7 +258,11 @@ class Trainer:
         """Writes ``out/last.pt`` atomically (the previous one kept as ``prev.pt``)."""
         if self.out is None or not distributed.is_main():  # rank 0 writes for the job
             return None
-        return ckpt.save_checkpoint(self.out / ckpt.LAST, self.state_dict())
+        # a last.pt this trainer wrote is intact: only one found on disk is checked
+        path = ckpt.save_checkpoint(self.out / ckpt.LAST, self.state_dict(),
+                                    check_previous=not self._wrote_last)
+        self._wrote_last = True
+        return path
 
     def _diverged(self, what: str, done: int) -> TrainingDivergedError:
         """The error for a diverged run; names the kept checkpoint (after ``done`` epochs)."""
